@@ -1,0 +1,381 @@
+"""The batch loop: a dedicated thread that runs the model, and a thread-safe front door.
+
+Everything the event loop calls (:meth:`Engine.submit`, ``cancel``, ``pause``,
+``resume``, ``stats``) only appends to a command queue or reads a snapshot:
+it never blocks on the model. The engine thread applies commands at step
+boundaries, asks the scheduler for a plan, has the runner compute it, turns
+tokens into text, and hands each step's events back to the event loop with a
+single ``loop.call_soon_threadsafe``.
+
+This module imports no torch: the runner is passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .detok import TextStream
+from .scheduler import PRIORITY_LEVELS, SamplingParams, Scheduler, Sequence, StepPlan
+
+log = logging.getLogger("rtws.engine")
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """What one step produced for one generation, delivered on the event loop.
+
+    ``tokens`` counts the generated tokens this event accounts for (some
+    tokens produce no text yet: an incomplete UTF-8 character, a possible stop
+    string). ``finish`` is set on the generation's last event.
+    """
+
+    rid: int
+    text: str
+    tokens: int
+    finish: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    queue_s: float | None = None
+    error: str | None = None
+
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    paused: int = 0
+    slots_in_use: int = 0
+    num_slots: int = 0
+    steps: int = 0
+    tokens_generated: int = 0
+    step_errors: int = 0
+
+
+class Runner(Protocol):
+    def step(self, plan: StepPlan) -> Any: ...
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    num_slots: int = 64
+    max_len: int = 2048
+    prefill_budget: int = 512
+    max_batch_size: int | None = None
+    max_batch_wait_s: float = 0.0
+    aging_s: float = 2.0
+
+
+class StepObserver(Protocol):
+    """Optional hook for metrics: called on the engine thread after every step."""
+
+    def on_step(self, engine: Engine, plan: StepPlan, seconds: float, events: list[TokenEvent]) -> None: ...
+
+
+class Engine:
+    """Continuous batching over one model. Create, :meth:`start` on a loop, :meth:`stop` when done."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer: Any,
+        config: EngineConfig,
+        *,
+        eos_ids: Iterable[int] = (),
+        name: str = "model",
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.name = name
+        self.eos_ids = frozenset(eos_ids)
+        self.observer = observer
+        self.scheduler = Scheduler(
+            config.num_slots,
+            max_batch_size=config.max_batch_size,
+            prefill_budget=config.prefill_budget,
+            max_batch_wait_s=config.max_batch_wait_s,
+            aging_s=config.aging_s,
+        )
+        self._commands: collections.deque[tuple[str, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self._ids = itertools.count(1)
+        self._sinks: dict[int, Sink] = {}
+        self._streams: dict[int, TextStream] = {}
+        self._unsent: dict[int, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stats = EngineStats(num_slots=config.num_slots)
+        self._steps = 0
+        self._tokens = 0
+        self._step_errors = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self.fault_injector: Callable[[StepPlan], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name=f"rtws-engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread after the current step. Pending generations get no further events."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------------ front door (any thread)
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        *,
+        priority: str = "normal",
+        deadline: float | None = None,
+    ) -> int:
+        """Queue a generation; return its request id. ``sink`` receives its events on the loop."""
+        rid = next(self._ids)
+        seq = Sequence(
+            rid=rid,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            priority=PRIORITY_LEVELS[priority],
+            arrival=time.monotonic(),
+            deadline=deadline,
+        )
+        self._commands.append(("submit", (seq, sink)))
+        self._wake.set()
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Free the generation's slot at the next step boundary. Idempotent; no event follows."""
+        self._commands.append(("cancel", rid))
+        self._wake.set()
+
+    def pause(self, rids: Iterable[int]) -> None:
+        """Leave these generations out of steps (they keep their slot) until :meth:`resume`."""
+        self._commands.append(("pause", tuple(rids)))
+        self._wake.set()
+
+    def resume(self, rids: Iterable[int]) -> None:
+        self._commands.append(("resume", tuple(rids)))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        """A snapshot taken at the last step boundary."""
+        return self._stats
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block (a test or shutdown helper, not for the event loop) until nothing is queued or running."""
+        return self._idle.wait(timeout)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _apply_commands(self) -> None:
+        sched = self.scheduler
+        while self._commands:
+            op, arg = self._commands.popleft()
+            if op == "submit":
+                seq, sink = arg
+                self._sinks[seq.rid] = sink
+                self._streams[seq.rid] = TextStream(self.tokenizer, seq.params.stop)
+                self._unsent[seq.rid] = 0
+                sched.add(seq)
+            elif op == "cancel":
+                seq = sched.get(arg)
+                if seq is not None:
+                    self._drop(seq)
+            elif op == "pause":
+                for rid in arg:
+                    sched.set_paused(rid, True)
+            elif op == "resume":
+                for rid in arg:
+                    sched.set_paused(rid, False)
+
+    def _drop(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._sinks.pop(seq.rid, None)
+        self._streams.pop(seq.rid, None)
+        self._unsent.pop(seq.rid, None)
+
+    def _snapshot(self) -> None:
+        s = self.scheduler
+        self._stats = EngineStats(
+            running=s.num_running,
+            waiting=s.num_waiting,
+            paused=s.num_paused,
+            slots_in_use=s.num_slots - s.num_free_slots,
+            num_slots=s.num_slots,
+            steps=self._steps,
+            tokens_generated=self._tokens,
+            step_errors=self._step_errors,
+        )
+        if s.num_running or s.num_waiting:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                now = time.monotonic()
+                events: list[TokenEvent] = []
+                self._expire(now, events)
+                plan = self.scheduler.schedule(now)
+                if plan.empty:
+                    self._snapshot()
+                    self._deliver(events)
+                    self._wait(now)
+                    continue
+                t0 = time.perf_counter()
+                self._step(plan, events)
+                self._steps += 1
+                self._snapshot()
+                self._deliver(events)
+                if self.observer is not None:
+                    self.observer.on_step(self, plan, time.perf_counter() - t0, events)
+        except BaseException:  # pragma: no cover - a bug in the loop itself
+            log.exception("engine loop crashed", extra={"event": "engine_crash", "model": self.name})
+            raise
+
+    def _wait(self, now: float) -> None:
+        timeout: float | None = None
+        deadline = self.scheduler.admission_deadline()
+        if deadline is not None:
+            timeout = max(0.0, deadline - now)
+        if any(s.deadline is not None for s in self.scheduler.all_sequences()):
+            timeout = 0.05 if timeout is None else min(timeout, 0.05)
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def _expire(self, now: float, events: list[TokenEvent]) -> None:
+        for seq in self.scheduler.all_sequences():
+            if seq.deadline is not None and now >= seq.deadline:
+                self._finish(seq, "timeout", events, now)
+
+    def _step(self, plan: StepPlan, events: list[TokenEvent]) -> None:
+        try:
+            if self.fault_injector is not None:
+                self.fault_injector(plan)
+            out = self.runner.step(plan)
+        except Exception as exc:
+            self._step_errors += 1
+            seqs = [c.seq for c in plan.prefill] + plan.decode
+            log.exception(
+                "model step failed; failing %d generation(s)", len(seqs),
+                extra={"event": "step_error", "model": self.name, "error": repr(exc)},
+            )
+            now = time.monotonic()
+            for seq in seqs:
+                self._finish(seq, "error", events, now, error=type(exc).__name__)
+            return
+        for seq in plan.decode:
+            seq.num_cached += 1
+        for chunk in plan.prefill:
+            chunk.seq.num_cached = chunk.end
+        now = time.monotonic()
+        for seq, token in out.tokens:
+            self._on_token(seq, token, events, now)
+
+    def _on_token(self, seq: Sequence, token: int, events: list[TokenEvent], now: float) -> None:
+        rid = seq.rid
+        stream = self._streams.get(rid)
+        if stream is None:
+            return
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        p = seq.params
+        if token in self.eos_ids and not p.ignore_eos:
+            self._finish(seq, "stop", events, now)
+            return
+        seq.output_ids.append(token)
+        self._tokens += 1
+        self._unsent[rid] += 1
+        text, stopped = stream.push(token)
+        if stopped:
+            self._finish(seq, "stop", events, now, text=text, flush=False)
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_len:
+            self._finish(seq, "length", events, now, text=text)
+        elif text:
+            events.append(self._event(seq, text))
+
+    def _event(self, seq: Sequence, text: str) -> TokenEvent:
+        n = self._unsent[seq.rid]
+        self._unsent[seq.rid] = 0
+        return TokenEvent(rid=seq.rid, text=text, tokens=n, prompt_tokens=len(seq.prompt_ids),
+                          completion_tokens=len(seq.output_ids))
+
+    def _finish(
+        self, seq: Sequence, reason: str, events: list[TokenEvent], now: float, text: str = "",
+        error: str | None = None, flush: bool = True,
+    ) -> None:
+        stream = self._streams.get(seq.rid)
+        if stream is None:
+            return
+        if flush:
+            text += stream.flush()
+        ev = self._event(seq, text)
+        ev.finish = reason
+        ev.error = error
+        if seq.first_token_at is not None:
+            ev.ttft_s = seq.first_token_at - seq.arrival
+        if seq.admitted_at is not None:
+            ev.queue_s = seq.admitted_at - seq.arrival
+        events.append(ev)
+        self._drop_keep_sink(seq)
+
+    def _drop_keep_sink(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._streams.pop(seq.rid, None)
+        self._unsent.pop(seq.rid, None)
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        if not events:
+            return
+        batch = [(self._sinks.get(ev.rid), ev) for ev in events]
+        for ev in events:
+            if ev.finish is not None:
+                self._sinks.pop(ev.rid, None)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(_dispatch, batch)
+        except RuntimeError:  # loop closed between the check and the call
+            pass
+
+
+def _dispatch(batch: list[tuple[Sink | None, TokenEvent]]) -> None:
+    for sink, ev in batch:
+        if sink is None:
+            continue
+        try:
+            sink(ev)
+        except Exception:
+            log.exception("event sink failed", extra={"event": "sink_error"})

@@ -1,0 +1,256 @@
+"""Wire protocol v1: frames, codecs and validation.
+
+Pure: no I/O, no asyncio, no torch. Every frame is a msgspec Struct defined
+once here; the msgpack and JSON codecs share them. ``decode_client_frame``
+never raises: a frame that cannot be accepted becomes a :class:`ProtocolError`
+carrying the error code the client must receive.
+
+The protocol is documented in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Annotated, Any, Final, Literal, TypeAlias
+
+import msgspec
+
+SUBPROTOCOL_MSGPACK: Final = "rtws.v1.msgpack"
+SUBPROTOCOL_JSON: Final = "rtws.v1.json"
+SUBPROTOCOLS: Final = (SUBPROTOCOL_MSGPACK, SUBPROTOCOL_JSON)
+
+MAX_ID_LENGTH: Final = 128
+MAX_STOP_STRINGS: Final = 16
+MAX_STOP_LENGTH: Final = 256
+MAX_SEED: Final = 2**63 - 1
+
+
+class ErrorCode(str, enum.Enum):
+    """Codes carried by ``error`` frames (and HTTP error bodies)."""
+
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_PARAMS = "invalid_params"
+    DUPLICATE_ID = "duplicate_id"
+    UNKNOWN_ID = "unknown_id"
+    UNKNOWN_MODEL = "unknown_model"
+    TOO_MANY_GENERATIONS = "too_many_generations"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+    OVERLOADED = "overloaded"
+    INTERNAL = "internal"
+
+
+FinishReason: TypeAlias = Literal["stop", "length", "cancelled", "error", "timeout"]
+Priority: TypeAlias = Literal["high", "normal", "low"]
+GenId: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)] | int
+
+# --------------------------------------------------------------------------- client frames
+
+
+class Message(msgspec.Struct, frozen=True):
+    """One chat turn for ``generate.messages``."""
+
+    role: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    content: str
+    name: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True):
+    token: str | None = None
+    resume: str | None = None
+
+
+class Generate(msgspec.Struct, tag="generate", tag_field="type", frozen=True):
+    id: GenId
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    model: str | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 128
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 1.0
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
+    stop: Annotated[
+        list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_LENGTH)]],
+        msgspec.Meta(max_length=MAX_STOP_STRINGS),
+    ] = []
+    priority: Priority = "normal"
+
+
+class Cancel(msgspec.Struct, tag="cancel", tag_field="type", frozen=True):
+    id: GenId
+
+
+ClientFrame: TypeAlias = Hello | Generate | Cancel
+CLIENT_TYPES: Final = frozenset({"hello", "generate", "cancel"})
+
+# --------------------------------------------------------------------------- server frames
+
+
+class Limits(msgspec.Struct, frozen=True):
+    max_generations: int
+    max_tokens: int
+    max_prompt_tokens: int
+    max_frame_bytes: int
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True):
+    session: str
+    models: list[str]
+    limits: Limits
+
+
+class Delta(msgspec.Struct, tag="delta", tag_field="type", frozen=True, array_like=False):
+    id: GenId
+    seq: int
+    text: str
+    tokens: int
+
+
+class Done(msgspec.Struct, tag="done", tag_field="type", frozen=True):
+    id: GenId
+    reason: FinishReason
+    usage: Usage
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True, omit_defaults=True):
+    code: str
+    message: str
+    id: GenId | None = None
+    retry_after: float | None = None
+
+
+ServerFrame: TypeAlias = Ready | Delta | Done | Error
+AnyFrame: TypeAlias = Hello | Generate | Cancel | Ready | Delta | Done | Error
+
+
+class ProtocolError(Exception):
+    """A client frame that must be answered with an ``error`` frame.
+
+    ``id`` is the generation id when one could be read from the frame, so the
+    error can be attributed to it.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, id: GenId | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+    def to_frame(self) -> Error:
+        return Error(code=self.code.value, message=self.message, id=self.id)
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+class Codec:
+    """Encoder/decoder pair for one subprotocol. Instances are shared, stateless."""
+
+    __slots__ = ("name", "binary", "_decoder", "_encoder", "_raw_decoder", "_any_decoder")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.binary = name == SUBPROTOCOL_MSGPACK
+        if self.binary:
+            self._decoder: Any = msgspec.msgpack.Decoder(ClientFrame)
+            self._raw_decoder: Any = msgspec.msgpack.Decoder()
+            self._any_decoder: Any = msgspec.msgpack.Decoder(AnyFrame)
+            self._encoder: Any = msgspec.msgpack.Encoder()
+        else:
+            self._decoder = msgspec.json.Decoder(ClientFrame)
+            self._raw_decoder = msgspec.json.Decoder()
+            self._any_decoder = msgspec.json.Decoder(AnyFrame)
+            self._encoder = msgspec.json.Encoder()
+
+    def encode(self, frame: AnyFrame) -> bytes:
+        """Encode any frame (server frames in production, client frames in clients)."""
+        return self._encoder.encode(frame)  # type: ignore[no-any-return]
+
+    def decode_any(self, data: bytes | str) -> AnyFrame:
+        """Decode a frame of either direction (clients and tests). Raises msgspec errors."""
+        return self._any_decoder.decode(data)  # type: ignore[no-any-return]
+
+    def decode_client(self, data: bytes | str) -> ClientFrame:
+        """Decode and validate one client frame.
+
+        Raises :class:`ProtocolError` with ``bad_frame`` (not this codec's
+        encoding, not a map, no string ``type``), ``unknown_type`` or
+        ``invalid_params`` (wrong types, missing fields, out-of-range values).
+        """
+        try:
+            frame: ClientFrame = self._decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            raise self._classify(data, exc) from None
+        except msgspec.DecodeError:
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid {self._kind()}") from None
+        if isinstance(frame, Generate):
+            _check_generate(frame)
+        return frame
+
+    def _kind(self) -> str:
+        return "msgpack" if self.binary else "JSON"
+
+    def _classify(self, data: bytes | str, exc: msgspec.ValidationError) -> ProtocolError:
+        try:
+            raw = self._raw_decoder.decode(data)
+        except (msgspec.DecodeError, RecursionError):
+            return ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid {self._kind()}")
+        if not isinstance(raw, dict):
+            return ProtocolError(ErrorCode.BAD_FRAME, "frame must be a map")
+        ftype = raw.get("type")
+        if not isinstance(ftype, str):
+            return ProtocolError(ErrorCode.BAD_FRAME, "frame needs a string field 'type'")
+        if ftype not in CLIENT_TYPES:
+            return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {_short(ftype)!r}")
+        gid = raw.get("id")
+        if not _valid_id(gid):
+            gid = None
+        # msgspec's message names the field path, e.g. "Expected `int`, got `str` - at `$.max_tokens`".
+        return ProtocolError(ErrorCode.INVALID_PARAMS, str(exc), id=gid)
+
+
+def _short(s: str, n: int = 64) -> str:
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def _valid_id(gid: object) -> bool:
+    if isinstance(gid, bool):
+        return False
+    if isinstance(gid, int):
+        return True
+    return isinstance(gid, str) and 0 < len(gid) <= MAX_ID_LENGTH
+
+
+def _check_generate(frame: Generate) -> None:
+    """Cross-field checks msgspec constraints cannot express."""
+    if (frame.prompt is None) == (frame.messages is None):
+        raise ProtocolError(ErrorCode.INVALID_PARAMS, "exactly one of 'prompt' or 'messages' is required", frame.id)
+    if frame.messages is not None and not frame.messages:
+        raise ProtocolError(ErrorCode.INVALID_PARAMS, "'messages' must not be empty", frame.id)
+    if not math.isfinite(frame.temperature) or not math.isfinite(frame.top_p):
+        raise ProtocolError(ErrorCode.INVALID_PARAMS, "temperature and top_p must be finite", frame.id)
+
+
+MSGPACK: Final = Codec(SUBPROTOCOL_MSGPACK)
+JSON: Final = Codec(SUBPROTOCOL_JSON)
+
+
+def codec_for(subprotocol: str | None) -> Codec:
+    """The codec for a negotiated subprotocol (msgpack when none was offered)."""
+    return JSON if subprotocol == SUBPROTOCOL_JSON else MSGPACK
+
+
+def choose_subprotocol(offered: list[str]) -> str | None:
+    """Pick the first supported subprotocol the client offered, or None (msgpack by default)."""
+    for name in offered:
+        if name in SUBPROTOCOLS:
+            return name
+    return None
