@@ -31,6 +31,13 @@ from .scheduler import PrefillChunk, Sequence, StepPlan
 
 log = logging.getLogger("rtws.runner")
 
+try:  # progress bars on stderr are noise in a server log
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except ImportError:  # pragma: no cover
+    pass
+
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 

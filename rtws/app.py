@@ -1,0 +1,399 @@
+"""The ASGI application: wires config, models, sessions and HTTP routes. Nothing imports it but the server.
+
+One :class:`App` object holds all state (no module globals), so several apps
+can live in one process and the whole thing can run inside another host (a Ray
+Serve deployment, a test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .config import ServerConfig
+from .http import Receive, Scope, Send, bearer_token, client_address, header, send_bytes, send_error, send_json
+from .limits import RateLimiter
+from .model import ModelSpec, ServedModel
+from .registry import ModelRegistry
+from .session import Session, SessionHooks, SessionLimits, _key_id, _key_ok
+
+log = logging.getLogger("rtws.app")
+
+STATIC_DIR = Path(__file__).parent / "static"
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class Connection:
+    """A live WebSocket, as the watchdog and the drain see it."""
+
+    session: Session
+    send: Send
+    opened: float
+    closing: bool = False
+    writer: asyncio.Task[None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class App:
+    """ASGI 3 application. ``await app(scope, receive, send)``."""
+
+    def __init__(self, config: ServerConfig, specs: list[ModelSpec] | None = None,
+                 registry: ModelRegistry | None = None) -> None:
+        self.config = config
+        self.specs = list(specs or [])
+        self.registry = registry or ModelRegistry()
+        self.connections: set[Connection] = set()
+        self.num_http_streams = 0
+        self.draining = False
+        self.started = False
+        self.hooks: SessionHooks = SessionHooks()
+        self.rate_limiter = (RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst)
+                             if config.rate_limit_per_minute else None)
+        self.session_limits = SessionLimits(
+            max_generations=config.max_generations_per_session,
+            max_tokens=config.max_tokens_limit,
+            max_frame_bytes=config.max_frame_bytes,
+            high_watermark=config.send_high_watermark,
+            low_watermark=config.low_watermark,
+            request_timeout=config.request_timeout,
+            api_keys=frozenset(config.api_keys),
+        )
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/healthz"): self._healthz,
+            ("GET", "/readyz"): self._readyz,
+        }
+        self.prefix_routes: list[tuple[str, str, Handler]] = []
+        self._watchdog: asyncio.Task[None] | None = None
+        self.on_startup: list[Callable[[], Awaitable[None]]] = []
+        self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
+
+    # ------------------------------------------------------------------ ASGI entry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # ------------------------------------------------------------------ lifespan
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()
+        try:
+            await self.startup()
+        except Exception as exc:
+            log.exception("startup failed", extra={"event": "startup_failed"})
+            await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await self.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def startup(self) -> None:
+        """Load and warm every configured model, then start the watchdog. Idempotent."""
+        if self.started:
+            return
+        loop = asyncio.get_running_loop()
+        for spec in self.specs:
+            served = await self.load_model(spec)
+            self.registry.add(served)
+        for hook in self.on_startup:
+            await hook()
+        self._watchdog = loop.create_task(self._watch())
+        self.started = True
+        log.info("server ready", extra={"event": "ready", "models": self.registry.names()})
+
+    async def load_model(self, spec: ModelSpec) -> ServedModel:
+        """Load (in a worker thread), start and warm one model version. Raises on failure."""
+        from .model import load
+
+        loop = asyncio.get_running_loop()
+        observer = getattr(self.hooks, "step_observer", None)
+        served = await loop.run_in_executor(None, lambda: load(spec, observer))
+        served.start(loop)
+        if self.config.warmup:
+            try:
+                await served.warmup()
+            except Exception:
+                served.stop()
+                raise
+        else:
+            served.warm = True
+        return served
+
+    async def shutdown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for hook in self.on_shutdown:
+            await hook()
+        for conn in list(self.connections):
+            conn.session.close()
+        for served in self.registry.models():
+            stop = getattr(served, "stop", None)
+            if stop is not None:
+                await asyncio.get_running_loop().run_in_executor(None, stop)
+        self.started = False
+        log.info("server stopped", extra={"event": "stopped"})
+
+    # ------------------------------------------------------------------ drain
+
+    def live_generations(self) -> int:
+        return sum(len(c.session.live) for c in self.connections) + self.num_http_streams
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting, let generations finish up to ``timeout``, cancel the rest, close sockets 1001."""
+        timeout = self.config.drain_timeout_s if timeout is None else timeout
+        self.draining = True
+        log.info("draining", extra={"event": "drain_start", "live": self.live_generations(), "timeout_s": timeout})
+        for conn in self.connections:
+            conn.session.draining = True
+        deadline = time.monotonic() + timeout
+        while self.live_generations() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        cancelled = 0
+        for conn in list(self.connections):
+            cancelled += len(conn.session.live)
+            conn.session.cancel_all("cancelled")
+        for conn in list(self.connections):
+            await conn.session.flush(2.0)
+            await self._close(conn, 1001, "server shutting down")
+        log.info("drained", extra={"event": "drain_done", "cancelled": cancelled})
+
+    # ------------------------------------------------------------------ HTTP
+
+    def route(self, method: str, path: str, handler: Handler) -> None:
+        self.routes[(method, path)] = handler
+
+    def route_prefix(self, method: str, prefix: str, handler: Handler) -> None:
+        self.prefix_routes.append((method, prefix, handler))
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        handler = self.routes.get((method, path))
+        if handler is None:
+            for m, prefix, h in self.prefix_routes:
+                if m == method and path.startswith(prefix):
+                    handler = h
+                    break
+        if handler is None and method in ("GET", "HEAD"):
+            handler = self._static
+        if handler is None:
+            known = any(p == path for (_, p) in self.routes)
+            await send_error(send, "method_not_allowed" if known else "not_found",
+                             f"{method} {path} is not allowed" if known else f"no route for {path}")
+            return
+        try:
+            await handler(scope, receive, send)
+        except Exception:
+            # One error boundary per request: log the cause, tell the client nothing internal.
+            log.exception("HTTP handler failed", extra={"event": "http_error", "path": path})
+            try:
+                await send_error(send, "internal", "internal server error")
+            except Exception:
+                pass
+
+    async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {"status": "draining" if self.draining else "ok"})
+
+    async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        models = {m.name: bool(getattr(m, "warm", True)) for m in self.registry.models()}
+        ready = self.started and not self.draining and bool(models) and all(models.values())
+        await send_json(send, 200 if ready else 503, {"ready": ready, "models": models})
+
+    async def _static(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rel = scope["path"].lstrip("/") or "index.html"
+        target = (STATIC_DIR / rel).resolve()
+        if STATIC_DIR.resolve() not in target.parents or not target.is_file():
+            await send_error(send, "not_found", f"no route for {scope['path']}")
+            return
+        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
+            ctype += "; charset=utf-8"
+        await send_bytes(send, 200, target.read_bytes(), ctype, [(b"cache-control", b"no-cache")])
+
+    def check_http_auth(self, scope: Scope) -> bool:
+        if not self.config.auth_enabled:
+            return True
+        token = bearer_token(scope)
+        return token is not None and _key_ok(token, frozenset(self.config.api_keys))
+
+    def client_key(self, scope: Scope) -> str:
+        token = bearer_token(scope)
+        if token:
+            return "key:" + _key_id(token)
+        return "addr:" + client_address(scope)
+
+    @property
+    def at_capacity(self) -> bool:
+        return len(self.connections) + self.num_http_streams >= self.config.max_connections
+
+    # ------------------------------------------------------------------ WebSocket
+
+    async def _reject_ws(self, send: Send, status: int, code: str, message: str) -> None:
+        body = protocol.JSON.encode(protocol.Error(code=code, message=message))
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "websocket.http.response.body", "body": body})
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # websocket.connect
+        if scope["path"] != "/ws":
+            await self._reject_ws(send, 404, "not_found", f"no WebSocket endpoint at {scope['path']}")
+            return
+        if self.draining:
+            await self._reject_ws(send, 503, "overloaded", "server is draining")
+            return
+        if self.at_capacity:
+            self.hooks.rejected("max_connections")
+            await self._reject_ws(send, 503, "overloaded", "too many connections")
+            return
+        origin = header(scope, b"origin")
+        if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
+            self.hooks.rejected("origin")
+            await self._reject_ws(send, 403, "unauthorized", "origin not allowed")
+            return
+        authenticated = not self.config.auth_enabled
+        rate_key = "addr:" + client_address(scope)
+        token = bearer_token(scope)
+        if self.config.auth_enabled and token is not None:
+            if not _key_ok(token, frozenset(self.config.api_keys)):
+                self.hooks.rejected("unauthorized")
+                await self._reject_ws(send, 401, "unauthorized", "invalid API key")
+                return
+            authenticated = True
+        if token:
+            rate_key = "key:" + _key_id(token)
+        subprotocol = protocol.choose_subprotocol(scope.get("subprotocols", []))
+        codec = protocol.codec_for(subprotocol)
+        await send({"type": "websocket.accept", "subprotocol": subprotocol})
+
+        if codec.binary:
+            async def send_frame(data: bytes | str) -> None:
+                await send({"type": "websocket.send", "bytes": data})
+        else:
+            async def send_frame(data: bytes | str) -> None:
+                await send({"type": "websocket.send", "text": data.decode() if isinstance(data, bytes) else data})
+
+        conn: Connection | None = None
+
+        def policy_close(code: int, reason: str) -> None:
+            if conn is not None:
+                asyncio.get_running_loop().create_task(self._close(conn, code, reason, flush=True))
+
+        session = Session(send_frame, codec, self.registry, self.session_limits, client=client_address(scope),
+                          authenticated=authenticated, rate_limiter=self.rate_limiter, hooks=self.hooks,
+                          on_policy_close=policy_close)
+        session.rate_key = rate_key
+        session.draining = self.draining
+        conn = Connection(session=session, send=send, opened=time.monotonic())
+        self.connections.add(conn)
+        self.hooks_connection(+1)
+        conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))
+        if authenticated:
+            session.start()
+        try:
+            while True:
+                msg = await receive()
+                if msg["type"] == "websocket.receive":
+                    data = msg.get("bytes")
+                    session.on_frame(data if data is not None else msg.get("text", ""))
+                elif msg["type"] == "websocket.disconnect":
+                    break
+        finally:
+            session.close()
+            if conn.writer is not None:
+                conn.writer.cancel()
+            self.connections.discard(conn)
+            self.hooks_connection(-1)
+
+    def hooks_connection(self, delta: int) -> None:
+        fn = getattr(self.hooks, "connection", None)
+        if fn is not None:
+            fn(delta)
+
+    async def _run_writer(self, conn: Connection) -> None:
+        try:
+            await conn.session.run_writer()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The socket failed under us (reset, closed): the receive loop sees the disconnect.
+            conn.session.close()
+
+    async def _close(self, conn: Connection, code: int, reason: str, flush: bool = False) -> None:
+        """Close one socket with ``code``. Idempotent."""
+        if conn.closing:
+            return
+        conn.closing = True
+        if flush:
+            await conn.session.flush(1.0)
+        conn.session.close()
+        if conn.session.send_started is not None:
+            _force_close(conn.send, code, reason)  # the writer is stuck on a full socket
+            return
+        try:
+            await conn.send({"type": "websocket.close", "code": code, "reason": reason})
+        except Exception:
+            _force_close(conn.send, code, reason)
+
+    async def _watch(self) -> None:
+        """Once per tick: close stalled readers, unauthenticated and idle sessions."""
+        cfg = self.config
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                s = conn.session
+                if conn.closing:
+                    continue
+                if s.send_started is not None and now - s.send_started > cfg.stall_timeout_s:
+                    log.warning("closing stalled reader", extra={"event": "stalled", "session": s.id,
+                                                                 "client": s.client, "buffered": s.buffered})
+                    self.hooks.rejected("stalled")
+                    await self._close(conn, 1008, "reader stalled")
+                elif not s.authenticated and now - conn.opened > 10.0:
+                    await self._close(conn, 1008, "authentication timeout")
+                elif (cfg.idle_timeout_s is not None and s.idle
+                      and now - s.last_activity > cfg.idle_timeout_s):
+                    await self._close(conn, 1000, "idle timeout")
+
+
+def _force_close(send: Send, code: int, reason: str) -> None:
+    """Close a WebSocket whose ASGI ``send`` is blocked on flow control.
+
+    ASGI has no abort, and ``websocket.close`` itself waits for the socket to
+    drain, which a stalled reader never does. uvicorn's protocol object is the
+    bound ``send``'s owner: queue the close frame on its transport, then close
+    the transport (aborting if the peer never reads it).
+    """
+    proto = getattr(send, "__self__", None)
+    transport = getattr(proto, "transport", None)
+    conn = getattr(proto, "conn", None)
+    if transport is None:
+        return
+    try:
+        if conn is not None and not getattr(proto, "close_sent", True):
+            conn.send_close(code, reason)
+            transport.write(b"".join(conn.data_to_send()))
+            proto.close_sent = True  # type: ignore[union-attr]
+    except Exception:
+        pass
+    transport.close()
+    loop = asyncio.get_running_loop()
+    loop.call_later(2.0, lambda: transport.is_closing() and transport.abort())
+    # Let the protocol's writers and readers see the end now rather than after the abort.
+    if hasattr(proto, "writable"):
+        proto.writable.set()  # type: ignore[union-attr]

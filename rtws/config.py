@@ -1,0 +1,193 @@
+"""Server configuration: one frozen dataclass, read from arguments, ``RTWS_*`` variables and CLI flags.
+
+Precedence, highest first: explicit arguments (constructor keywords or CLI
+flags given on the command line) > ``RTWS_<FIELD>`` environment variables >
+the defaults below. Validation raises ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    # --- network
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to bind"})
+    port: int = field(default=8000, metadata={"help": "TCP port (0 picks a free one)"})
+    # --- model (the default model when no registry is given)
+    model: str | None = field(default=None, metadata={
+        "help": "model folder or hub id; default: the bundled Shakespeare model"})
+    model_name: str | None = field(default=None, metadata={"help": "name clients use for the model"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    # --- engine
+    num_slots: int = field(default=64, metadata={"help": "KV-cache slots: generations decoded at once per model"})
+    max_seq_len: int | None = field(default=None, metadata={
+        "help": "tokens per slot (prompt + completion); default: the model's context"})
+    prefill_budget: int = field(default=256, metadata={"help": "prompt tokens prefilled per engine step, at most"})
+    max_batch_size: int | None = field(default=None, metadata={
+        "help": "running generations per model, at most (default: num_slots)"})
+    max_batch_wait_ms: float = field(default=0.0, metadata={
+        "help": "when idle, wait up to this long to group new requests into one batch"})
+    priority_aging_s: float = field(default=2.0, metadata={
+        "help": "a waiting request gains one priority level per this many seconds"})
+    warmup: bool = field(default=True, metadata={"help": "run a real generation before serving"})
+    # --- sessions and limits
+    max_connections: int = field(default=1024, metadata={"help": "open WebSocket + HTTP streams, at most"})
+    max_generations_per_session: int = field(default=64, metadata={"help": "live generations per socket"})
+    max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask"})
+    max_prompt_tokens: int | None = field(default=None, metadata={
+        "help": "longest prompt in tokens (default: the model's context - 1)"})
+    max_frame_bytes: int = field(default=1 << 20, metadata={"help": "largest incoming frame (close 1009 above)"})
+    send_high_watermark: int = field(default=256 * 1024, metadata={
+        "help": "per-socket send buffer bytes above which its generations pause"})
+    send_low_watermark: int | None = field(default=None, metadata={
+        "help": "resume below this many buffered bytes (default: high // 4)"})
+    stall_timeout_s: float = field(default=30.0, metadata={
+        "help": "close a socket (1008) whose reader has not taken data for this long"})
+    request_timeout: float | None = field(default=None, metadata={
+        "help": "seconds before a generation ends with reason 'timeout' (default: none)"})
+    idle_timeout_s: float | None = field(default=600.0, metadata={
+        "help": "close a session with no live generation and no frame for this long"})
+    ping_interval_s: float | None = field(default=20.0, metadata={"help": "WebSocket keepalive ping interval"})
+    ping_timeout_s: float | None = field(default=20.0, metadata={"help": "close if a ping is unanswered this long"})
+    rate_limit_per_minute: int | None = field(default=None, metadata={
+        "help": "generations per client per minute (token bucket; default: unlimited)"})
+    rate_limit_burst: int | None = field(default=None, metadata={
+        "help": "token bucket size (default: rate_limit_per_minute / 6, at least 1)"})
+    # --- security
+    api_keys: tuple[str, ...] = field(default=(), metadata={
+        "help": "API keys (comma-separated in RTWS_API_KEYS); empty: auth off"})
+    admin_api_keys: tuple[str, ...] = field(default=(), metadata={
+        "help": "keys for admin endpoints (default: the API keys)"})
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={
+        "help": "Origins allowed to open browser WebSockets; empty: any"})
+    # --- operations
+    drain_timeout_s: float = field(default=30.0, metadata={
+        "help": "on SIGTERM, let generations finish this long before cancelling them"})
+    enable_metrics: bool = field(default=True, metadata={"help": "serve Prometheus metrics on /metrics"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def low_watermark(self) -> int:
+        return self.send_low_watermark if self.send_low_watermark is not None else self.send_high_watermark // 4
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_sources(cls, explicit: Mapping[str, Any] | None = None,
+                     env: Mapping[str, str] | None = None) -> ServerConfig:
+        """Build from explicit values over ``RTWS_*`` variables over defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = "RTWS_" + f.name.upper()
+            if key in env:
+                values[f.name] = parse_value(f.name, field_type(f.name), env[key])
+        for k, v in (explicit or {}).items():
+            if k not in FIELD_NAMES:
+                raise ValueError(f"{k}: unknown configuration field")
+            values[k] = v
+        return cls(**values)
+
+
+FIELD_NAMES = frozenset(f.name for f in fields(ServerConfig))
+_HINTS = typing.get_type_hints(ServerConfig)
+
+
+def field_type(name: str) -> Any:
+    return _HINTS[name]
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(underlying type, optional?) for ``X | None`` annotations."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def parse_value(name: str, tp: Any, raw: str) -> Any:
+    """Parse a string (environment variable or CLI flag) into the field's type."""
+    base, optional = _base_type(tp)
+    text = raw.strip()
+    if optional and text.lower() in ("", "none", "null"):
+        return None
+    try:
+        if base is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if typing.get_origin(base) is tuple:
+            return tuple(p.strip() for p in text.split(",") if p.strip())
+        return text
+    except ValueError:
+        raise ValueError(f"{name}: cannot parse {raw!r} as {getattr(base, '__name__', base)}") from None
+
+
+def _validate(c: ServerConfig) -> None:
+    def need(cond: bool, name: str, what: str) -> None:
+        if not cond:
+            raise ValueError(f"{name}: {what} (got {getattr(c, name)!r})")
+
+    for f in fields(c):
+        v = getattr(c, f.name)
+        base, optional = _base_type(_HINTS[f.name])
+        if v is None:
+            need(optional, f.name, "must not be None")
+            continue
+        if base is bool:
+            need(isinstance(v, bool), f.name, "must be a bool")
+        elif base is int:
+            need(isinstance(v, int) and not isinstance(v, bool), f.name, "must be an int")
+        elif base is float:
+            need(isinstance(v, (int, float)) and not isinstance(v, bool), f.name, "must be a number")
+            need(v == v and v not in (float("inf"), float("-inf")), f.name, "must be finite")
+        elif base is str:
+            need(isinstance(v, str), f.name, "must be a string")
+        elif typing.get_origin(base) is tuple:
+            need(isinstance(v, tuple) and all(isinstance(x, str) for x in v), f.name, "must be a tuple of strings")
+    need(0 <= c.port <= 65535, "port", "must be in 0..65535")
+    for name in ("num_slots", "prefill_budget", "max_connections", "max_generations_per_session",
+                 "max_tokens_limit", "max_frame_bytes", "send_high_watermark"):
+        need(getattr(c, name) >= 1, name, "must be >= 1")
+    for name in ("max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
+        v = getattr(c, name)
+        need(v is None or v >= 1, name, "must be >= 1")
+    for name in ("stall_timeout_s", "drain_timeout_s", "priority_aging_s"):
+        need(getattr(c, name) > 0, name, "must be > 0")
+    for name in ("request_timeout", "idle_timeout_s", "ping_interval_s", "ping_timeout_s"):
+        v = getattr(c, name)
+        need(v is None or v > 0, name, "must be > 0")
+    need(c.max_batch_wait_ms >= 0, "max_batch_wait_ms", "must be >= 0")
+    need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
+         "must be auto, cpu or cuda[:N]")
+    need(c.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",
+         "must be auto, float32, bfloat16 or float16")
+    need(c.log_level.upper() in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    low = c.low_watermark
+    need(0 <= low < c.send_high_watermark, "send_low_watermark", "must be >= 0 and below send_high_watermark")

@@ -1,0 +1,151 @@
+"""A served model: tokenizer, engine and the prompt rules, loaded through the runner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import Engine, EngineConfig, StepObserver, TokenEvent
+from .scheduler import SamplingParams
+
+log = logging.getLogger("rtws.model")
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be served (too long, no chat template, empty)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What to load. ``path`` is a folder, a hub id, or a benchmark aid such as ``gpt2-random``."""
+
+    name: str
+    path: str
+    version: str = "1"
+    device: str = "auto"
+    dtype: str = "auto"
+    num_slots: int = 64
+    max_seq_len: int | None = None
+    prefill_budget: int = 256
+    max_batch_size: int | None = None
+    max_batch_wait_ms: float = 0.0
+    aging_s: float = 2.0
+    max_prompt_tokens: int | None = None
+
+
+class ServedModel:
+    """One loaded model version with its engine. Thread-safe to read; start/stop from the loop."""
+
+    def __init__(self, spec: ModelSpec, model: Any, tokenizer: Any, engine: Engine, context_len: int,
+                 device: str) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.version = spec.version
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.context_len = context_len
+        self.device = device
+        self.max_prompt_tokens = min(spec.max_prompt_tokens or context_len - 1, context_len - 1)
+        self.warm = False
+        self.loaded_at = time.time()
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, prompt: str | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids for a plain prompt or chat ``messages`` (through the tokenizer's chat template)."""
+        tok = self.tokenizer
+        if messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise PromptError(f"model {self.name!r} has no chat template; send 'prompt' instead")
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # jinja errors: the messages did not fit the template
+                raise PromptError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+            ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(prompt or "", add_special_tokens=True)["input_ids"]
+        if not ids:
+            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            if start is None:
+                raise PromptError("prompt is empty")
+            ids = [start]
+        if len(ids) > self.max_prompt_tokens:
+            raise PromptError(
+                f"prompt is {len(ids)} tokens; this model accepts at most {self.max_prompt_tokens}")
+        return ids
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine.start(loop)
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    async def warmup(self, timeout: float = 120.0) -> str:
+        """Run one real generation through the engine; return its text. Raises on failure."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+        parts: list[str] = []
+
+        def sink(ev: TokenEvent) -> None:
+            parts.append(ev.text)
+            if ev.finish is not None and not done.done():
+                if ev.finish == "error":
+                    done.set_exception(RuntimeError(f"warm-up generation failed: {ev.error}"))
+                else:
+                    done.set_result("".join(parts))
+
+        ids = self.encode("Hello")
+        self.engine.submit(ids, SamplingParams(max_tokens=4, temperature=0.0), sink)
+        text = await asyncio.wait_for(done, timeout)
+        self.warm = True
+        return text
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gc = getattr(model, "generation_config", None)
+    for v in (getattr(gc, "eos_token_id", None), getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids
+
+
+def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
+    """Load weights and tokenizer and build the engine (blocking: call from a worker thread)."""
+    from . import runner as rn
+
+    device = rn.resolve_device(spec.device)
+    dtype = rn.resolve_dtype(spec.dtype, device)
+    t0 = time.perf_counter()
+    model, tokenizer = rn.load_model(spec.path, device, dtype)
+    ctx = rn.model_context_length(model.config)
+    max_len = min(spec.max_seq_len or ctx, ctx)
+    runner = rn.ModelRunner(model, spec.num_slots, max_len, device)
+    runner.warmup()
+    engine = Engine(
+        runner,
+        tokenizer,
+        EngineConfig(
+            num_slots=spec.num_slots,
+            max_len=max_len,
+            prefill_budget=spec.prefill_budget,
+            max_batch_size=spec.max_batch_size,
+            max_batch_wait_s=spec.max_batch_wait_ms / 1000.0,
+            aging_s=spec.aging_s,
+        ),
+        eos_ids=eos_token_ids(model, tokenizer),
+        name=spec.name,
+        observer=observer,
+    )
+    log.info("model loaded", extra={"event": "model_loaded", "model": spec.name, "version": spec.version,
+                                    "path": spec.path, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                                    "context": max_len, "seconds": round(time.perf_counter() - t0, 3)})
+    return ServedModel(spec, model, tokenizer, engine, max_len, str(device))

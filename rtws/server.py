@@ -1,0 +1,159 @@
+"""Running the app under uvicorn (uvloop, httptools, websockets-sansio), with a graceful drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from .app import App
+from .config import ServerConfig
+from .logs import setup_logging
+from .model import ModelSpec
+
+log = logging.getLogger("rtws.server")
+
+BUNDLED_MODEL_NAME = "shakespeare"
+
+
+def default_spec(config: ServerConfig) -> ModelSpec:
+    """The model ``rtws serve`` loads: ``config.model`` or the bundled one."""
+    if config.model is None:
+        from .default_model import DEFAULT_MODEL_PATH
+
+        path, name = str(DEFAULT_MODEL_PATH), BUNDLED_MODEL_NAME
+    else:
+        path = config.model
+        name = Path(path.rstrip("/")).name or path
+    return spec_from_config(config, name=config.model_name or name, path=path)
+
+
+def spec_from_config(config: ServerConfig, *, name: str, path: str, version: str = "1", device: str | None = None,
+                     dtype: str | None = None) -> ModelSpec:
+    return ModelSpec(
+        name=name, path=path, version=version, device=device or config.device, dtype=dtype or config.dtype,
+        num_slots=config.num_slots, max_seq_len=config.max_seq_len, prefill_budget=config.prefill_budget,
+        max_batch_size=config.max_batch_size, max_batch_wait_ms=config.max_batch_wait_ms,
+        aging_s=config.priority_aging_s, max_prompt_tokens=config.max_prompt_tokens,
+    )
+
+
+def build_app(config: ServerConfig, specs: list[ModelSpec] | None = None) -> App:
+    """The ASGI app with every HTTP API mounted. ``specs`` defaults to the config's one model."""
+    app = App(config, specs if specs is not None else [default_spec(config)])
+    try:
+        from .http_api import mount
+    except ImportError:  # pragma: no cover - the HTTP API module is optional while developing
+        pass
+    else:
+        mount(app)
+    return app
+
+
+def uvicorn_config(app: App, config: ServerConfig, sock: socket.socket | None = None) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan="on",
+        ws_max_size=config.max_frame_bytes,
+        ws_ping_interval=config.ping_interval_s,
+        ws_ping_timeout=config.ping_timeout_s,
+        ws_per_message_deflate=False,
+        log_config=None,
+        access_log=config.access_log,
+        timeout_graceful_shutdown=5,
+        backlog=4096,
+    )
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with rtws's drain: the first SIGTERM/SIGINT drains, a second one exits at once."""
+
+    def __init__(self, config: uvicorn.Config, app: App) -> None:
+        super().__init__(config)
+        self.app = app
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
+        self.ready = threading.Event()
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.should_exit:
+            return
+        for srv in getattr(self, "servers", []):
+            for s in srv.sockets:
+                self.port = s.getsockname()[1]
+                break
+        log.info("listening", extra={"event": "listening", "host": self.config.host, "port": self.port})
+        self.ready.set()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_requested or self._loop is None or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        self._drain_requested = True
+        self._loop.call_soon_threadsafe(self.request_drain)
+
+    def request_drain(self) -> None:
+        """Start the graceful drain from the loop thread; the server exits when it is done."""
+        assert self._loop is not None
+        self._drain_requested = True
+        self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.app.drain()
+        except Exception:
+            log.exception("drain failed", extra={"event": "drain_error"})
+        finally:
+            self.should_exit = True
+
+
+def serve(config: ServerConfig, specs: list[ModelSpec] | None = None) -> int:
+    """Run until drained. Returns the process exit code."""
+    setup_logging(config.log_level)
+    app = build_app(config, specs)
+    server = Server(uvicorn_config(app, config), app)
+    server.run()
+    return 0 if server.started else 1
+
+
+def run_in_thread(config: ServerConfig, specs: list[ModelSpec] | None = None, app: App | None = None,
+                  timeout: float = 300.0) -> tuple[Server, threading.Thread]:
+    """Start a server on its own loop in a thread (tests, notebooks). Returns once it listens."""
+    app = app or build_app(config, specs)
+    server = Server(uvicorn_config(app, config), app)
+
+    def target() -> None:
+        server.run()
+
+    thread = threading.Thread(target=target, name="rtws-server", daemon=True)
+    thread.start()
+    if not server.ready.wait(timeout):
+        raise RuntimeError("server did not start in time")
+    return server, thread
+
+
+def stop_thread(server: Server, thread: threading.Thread, drain: bool = False, timeout: float = 60.0) -> None:
+    loop: Any = server._loop
+    if drain and loop is not None:
+        loop.call_soon_threadsafe(server.request_drain)
+    else:
+        server.should_exit = True
+    thread.join(timeout)

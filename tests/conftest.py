@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny real models, and real servers (uvicorn on port 0) in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from models import build_model  # noqa: E402
+
+T = TypeVar("T")
+
+# Every timeout in the tests is a multiple of this unit; raise it on a slow machine.
+UNIT = float(os.environ.get("RTWS_TEST_UNIT", "1.0"))
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a client-side coroutine on a fresh loop (the server has its own loop in its own thread)."""
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from rtws.default_model import DEFAULT_MODEL_PATH
+
+    if not (Path(DEFAULT_MODEL_PATH) / "model.safetensors").exists():
+        pytest.skip("bundled default model not trained yet")
+    return Path(DEFAULT_MODEL_PATH)
+
+
+@dataclass
+class RunningServer:
+    server: Any
+    thread: Any
+
+    @property
+    def port(self) -> int:
+        return int(self.server.port)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def app(self) -> Any:
+        return self.server.app
+
+    def engine(self, name: str | None = None) -> Any:
+        return self.app.registry.get(name).engine
+
+    def stop(self, drain: bool = False) -> None:
+        from rtws.server import stop_thread
+
+        stop_thread(self.server, self.thread, drain=drain)
+
+
+ServerFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def server_factory() -> Iterator[ServerFactory]:
+    """``server_factory(model=path, **config)`` starts a real server on port 0; all stop at teardown."""
+    from rtws.config import ServerConfig
+    from rtws.server import run_in_thread
+
+    started: list[RunningServer] = []
+
+    def start(model: Path | str | None = None, specs: Any = None, **overrides: Any) -> RunningServer:
+        overrides.setdefault("log_level", "WARNING")
+        cfg = ServerConfig(port=0, model=str(model) if model is not None else None, **overrides)
+        server, thread = run_in_thread(cfg, specs)
+        rs = RunningServer(server, thread)
+        started.append(rs)
+        return rs
+
+    yield start
+    for rs in started:
+        if rs.thread.is_alive():
+            rs.stop()
+
+
+@pytest.fixture
+def tiny_server(server_factory: ServerFactory, tiny_llama_dir: Path) -> RunningServer:
+    return server_factory(tiny_llama_dir)

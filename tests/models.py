@@ -1,0 +1,68 @@
+"""Tiny real models for tests: a byte-level BPE tokenizer and random-weight Llama (GQA) / GPT-2 folders.
+
+They are real Hugging Face folders, loaded through AutoModelForCausalLM /
+AutoTokenizer exactly like a user's model; only the weights are random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+FALLBACK_TEXT = (
+    "ROMEO:\nBut soft, what light through yonder window breaks?\n\n"
+    "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?\n\n"
+    "Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001F600 \u00fcber stra\u00dfe\n"
+) * 50
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n{% else %}"
+    "{{ (m['name'] or ('ROMEO' if m['role'] == 'user' else 'JULIET')) | upper }}:\n{{ m['content'] }}\n\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}JULIET:\n{% endif %}"
+)
+
+
+def corpus_text(limit: int = 200_000) -> str:
+    if SHAKESPEARE.exists():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:limit] + FALLBACK_TEXT[:2000]
+    return FALLBACK_TEXT
+
+
+def build_tokenizer(out: Path, vocab_size: int = 400) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([corpus_text()], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
+def build_model(out: Path, arch: str = "llama", seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=400, max_position_embeddings=256,
+                             eos_token_id=0, bos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+    else:
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=400, n_positions=256,
+                            eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config)
+    # Sharper logits than the default init, so greedy choices are not near-ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0 if arch == "llama" else 4.0)
+    model.save_pretrained(out)
+    return out
