@@ -22,7 +22,8 @@ from .http import Receive, Scope, Send, bearer_token, client_address, header, se
 from .limits import RateLimiter
 from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
-from .session import Session, SessionHooks, SessionLimits, _key_id, _key_ok
+from .hooks import Hooks
+from .session import Session, SessionLimits, _key_id, _key_ok
 
 log = logging.getLogger("rtws.app")
 
@@ -54,7 +55,7 @@ class App:
         self.num_http_streams = 0
         self.draining = False
         self.started = False
-        self.hooks: SessionHooks = SessionHooks()
+        self.hooks: Hooks = Hooks()
         self.rate_limiter = (RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst)
                              if config.rate_limit_per_minute else None)
         self.session_limits = SessionLimits(
@@ -120,7 +121,7 @@ class App:
         from .model import load
 
         loop = asyncio.get_running_loop()
-        observer = getattr(self.hooks, "step_observer", None)
+        observer = self.hooks.step_observer
         served = await loop.run_in_executor(None, lambda: load(spec, observer))
         served.start(loop)
         if self.config.warmup:
@@ -320,9 +321,7 @@ class App:
             self.hooks_connection(-1)
 
     def hooks_connection(self, delta: int) -> None:
-        fn = getattr(self.hooks, "connection", None)
-        if fn is not None:
-            fn(delta)
+        self.hooks.connection(delta)
 
     async def _run_writer(self, conn: Connection) -> None:
         try:

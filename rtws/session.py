@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .engine import TokenEvent
+from .hooks import GenerationRecord, Hooks
 from .limits import RateLimiter
 from .protocol import (
     Cancel,
@@ -66,20 +67,6 @@ class ModelsLike(Protocol):
     def names(self) -> list[str]: ...
 
 
-class SessionHooks:
-    """Observation points for metrics and logs; the default does nothing."""
-
-    def generation_started(self, model: Any, queue_hint: int) -> None: ...
-
-    def generation_finished(self, session: Session, gen: Generation, reason: str, ev: TokenEvent | None) -> None: ...
-
-    def rejected(self, code: str) -> None: ...
-
-    def frame_sent(self, nbytes: int) -> None: ...
-
-    def paused(self, reason: str) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class SessionLimits:
     max_generations: int = 64
@@ -103,6 +90,7 @@ class Generation:
     sent_tokens: int = 0
     finished: bool = False
     first_sent: float | None = None
+    queue_s: float | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -127,7 +115,7 @@ class Session:
         client: str = "",
         authenticated: bool = True,
         rate_limiter: RateLimiter | None = None,
-        hooks: SessionHooks | None = None,
+        hooks: Hooks | None = None,
         on_policy_close: Callable[[int, str], None] | None = None,
     ) -> None:
         self.id = secrets.token_hex(8)
@@ -138,7 +126,7 @@ class Session:
         self.client = client
         self.authenticated = authenticated
         self.rate_limiter = rate_limiter
-        self.hooks = hooks or SessionHooks()
+        self.hooks = hooks or Hooks()
         self._on_policy_close = on_policy_close
         self.live: dict[GenId, Generation] = {}
         self._recent: collections.OrderedDict[GenId, None] = collections.OrderedDict()
@@ -244,7 +232,7 @@ class Session:
         if self.paused:
             engine.pause((gen.rid,))
         self.live[f.id] = gen
-        self.hooks.generation_started(model, len(self.live))
+        self.hooks.generation_started(model.name, "ws")
 
     def _cancel(self, gid: GenId) -> None:
         gen = self.live.pop(gid, None)
@@ -260,7 +248,6 @@ class Session:
             self.buffered -= old.nbytes
         self._pending[gid] = _Pending(gen=gen, done="cancelled", nbytes=_FRAME_OVERHEAD)
         self.buffered += _FRAME_OVERHEAD
-        self.hooks.generation_finished(self, gen, "cancelled", None)
         self._wakeup()
 
     def _remember(self, gid: GenId) -> None:
@@ -288,7 +275,7 @@ class Session:
             gen.finished = True
             self.live.pop(gen.id, None)
             self._remember(gen.id)
-            self.hooks.generation_finished(self, gen, ev.finish, ev)
+            gen.queue_s = ev.queue_s
         if self.buffered > self.max_buffered:
             self.max_buffered = self.buffered
         if not self.paused and self.buffered > self.limits.high_watermark:
@@ -345,21 +332,34 @@ class Session:
                 gen = p.gen
                 if p.tokens or p.text:
                     text = "".join(p.text)
-                    await self._write(encode(Delta(id=gid, seq=gen.seq, text=text, tokens=p.tokens)))
+                    await self._write(encode(Delta(id=gid, seq=gen.seq, text=text, tokens=p.tokens)), p.tokens)
                     gen.seq += 1
                     gen.sent_tokens += p.tokens
+                    if gen.first_sent is None:
+                        gen.first_sent = time.monotonic()
+                        self.hooks.first_token(gen.model.name, gen.first_sent - gen.started)
                 if p.done is not None:
                     usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.sent_tokens)
                     await self._write(encode(Done(id=gid, reason=p.done, usage=usage)))  # type: ignore[arg-type]
+                    self._record(gen, p.done)
                 if self.paused and self.buffered <= self.limits.low_watermark:
                     self._set_paused(False)
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes, tokens: int = 0) -> None:
         self.send_started = time.monotonic()
         await self._send(data)
         self.send_started = None
         self.frames_sent += 1
-        self.hooks.frame_sent(len(data))
+        self.hooks.frame_sent(len(data), tokens)
+
+    def _record(self, gen: Generation, reason: str) -> None:
+        now = time.monotonic()
+        self.hooks.generation_finished(GenerationRecord(
+            id=gen.id, request_id=gen.rid, model=gen.model.name, version=str(getattr(gen.model, "version", "")),
+            client=self.client, session=self.id, transport="ws", reason=reason, prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.sent_tokens,
+            ttft_s=None if gen.first_sent is None else round(gen.first_sent - gen.started, 6),
+            total_s=round(now - gen.started, 6), queue_s=gen.queue_s))
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything queued has been written (or ``timeout``). True when empty."""
@@ -386,7 +386,6 @@ class Session:
                 p.text, p.tokens, p.nbytes = old.text, old.tokens, old.nbytes
             self._pending[gid] = p
             self.buffered += p.nbytes
-            self.hooks.generation_finished(self, gen, reason, None)
         self._wakeup()
 
     def close(self) -> None:
@@ -397,7 +396,7 @@ class Session:
         for gen in self.live.values():
             gen.engine.cancel(gen.rid)
             gen.finished = True
-            self.hooks.generation_finished(self, gen, "cancelled", None)
+            self._record(gen, "cancelled")
         self.live.clear()
         self._pending.clear()
         self._control.clear()
