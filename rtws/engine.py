@@ -46,6 +46,7 @@ class TokenEvent:
     ttft_s: float | None = None
     queue_s: float | None = None
     error: str | None = None
+    token_ids: list[int] | None = None
 
 
 Sink = Callable[[TokenEvent], None]
@@ -243,7 +244,9 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._apply_commands()
+                if self._commands:
+                    self._apply_commands()
+                    self._snapshot()  # cancels and frees are visible at this boundary, not after the next step
                 now = time.monotonic()
                 events: list[TokenEvent] = []
                 self._expire(now, events)
@@ -328,8 +331,9 @@ class Engine:
     def _event(self, seq: Sequence, text: str) -> TokenEvent:
         n = self._unsent[seq.rid]
         self._unsent[seq.rid] = 0
+        ids = seq.output_ids[len(seq.output_ids) - n:] if n else []
         return TokenEvent(rid=seq.rid, text=text, tokens=n, prompt_tokens=len(seq.prompt_ids),
-                          completion_tokens=len(seq.output_ids))
+                          completion_tokens=len(seq.output_ids), token_ids=ids)
 
     def _finish(
         self, seq: Sequence, reason: str, events: list[TokenEvent], now: float, text: str = "",

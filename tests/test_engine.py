@@ -1,0 +1,271 @@
+"""The continuous-batching engine against model.generate, on real models loaded through the Auto classes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rtws.engine import Engine, EngineConfig, TokenEvent
+from rtws.runner import ModelRunner, load_model
+from rtws.scheduler import SamplingParams, StepPlan
+
+from conftest import UNIT
+
+
+def make_engine(path: Path, num_slots: int = 8, prefill_budget: int = 64, **cfg: Any) -> tuple[Engine, Any, Any]:
+    model, tok = load_model(str(path), torch.device("cpu"), torch.float32)
+    max_len = min(model.config.max_position_embeddings if hasattr(model.config, "max_position_embeddings")
+                  else model.config.n_positions, 256)
+    runner = ModelRunner(model, num_slots, max_len, torch.device("cpu"))
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    eng = Engine(runner, tok, EngineConfig(num_slots=num_slots, max_len=max_len, prefill_budget=prefill_budget, **cfg),
+                 eos_ids=eos)
+    return eng, model, tok
+
+
+class Collector:
+    """Collects one request's events; ``done`` resolves with the final event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[TokenEvent], None] | None = None) -> None:
+        self.events: list[TokenEvent] = []
+        self.done: asyncio.Future[TokenEvent] = loop.create_future()
+        self.on_event = on_event
+
+    def __call__(self, ev: TokenEvent) -> None:
+        self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+        if ev.finish is not None:
+            self.done.set_result(ev)
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for ev in self.events for i in (ev.token_ids or [])]
+
+    @property
+    def text(self) -> str:
+        return "".join(ev.text for ev in self.events)
+
+
+def reference(model: Any, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()  # type: ignore[no-any-return]
+
+
+def staggered_greedy(eng: Engine, prompts: list[list[int]], n: int) -> list[Collector]:
+    """Submit request i+1 once request i has produced 2 tokens: requests join at different steps."""
+
+    async def main() -> list[Collector]:
+        loop = asyncio.get_running_loop()
+        eng.start(loop)
+        cols: list[Collector] = []
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+        def submit(i: int) -> None:
+            def on_event(ev: TokenEvent, i: int = i) -> None:
+                if i + 1 < len(prompts) and len(cols) == i + 1 and len(cols[i].ids) >= 2:
+                    submit(i + 1)
+
+            col = Collector(loop, on_event)
+            cols.append(col)
+            eng.submit(prompts[i], params, col)
+
+        submit(0)
+        await asyncio.wait_for(asyncio.gather(*(asyncio.shield(c.done) for c in [cols[0]])), 60 * UNIT)
+        while len(cols) < len(prompts):
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*(c.done for c in cols)), 120 * UNIT)
+        return cols
+
+    try:
+        return asyncio.run(main())
+    finally:
+        eng.stop()
+
+
+def check_equal_to_generate(path: Path, n: int = 24) -> None:
+    eng, model, tok = make_engine(path, num_slots=8, prefill_budget=16)
+    text = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
+    base = tok.encode(text)
+    prompts = [base[: 2 + 5 * i] for i in range(8)]  # 2..37 tokens: several need chunked prefill
+    cols = staggered_greedy(eng, prompts, n)
+    admitted = [c.events[0] for c in cols]
+    assert len({id(a) for a in admitted}) == 8
+    for i, (col, prompt) in enumerate(zip(cols, prompts)):
+        assert col.done.result().finish == "length"
+        assert col.ids == reference(model, prompt, n), f"request {i} (prompt {len(prompt)} tokens) diverged"
+    assert eng.stats().slots_in_use == 0
+
+
+def test_greedy_equals_generate_tiny_llama_gqa(tiny_llama_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny_llama_dir)
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention
+    check_equal_to_generate(tiny_llama_dir)
+
+
+def test_greedy_equals_generate_tiny_gpt2(tiny_gpt2_dir: Path) -> None:
+    check_equal_to_generate(tiny_gpt2_dir)
+
+
+def test_greedy_equals_generate_default_model(default_model_dir: Path) -> None:
+    check_equal_to_generate(default_model_dir, n=32)
+
+
+def run_engine(eng: Engine, body: Callable[[asyncio.AbstractEventLoop], Any]) -> Any:
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        eng.start(loop)
+        return await body(loop)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        eng.stop()
+
+
+def test_seed_reproducible_whatever_the_batch(tiny_llama_dir: Path) -> None:
+    eng, _, tok = make_engine(tiny_llama_dir)
+    prompt = tok.encode("ROMEO:\n")
+    params = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+
+    async def body(loop: asyncio.AbstractEventLoop) -> tuple[list[int], list[int], list[int]]:
+        alone = Collector(loop)
+        eng.submit(prompt, params, alone)
+        await alone.done
+        mates = [Collector(loop) for _ in range(5)]
+        for i, m in enumerate(mates):
+            eng.submit(tok.encode("x" * (i + 1)), SamplingParams(max_tokens=40, temperature=1.0, seed=i), m)
+        crowded = Collector(loop)
+        eng.submit(prompt, params, crowded)
+        other = Collector(loop)
+        eng.submit(prompt, SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, top_k=50, seed=99,
+                                          ignore_eos=True), other)
+        await asyncio.gather(crowded.done, other.done, *(m.done for m in mates))
+        return alone.ids, crowded.ids, other.ids
+
+    alone, crowded, other = run_engine(eng, body)
+    assert len(alone) == 30
+    assert crowded == alone
+    assert other != alone  # a different seed samples differently
+
+
+def test_prefill_is_chunked_under_the_budget_and_decodes_keep_running(tiny_llama_dir: Path) -> None:
+    budget = 16
+    eng, _, tok = make_engine(tiny_llama_dir, prefill_budget=budget)
+    steps: list[tuple[int, set[int]]] = []
+
+    class Obs:
+        def on_step(self, engine: Engine, plan: StepPlan, seconds: float, events: list[TokenEvent]) -> None:
+            steps.append((sum(c.end - c.start for c in plan.prefill), {s.rid for s in plan.decode}))
+
+    eng.observer = Obs()
+    long_prompt = tok.encode("But soft, what light through yonder window breaks? " * 6)[:150]
+
+    async def body(loop: asyncio.AbstractEventLoop) -> tuple[list[int], int]:
+        runners = [Collector(loop) for _ in range(2)]
+        rids = [eng.submit(tok.encode("hi"), SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True), c)
+                for c in runners]
+        while min(len(c.ids) for c in runners) < 3:
+            await asyncio.sleep(0.005)
+        big = Collector(loop)
+        eng.submit(long_prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), big)
+        await asyncio.gather(big.done, *(c.done for c in runners))
+        return rids, len(long_prompt)
+
+    rids, n = run_engine(eng, body)
+    chunked = [(tokens, dec) for tokens, dec in steps if tokens > 0 and tokens >= budget]
+    assert len(chunked) >= n // budget  # the long prompt took several steps...
+    assert all(tokens <= budget for tokens, _ in steps)  # ...each within the budget
+    assert all(set(rids) <= dec for _, dec in chunked)  # running streams decoded in every one of them
+
+
+def test_model_fault_fails_only_that_step_and_engine_keeps_serving(tiny_llama_dir: Path) -> None:
+    eng, _, tok = make_engine(tiny_llama_dir)
+    state = {"armed": False}
+
+    def fault(plan: StepPlan) -> None:
+        if state["armed"] and plan.decode:
+            state["armed"] = False
+            raise RuntimeError("injected CUDA-style failure")
+
+    eng.fault_injector = fault
+
+    async def body(loop: asyncio.AbstractEventLoop) -> tuple[list[str | None], str | None, int]:
+        victims = [Collector(loop) for _ in range(3)]
+        for v in victims:
+            eng.submit(tok.encode("abc"), SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True), v)
+        while min(len(v.ids) for v in victims) < 2:
+            await asyncio.sleep(0.005)
+        state["armed"] = True
+        reasons = [(await v.done).finish for v in victims]
+        after = Collector(loop)
+        eng.submit(tok.encode("abc"), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), after)
+        return reasons, (await after.done).finish, len(after.ids)
+
+    reasons, after_reason, n = run_engine(eng, body)
+    assert reasons == ["error", "error", "error"]
+    assert after_reason == "length" and n == 5
+    assert eng.stats().step_errors == 1 and eng.stats().slots_in_use == 0
+
+
+def test_pause_keeps_the_slot_and_skips_steps(tiny_llama_dir: Path) -> None:
+    eng, _, tok = make_engine(tiny_llama_dir)
+
+    async def body(loop: asyncio.AbstractEventLoop) -> tuple[int, int, int, str | None]:
+        paused = Collector(loop)
+        other = Collector(loop)
+        rid = eng.submit(tok.encode("a"), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), paused)
+        while len(paused.ids) < 2:
+            await asyncio.sleep(0.005)
+        eng.pause([rid])
+        await asyncio.sleep(0.05)
+        frozen = len(paused.ids)
+        eng.submit(tok.encode("b"), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), other)
+        await other.done
+        during = len(paused.ids)
+        slots = eng.stats().slots_in_use
+        eng.resume([rid])
+        return frozen, during, slots, (await paused.done).finish
+
+    frozen, during, slots, reason = run_engine(eng, body)
+    assert during == frozen  # no tokens while paused, though another request ran 20 steps
+    assert slots == 1  # it kept its KV slot
+    assert reason == "length"
+
+
+def test_deadline_ends_with_timeout(tiny_llama_dir: Path) -> None:
+    import time
+
+    eng, _, tok = make_engine(tiny_llama_dir)
+
+    async def body(loop: asyncio.AbstractEventLoop) -> str | None:
+        c = Collector(loop)
+        rid = eng.submit(tok.encode("a"), SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True), c,
+                         deadline=time.monotonic() + 0.3 * UNIT)
+        eng.pause([rid])  # never finishes on its own
+        return (await asyncio.wait_for(c.done, 10 * UNIT)).finish
+
+    assert run_engine(eng, body) == "timeout"
+    assert eng.stats().slots_in_use == 0
+
+
+def test_context_end_stops_with_length(tiny_llama_dir: Path) -> None:
+    eng, _, tok = make_engine(tiny_llama_dir)
+    prompt = tok.encode("x " * 300)[:250]
+
+    async def body(loop: asyncio.AbstractEventLoop) -> tuple[str | None, int]:
+        c = Collector(loop)
+        eng.submit(prompt, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True), c)
+        ev = await c.done
+        return ev.finish, len(c.ids)
+
+    reason, n = run_engine(eng, body)
+    assert reason == "length" and len(prompt) + n <= 256
