@@ -186,11 +186,19 @@ class Scheduler:
         return seq.priority - (now - seq.arrival) / self.aging_s
 
     def admission_deadline(self) -> float | None:
-        """When idle-batching admission will proceed anyway (None: nothing waits)."""
-        if not self._waiting:
+        """When idle-batching admission will proceed anyway.
+
+        None when no timed admission is pending: nothing admissible waits, or
+        admission does not hold back (something runs, or no batch wait). The
+        engine sleeps until this time or the next command, so it must not be in
+        the past while nothing can be admitted (a busy loop).
+        """
+        if self._running or self.max_batch_wait_s <= 0:
             return None
-        oldest = min(s.arrival for s in self._waiting.values())
-        return oldest + self.max_batch_wait_s
+        arrivals = [s.arrival for s in self._waiting.values() if not s.paused]
+        if not arrivals:
+            return None
+        return min(arrivals) + self.max_batch_wait_s
 
     def _admit(self, now: float) -> None:
         if not self._waiting or not self._free_slots:
