@@ -1,0 +1,936 @@
+"""HTTP APIs on the shared engines: ``POST /infer`` and the OpenAI-compatible ``/v1/*`` routes.
+
+Every request passes the same admission steps as a WebSocket ``generate``, in
+this order: draining (503), API key (401), body size (413), JSON and
+parameter validation (400), model (404), capacity (503), rate limit (429,
+``Retry-After``), prompt (400). An admitted request becomes one
+:class:`HttpGeneration`: the engine's events are coalesced into chunks for the
+response writer, and a watcher task reads the request's ``receive`` channel so
+that ``http.disconnect`` cancels the generation in the engine at once (the slot
+is free at the next step boundary). A reader that takes no data for
+``stall_timeout_s`` is dropped the same way; one that reads slowly pauses only
+its own generation (``send_high_watermark``).
+
+The request and response formats are documented in ``docs/http.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
+
+import msgspec
+
+from . import protocol
+from .engine import TokenEvent
+from .hooks import GenerationRecord
+from .http import BodyTooLarge, Receive, Scope, Send, client_address, header, read_body, send_error, send_json
+from .scheduler import SamplingParams
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("rtws.http_api")
+
+KEEPALIVE_S: Final = 15.0  # an SSE comment this often while a stream waits, so proxies keep it open
+
+# --------------------------------------------------------------------------- request bodies
+#
+# The constraints are protocol.Generate's (tests/test_http_api.py checks that
+# they stay identical), so a request is valid over HTTP exactly when it would be
+# valid over the WebSocket.
+
+MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, msgspec.Meta(ge=0)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=protocol.MAX_SEED)]
+StopString = Annotated[str, msgspec.Meta(min_length=1, max_length=protocol.MAX_STOP_LENGTH)]
+StopList = Annotated[list[StopString], msgspec.Meta(max_length=protocol.MAX_STOP_STRINGS)]
+Role = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Name = Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class InferRequest(msgspec.Struct, frozen=True):
+    """``POST /infer``: a protocol ``generate`` frame without ``type``/``id``, plus ``stream``."""
+
+    prompt: str | None = None
+    messages: list[protocol.Message] | None = None
+    model: str | None = None
+    max_tokens: MaxTokens = 128
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
+    stop: StopString | StopList = []
+    priority: protocol.Priority = "normal"
+    stream: bool = True
+
+
+class StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool | None = None
+
+
+class _OpenAIRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Fields both OpenAI endpoints share. Unknown fields are ignored; known ones we cannot honour are refused."""
+
+    model: str | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None  # extension (as in vLLM)
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: StopString | StopList | None = None
+    seed: Seed | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    priority: protocol.Priority = "normal"  # extension: the rtws priority class
+
+
+class CompletionRequest(_OpenAIRequest, frozen=True, kw_only=True):
+    prompt: str | list[Any]
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(msgspec.Struct, frozen=True):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: Name | None = None
+
+
+class ResponseFormat(msgspec.Struct, frozen=True):
+    type: str
+
+
+class ChatRequest(_OpenAIRequest, frozen=True, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+
+
+# --------------------------------------------------------------------------- response bodies
+
+
+class UsageOut(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class InferDelta(msgspec.Struct, frozen=True):
+    text: str
+    tokens: int
+
+
+class InferDone(msgspec.Struct, frozen=True, omit_defaults=True):
+    reason: str
+    usage: UsageOut
+    model: str
+    error: str | None = None
+
+
+class InferResult(msgspec.Struct, frozen=True):
+    text: str
+    reason: str
+    usage: UsageOut
+    model: str
+
+
+class OpenAIUsage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(msgspec.Struct, frozen=True):
+    text: str
+    index: int = 0
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str | None = None
+    usage: OpenAIUsage | None = None
+
+
+class ChatMessageOut(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class ChatChoice(msgspec.Struct, frozen=True):
+    message: ChatMessageOut
+    index: int = 0
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    system_fingerprint: str | None = None
+    usage: OpenAIUsage | None = None
+
+
+class ChatDelta(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(msgspec.Struct, frozen=True):
+    delta: ChatDelta
+    index: int = 0
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    system_fingerprint: str | None = None
+    usage: OpenAIUsage | None = None
+
+
+class ModelCard(msgspec.Struct, frozen=True):
+    """One ``/v1/models`` entry: OpenAI's fields, then rtws's health fields."""
+
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    version: str
+    ready: bool
+    default: bool
+    device: str | None
+    context_length: int | None
+    max_prompt_tokens: int | None
+    running: int | None
+    waiting: int | None
+
+
+class ModelList(msgspec.Struct, frozen=True):
+    object: str
+    data: list[ModelCard]
+
+
+class OpenAIErrorDetail(msgspec.Struct, frozen=True):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class OpenAIError(msgspec.Struct, frozen=True):
+    error: OpenAIErrorDetail
+
+
+_encode = msgspec.json.Encoder().encode
+_INFER: Final = msgspec.json.Decoder(InferRequest)
+_COMPLETION: Final = msgspec.json.Decoder(CompletionRequest)
+_CHAT: Final = msgspec.json.Decoder(ChatRequest)
+
+# rtws finish reasons in OpenAI's vocabulary: anything cut short by a server
+# limit (a timeout, a drain) reads as "length"; "error" never becomes a
+# finish_reason (it is an error response or an error event instead).
+OPENAI_FINISH: Final = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "length"}
+
+_OPENAI_TYPE: Final = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                       413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+                       503: "service_unavailable"}
+_STATUS: Final = {"bad_request": 400, "invalid_params": 400, "payload_too_large": 413, "unauthorized": 401,
+                  "unknown_model": 404, "rate_limited": 429, "overloaded": 503, "internal": 500, "not_found": 404}
+
+
+class Rejection(Exception):
+    """A request refused before it reached the engine: becomes an error response with ``code``."""
+
+    def __init__(self, code: str, message: str, *, retry_after: float | None = None,
+                 metric: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = _STATUS.get(code, 400)
+        self.retry_after = retry_after
+        self.metric = metric or code  # the label hooks.rejected() gets
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        if self.retry_after is not None:
+            out.append((b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()))
+        if self.status == 401:
+            out.append((b"www-authenticate", b'Bearer realm="rtws"'))
+        if self.status == 413:
+            out.append((b"connection", b"close"))  # the unread body makes the connection unusable
+        return out
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected, or stopped reading for longer than the stall timeout."""
+
+
+# --------------------------------------------------------------------------- one generation
+
+
+@dataclass(slots=True)
+class Chunk:
+    """What a generation produced since the writer last asked, coalesced."""
+
+    text: str
+    tokens: int
+    finish: str | None = None
+    error: str | None = None
+
+
+class HttpGeneration:
+    """One admitted HTTP generation: engine events in, :class:`Chunk` s out, cancelled if the client goes.
+
+    Create, :meth:`start`, then call :meth:`next` until a chunk has ``finish``
+    set (call :meth:`end` with it) or :class:`ClientGone` is raised; always
+    :meth:`close` in a ``finally``. While it runs it is counted in
+    ``app.num_http_streams`` (so drains wait for it and ``max_connections``
+    counts it).
+    """
+
+    def __init__(self, api: HttpApi, scope: Scope, receive: Receive, model: Any, prompt_ids: list[int],
+                 params: SamplingParams, priority: str, request_id: str) -> None:
+        self.api = api
+        self.app = api.app
+        self.model = model
+        self.engine = model.engine
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.priority = priority
+        self.request_id = request_id
+        self.client = client_address(scope)
+        self._receive = receive
+        self.rid = 0
+        self.started = 0.0
+        self.first_at: float | None = None
+        self.queue_s: float | None = None
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.reason: str | None = None  # set once, by end()
+        self.disconnected = False
+        self._text: list[str] = []
+        self._pending_chars = 0
+        self._tokens = 0
+        self._finish: str | None = None
+        self._error: str | None = None
+        self._engine_done = False
+        self._paused = False
+        self._wake = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Submit to the engine and start watching for a disconnect. Call on the loop, once."""
+        cfg = self.app.config
+        self.started = time.monotonic()
+        deadline = self.started + cfg.request_timeout if cfg.request_timeout else None
+        self.rid = self.engine.submit(self.prompt_ids, self.params, self._on_event, priority=self.priority,
+                                      deadline=deadline)
+        self.app.num_http_streams += 1
+        self.api.live.add(self)
+        self.app.hooks.generation_started(self.model.name, "http")
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def end(self, reason: str) -> None:
+        """Record the outcome (first call wins), free the engine slot if it is still held, stop counting."""
+        if self.reason is not None:
+            return
+        self.reason = reason
+        self._stop_engine()
+        self.app.num_http_streams -= 1
+        self.api.live.discard(self)
+        now = time.monotonic()
+        self.app.hooks.generation_finished(GenerationRecord(
+            id=self.request_id, request_id=self.rid, model=self.model.name,
+            version=str(getattr(self.model, "version", "")), client=self.client, session="", transport="http",
+            reason=reason, prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            ttft_s=None if self.first_at is None else round(self.first_at - self.started, 6),
+            total_s=round(now - self.started, 6), queue_s=self.queue_s))
+
+    def close(self) -> None:
+        """End as ``cancelled`` unless already ended, and stop the watcher. Idempotent."""
+        self.end("cancelled")
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    def interrupt(self, reason: str = "cancelled") -> None:
+        """Stop generating now; the writer's next chunk carries ``finish=reason`` (drain past its timeout)."""
+        if self._finish is None and self.reason is None:
+            self._stop_engine()
+            self._finish = reason
+            self._wake.set()
+
+    def _stop_engine(self) -> None:
+        if not self._engine_done:
+            self._engine_done = True
+            self.engine.cancel(self.rid)
+
+    async def _watch(self) -> None:
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                pass  # a body the handler already read; nothing else is expected
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            pass  # a receive channel that fails means the client is gone too
+        self.disconnected = True
+        self.end("cancelled")
+        self._wake.set()
+
+    # ------------------------------------------------------------------ engine side (on the loop)
+
+    def _on_event(self, ev: TokenEvent) -> None:
+        if self.reason is not None or self._finish is not None:
+            return  # ended or interrupted: a step that was already on its way
+        if ev.text:
+            self._text.append(ev.text)
+            self._pending_chars += len(ev.text)
+        self._tokens += ev.tokens
+        if ev.finish is not None:
+            self._engine_done = True
+            self._finish = ev.finish
+            self._error = ev.error
+            self.queue_s = ev.queue_s
+        elif not self._paused and self._pending_chars > self.app.config.send_high_watermark:
+            self._paused = True  # the writer is behind: keep the slot, skip steps until it catches up
+            self.engine.pause((self.rid,))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ writer side
+
+    async def next(self, keepalive: float | None = None) -> Chunk | None:
+        """Everything produced since the last call, as one chunk (waits for something new).
+
+        Returns None when ``keepalive`` seconds pass with nothing new. Raises
+        :class:`ClientGone` once the client has disconnected.
+        """
+        while not (self._text or self._tokens or self._finish is not None):
+            if self.disconnected:
+                raise ClientGone()
+            self._wake.clear()
+            if keepalive is None:
+                await self._wake.wait()
+            else:
+                try:
+                    async with asyncio.timeout(keepalive):
+                        await self._wake.wait()
+                except TimeoutError:
+                    return None
+        if self.disconnected:
+            raise ClientGone()
+        chunk = Chunk("".join(self._text), self._tokens, self._finish, self._error)
+        self._text.clear()
+        self._pending_chars = 0
+        self._tokens = 0
+        if self._paused and not self._engine_done:
+            self._paused = False
+            self.engine.resume((self.rid,))
+        self.completion_tokens += chunk.tokens
+        if self.first_at is None and chunk.tokens:
+            self.first_at = time.monotonic()
+            self.app.hooks.first_token(self.model.name, self.first_at - self.started)
+        return chunk
+
+    async def collect(self) -> Chunk:
+        """Wait for the end; return all the text and the finish reason in one chunk, and :meth:`end`."""
+        parts: list[str] = []
+        while True:
+            chunk = await self.next()
+            assert chunk is not None
+            parts.append(chunk.text)
+            if chunk.finish is not None:
+                self.end(chunk.finish)
+                return Chunk("".join(parts), self.completion_tokens, chunk.finish, chunk.error)
+
+    @property
+    def usage(self) -> UsageOut:
+        return UsageOut(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens)
+
+
+# --------------------------------------------------------------------------- the routes
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A validated request, not yet admitted to an engine."""
+
+    model_name: str | None
+    prompt: str | None
+    messages: list[dict[str, Any]] | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    priority: str
+
+
+class HttpApi:
+    """The HTTP routes of one :class:`~rtws.app.App`. Created and mounted by :func:`mount`."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.live: set[HttpGeneration] = set()
+
+    # ------------------------------------------------------------------ admission (shared)
+
+    async def _read(self, scope: Scope, receive: Receive, decoder: msgspec.json.Decoder[Any]) -> Any:
+        app = self.app
+        if app.draining:
+            raise Rejection("overloaded", "server is draining; retry on another replica or later",
+                            retry_after=1.0, metric="draining")
+        if not app.check_http_auth(scope):
+            raise Rejection("unauthorized", "missing or invalid API key (send 'Authorization: Bearer <key>')")
+        limit = app.config.max_frame_bytes
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise Rejection("payload_too_large", f"request body is larger than {limit} bytes")
+        try:
+            body = await read_body(receive, limit)
+        except BodyTooLarge:
+            raise Rejection("payload_too_large", f"request body is larger than {limit} bytes") from None
+        try:
+            return decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            if not body.lstrip().startswith(b"{"):
+                raise Rejection("bad_request", "request body must be a JSON object") from None
+            # msgspec names the field: "Expected `int`, got `str` - at `$.max_tokens`"
+            raise Rejection("invalid_params", str(exc)) from None
+        except (msgspec.DecodeError, RecursionError):
+            raise Rejection("bad_request", "request body is not valid JSON") from None
+
+    def _admit(self, scope: Scope, receive: Receive, job: _Job, request_id: str) -> HttpGeneration:
+        """Model, limits, rate limit and prompt checks; returns an unstarted generation. No awaits inside,
+        so the capacity check and the count it guards cannot interleave with another request."""
+        app = self.app
+        if job.max_tokens > app.config.max_tokens_limit:
+            raise Rejection("invalid_params", f"max_tokens must be <= {app.config.max_tokens_limit}")
+        model = app.registry.get(job.model_name)
+        if model is None:
+            if job.model_name is None:
+                raise Rejection("unknown_model", "no model is loaded")
+            raise Rejection("unknown_model", f"unknown model {job.model_name[:64]!r}; see GET /v1/models")
+        if app.at_capacity:
+            raise Rejection("overloaded", "too many open connections and streams; retry later", retry_after=1.0,
+                            metric="max_connections")
+        if app.rate_limiter is not None:
+            wait = app.rate_limiter.acquire(app.client_key(scope))
+            if wait > 0:
+                raise Rejection("rate_limited", f"rate limit exceeded; retry in {wait:.2f} s", retry_after=wait)
+        try:
+            ids = model.encode(job.prompt, job.messages)
+        except ValueError as exc:  # PromptError: too long, no chat template, template failure
+            raise Rejection("invalid_params", str(exc)) from None
+        params = SamplingParams(
+            max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
+            seed=job.seed if job.seed is not None else secrets.randbits(63), stop=job.stop)
+        return HttpGeneration(self, scope, receive, model, ids, params, job.priority, request_id)
+
+    # ------------------------------------------------------------------ writing
+
+    async def _write(self, gen: HttpGeneration, send: Send, body: bytes, more: bool = True) -> None:
+        """One body chunk, bounded by the stall timeout. Raises :class:`ClientGone` if it cannot be written."""
+        try:
+            async with asyncio.timeout(self.app.config.stall_timeout_s):
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+        except TimeoutError:
+            log.warning("dropping stalled HTTP reader", extra={"event": "stalled", "client": gen.client,
+                                                               "request": gen.request_id})
+            self.app.hooks.rejected("stalled")
+            _abort(send)
+            raise ClientGone() from None
+        except (OSError, RuntimeError):  # servers other than uvicorn raise once the peer is gone
+            raise ClientGone() from None
+        if gen.disconnected:
+            raise ClientGone()
+
+    @staticmethod
+    async def _start_sse(send: Send, request_id: str) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"), (b"x-request-id", request_id.encode())]})
+
+    async def _run(self, gen: HttpGeneration, body: Callable[[], Awaitable[None]]) -> None:
+        gen.start()
+        try:
+            await body()
+        except ClientGone:
+            pass
+        finally:
+            gen.close()
+
+    # ------------------------------------------------------------------ POST /infer
+
+    async def infer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /infer``: SSE by default, one JSON document with ``"stream": false``."""
+        request_id = "infer-" + secrets.token_hex(12)
+        try:
+            req: InferRequest = await self._read(scope, receive, _INFER)
+            if (req.prompt is None) == (req.messages is None):
+                raise Rejection("invalid_params", "exactly one of 'prompt' or 'messages' is required")
+            if req.messages is not None and not req.messages:
+                raise Rejection("invalid_params", "'messages' must not be empty")
+            if not (math.isfinite(req.temperature) and math.isfinite(req.top_p)):
+                raise Rejection("invalid_params", "temperature and top_p must be finite")
+            messages = None if req.messages is None else [
+                {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in req.messages]
+            job = _Job(req.model, req.prompt, messages, req.max_tokens, req.temperature, req.top_p, req.top_k,
+                       req.seed, (req.stop,) if isinstance(req.stop, str) else tuple(req.stop), req.priority)
+            gen = self._admit(scope, receive, job, request_id)
+        except Rejection as r:
+            await self._reject(send, r)
+            return
+        except ConnectionResetError:
+            return  # left while sending the body
+
+        async def stream() -> None:
+            await self._start_sse(send, request_id)
+            name = gen.model.name
+            while True:
+                chunk = await gen.next(KEEPALIVE_S)
+                if chunk is None:
+                    await self._write(gen, send, b": keepalive\n\n")
+                    continue
+                out = b""
+                if chunk.text or chunk.tokens:
+                    out = b"data: " + _encode(InferDelta(text=chunk.text, tokens=chunk.tokens)) + b"\n\n"
+                if chunk.finish is None:
+                    await self._write(gen, send, out)
+                    continue
+                gen.end(chunk.finish)
+                error = "generation failed (internal error)" if chunk.finish == "error" else None
+                done = InferDone(reason=chunk.finish, usage=gen.usage, model=name, error=error)
+                await self._write(gen, send, out + b"event: done\ndata: " + _encode(done) + b"\n\n", more=False)
+                return
+
+        async def single() -> None:
+            result = await gen.collect()
+            if result.finish == "error":
+                await send_error(send, "internal", "generation failed (internal error)")
+                return
+            await send_json(send, 200, InferResult(text=result.text, reason=result.finish or "stop",
+                                                   usage=gen.usage, model=gen.model.name),
+                            [(b"x-request-id", request_id.encode())])
+
+        await self._run(gen, stream if req.stream else single)
+
+    async def _reject(self, send: Send, r: Rejection, openai: bool = False) -> None:
+        self.app.hooks.rejected(r.metric)
+        if openai:
+            body = OpenAIError(OpenAIErrorDetail(message=r.message, type=_OPENAI_TYPE.get(r.status, "server_error"),
+                                                 param=None, code=r.code))
+            await send_json(send, r.status, body, r.headers())
+        elif r.retry_after is not None:
+            await send_error(send, r.code, r.message, r.status, r.headers(), retry_after=round(r.retry_after, 3))
+        else:
+            await send_error(send, r.code, r.message, r.status, r.headers())
+
+    # ------------------------------------------------------------------ OpenAI: shared
+
+    def _openai_job(self, req: _OpenAIRequest, prompt: str | None, messages: list[dict[str, Any]] | None,
+                    max_tokens: int | None) -> _Job:
+        if req.n not in (None, 1):
+            raise Rejection("invalid_params", "only n=1 is supported")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name) not in (None, 0, 0.0):
+                raise Rejection("invalid_params", f"{name} is not supported (send 0 or omit it)")
+        if req.logit_bias:
+            raise Rejection("invalid_params", "logit_bias is not supported")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if not (math.isfinite(temperature) and math.isfinite(top_p)):
+            raise Rejection("invalid_params", "temperature and top_p must be finite")
+        stop: tuple[str, ...] = () if req.stop is None else (req.stop,) if isinstance(req.stop, str) else tuple(
+            req.stop)
+        return _Job(req.model, prompt, messages, max_tokens if max_tokens is not None else 16, temperature, top_p,
+                    req.top_k or 0, req.seed, stop, req.priority)
+
+    @staticmethod
+    def _usage(gen: HttpGeneration) -> OpenAIUsage:
+        return OpenAIUsage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                           total_tokens=gen.prompt_tokens + gen.completion_tokens)
+
+    @staticmethod
+    def _fingerprint(gen: HttpGeneration) -> str:
+        return f"rtws-{gen.model.name}-{getattr(gen.model, 'version', '')}"[:128]
+
+    async def _openai_error_event(self, gen: HttpGeneration, send: Send) -> None:
+        err = OpenAIError(OpenAIErrorDetail(message="generation failed (internal error)", type="server_error",
+                                            param=None, code="internal"))
+        await self._write(gen, send, b"data: " + _encode(err) + b"\n\ndata: [DONE]\n\n", more=False)
+
+    async def _openai_error_response(self, send: Send) -> None:
+        await send_json(send, 500, OpenAIError(OpenAIErrorDetail(
+            message="generation failed (internal error)", type="server_error", param=None, code="internal")))
+
+    # ------------------------------------------------------------------ POST /v1/completions
+
+    async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = "cmpl-" + secrets.token_hex(12)
+        try:
+            req: CompletionRequest = await self._read(scope, receive, _COMPLETION)
+            prompt = req.prompt
+            if isinstance(prompt, list):
+                if len(prompt) != 1 or not isinstance(prompt[0], str):
+                    raise Rejection("invalid_params",
+                                    "prompt must be a string (or a list of one string); batched and token-id "
+                                    "prompts are not supported")
+                prompt = prompt[0]
+            if req.echo:
+                raise Rejection("invalid_params", "echo is not supported")
+            if req.logprobs:
+                raise Rejection("invalid_params", "logprobs are not supported")
+            if req.suffix:
+                raise Rejection("invalid_params", "suffix is not supported")
+            if req.best_of not in (None, 1):
+                raise Rejection("invalid_params", "only best_of=1 is supported")
+            job = self._openai_job(req, prompt, None, req.max_tokens)
+            gen = self._admit(scope, receive, job, request_id)
+        except Rejection as r:
+            await self._reject(send, r, openai=True)
+            return
+        except ConnectionResetError:
+            return
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def completion(choices: list[CompletionChoice], usage: OpenAIUsage | None = None) -> bytes:
+            return _encode(Completion(id=request_id, object="text_completion", created=created, model=gen.model.name,
+                                      choices=choices, system_fingerprint=self._fingerprint(gen), usage=usage))
+
+        async def stream() -> None:
+            await self._start_sse(send, request_id)
+            while True:
+                chunk = await gen.next(KEEPALIVE_S)
+                if chunk is None:
+                    await self._write(gen, send, b": keepalive\n\n")
+                    continue
+                if chunk.finish is None:
+                    if chunk.text:
+                        await self._write(gen, send, b"data: " + completion([CompletionChoice(chunk.text)]) + b"\n\n")
+                    continue
+                gen.end(chunk.finish)
+                if chunk.finish == "error":
+                    await self._openai_error_event(gen, send)
+                    return
+                out = b"data: " + completion([CompletionChoice(chunk.text, finish_reason=OPENAI_FINISH[chunk.finish])])
+                if include_usage:
+                    out += b"\n\ndata: " + completion([], self._usage(gen))
+                await self._write(gen, send, out + b"\n\ndata: [DONE]\n\n", more=False)
+                return
+
+        async def single() -> None:
+            result = await gen.collect()
+            if result.finish == "error":
+                await self._openai_error_response(send)
+                return
+            body = completion([CompletionChoice(result.text, finish_reason=OPENAI_FINISH[result.finish or "stop"])],
+                              self._usage(gen))
+            await send_json_bytes(send, body, request_id)
+
+        await self._run(gen, stream if req.stream else single)
+
+    # ------------------------------------------------------------------ POST /v1/chat/completions
+
+    async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = "chatcmpl-" + secrets.token_hex(12)
+        try:
+            req: ChatRequest = await self._read(scope, receive, _CHAT)
+            if req.logprobs or req.top_logprobs:
+                raise Rejection("invalid_params", "logprobs are not supported")
+            if req.tools or req.functions or req.tool_choice not in (None, "none", "auto"):
+                raise Rejection("invalid_params", "tool and function calling are not supported")
+            if req.response_format is not None and req.response_format.type != "text":
+                raise Rejection("invalid_params", "only response_format {\"type\": \"text\"} is supported")
+            messages = [_chat_message(m) for m in req.messages]
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            if max_tokens is None:  # OpenAI's default for chat: as long as the context allows
+                max_tokens = self.app.config.max_tokens_limit
+            job = self._openai_job(req, None, messages, max_tokens)
+            gen = self._admit(scope, receive, job, request_id)
+        except Rejection as r:
+            await self._reject(send, r, openai=True)
+            return
+        except ConnectionResetError:
+            return
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk_bytes(choices: list[ChatChunkChoice], usage: OpenAIUsage | None = None) -> bytes:
+            return b"data: " + _encode(ChatCompletionChunk(
+                id=request_id, object="chat.completion.chunk", created=created, model=gen.model.name,
+                choices=choices, system_fingerprint=self._fingerprint(gen), usage=usage)) + b"\n\n"
+
+        async def stream() -> None:
+            await self._start_sse(send, request_id)
+            await self._write(gen, send, chunk_bytes([ChatChunkChoice(ChatDelta(role="assistant", content=""))]))
+            while True:
+                chunk = await gen.next(KEEPALIVE_S)
+                if chunk is None:
+                    await self._write(gen, send, b": keepalive\n\n")
+                    continue
+                if chunk.finish is None:
+                    if chunk.text:
+                        await self._write(gen, send, chunk_bytes([ChatChunkChoice(ChatDelta(content=chunk.text))]))
+                    continue
+                gen.end(chunk.finish)
+                if chunk.finish == "error":
+                    await self._openai_error_event(gen, send)
+                    return
+                out = b""
+                if chunk.text:
+                    out += chunk_bytes([ChatChunkChoice(ChatDelta(content=chunk.text))])
+                out += chunk_bytes([ChatChunkChoice(ChatDelta(), finish_reason=OPENAI_FINISH[chunk.finish])])
+                if include_usage:
+                    out += chunk_bytes([], self._usage(gen))
+                await self._write(gen, send, out + b"data: [DONE]\n\n", more=False)
+                return
+
+        async def single() -> None:
+            result = await gen.collect()
+            if result.finish == "error":
+                await self._openai_error_response(send)
+                return
+            body = _encode(ChatCompletion(
+                id=request_id, object="chat.completion", created=created, model=gen.model.name,
+                choices=[ChatChoice(ChatMessageOut(role="assistant", content=result.text),
+                                    finish_reason=OPENAI_FINISH[result.finish or "stop"])],
+                system_fingerprint=self._fingerprint(gen), usage=self._usage(gen)))
+            await send_json_bytes(send, body, request_id)
+
+        await self._run(gen, stream if req.stream else single)
+
+    # ------------------------------------------------------------------ GET /v1/models
+
+    def _card(self, m: Any) -> ModelCard:
+        stats = getattr(getattr(m, "engine", None), "stats", None)
+        st = stats() if callable(stats) else None
+        return ModelCard(
+            id=m.name, object="model", created=int(getattr(m, "loaded_at", 0)), owned_by="rtws",
+            version=str(getattr(m, "version", "")), ready=bool(getattr(m, "warm", True)) and not self.app.draining,
+            default=m.name == self.app.registry.default_name, device=getattr(m, "device", None),
+            context_length=getattr(m, "context_len", None), max_prompt_tokens=getattr(m, "max_prompt_tokens", None),
+            running=getattr(st, "running", None), waiting=getattr(st, "waiting", None))
+
+    async def list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.app.check_http_auth(scope):
+            await self._reject(send, Rejection("unauthorized", "missing or invalid API key"), openai=True)
+            return
+        cards = [self._card(m) for m in self.app.registry.models()]
+        await send_json(send, 200, ModelList(object="list", data=cards))
+
+    async def get_model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.app.check_http_auth(scope):
+            await self._reject(send, Rejection("unauthorized", "missing or invalid API key"), openai=True)
+            return
+        name = scope["path"][len("/v1/models/"):]
+        model = self.app.registry.get(name) if name else None
+        if model is None:
+            await self._reject(send, Rejection("unknown_model", f"unknown model {name[:64]!r}"), openai=True)
+            return
+        await send_json(send, 200, self._card(model))
+
+    # ------------------------------------------------------------------ drain
+
+    def interrupt_all(self, reason: str = "cancelled") -> int:
+        """End every live HTTP generation now with ``reason`` (each response still completes). Returns how many."""
+        live = list(self.live)
+        for gen in live:
+            gen.interrupt(reason)
+        return len(live)
+
+
+def _chat_message(m: ChatMessage) -> dict[str, Any]:
+    if m.content is None:
+        content = ""
+    elif isinstance(m.content, str):
+        content = m.content
+    else:
+        texts = []
+        for part in m.content:
+            if part.type != "text" or part.text is None:
+                raise Rejection("invalid_params", f"content parts of type {part.type[:32]!r} are not supported")
+            texts.append(part.text)
+        content = "".join(texts)
+    # Most chat templates know "system" but not OpenAI's newer "developer" role.
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+    if m.name:
+        out["name"] = m.name
+    return out
+
+
+async def send_json_bytes(send: Send, body: bytes, request_id: str) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _abort(send: Send) -> None:
+    """Drop the connection under a response whose writes no longer drain (uvicorn's transport, if reachable)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None:
+        transport.abort()
+
+
+def mount(app: App) -> HttpApi:
+    """Register ``/infer`` and ``/v1/*`` on ``app``; HTTP generations still running when a drain times out
+    are ended with reason ``cancelled`` (their responses complete normally)."""
+    api = HttpApi(app)
+    app.route("POST", "/infer", api.infer)
+    app.route("POST", "/v1/completions", api.completions)
+    app.route("POST", "/v1/chat/completions", api.chat_completions)
+    app.route("GET", "/v1/models", api.list_models)
+    app.route_prefix("GET", "/v1/models/", api.get_model)
+
+    drain = app.drain
+
+    async def drain_then_interrupt(timeout: float | None = None) -> None:
+        await drain(timeout)
+        n = api.interrupt_all("cancelled")
+        if n:
+            log.info("cancelled HTTP generations at drain timeout", extra={"event": "drain_http", "cancelled": n})
+
+    app.drain = drain_then_interrupt  # type: ignore[method-assign]
+    app.http_api = api  # type: ignore[attr-defined]
+    return api
