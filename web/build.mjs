@@ -1,17 +1,20 @@
 // Build the demo into ../rtws/static/ (index.html, app.js, style.css), which the
 // server serves at GET /. Run `npm run build`; commit the output.
 //
-//   node build.mjs           one minified build
-//   node build.mjs --watch   rebuild on change (unminified)
+//   node build.mjs             one minified build
+//   node build.mjs --watch     rebuild on change (unminified)
+//   node build.mjs --out DIR   build elsewhere (tests compare it with the committed output)
 
 import { copyFile, mkdir, readdir, rm } from "node:fs/promises";
-import { dirname, join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as esbuild from "esbuild";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const out = join(here, "..", "rtws", "static");
-const watch = process.argv.includes("--watch");
+const argv = process.argv.slice(2);
+const outAt = argv.indexOf("--out");
+const out = outAt >= 0 ? resolve(argv[outAt + 1]) : join(here, "..", "rtws", "static");
+const watch = argv.includes("--watch");
 
 // The output folder holds only what this script writes: start from empty.
 await mkdir(out, { recursive: true });
@@ -21,7 +24,7 @@ const common = {
   bundle: true,
   minify: !watch,
   legalComments: "eof",
-  logLevel: "info",
+  logLevel: outAt >= 0 ? "warning" : "info",
   target: ["es2020"],
 };
 const builds = [

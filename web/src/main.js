@@ -68,6 +68,7 @@ class Reply {
     this.errEl = el("div", "err");
     this.errEl.hidden = true;
     const stats = el("footer", "stats");
+    this.statsEl = stats;
     this.ttftEl = el("span", "ttft", "TTFT –");
     this.rateEl = el("span", "rate", "– tok/s");
     this.tokensEl = el("span", "tokens", "0 tokens");
@@ -116,6 +117,11 @@ class Reply {
     this.reason = "error";
     this.errEl.textContent = `${code}: ${message}`;
     this.errEl.hidden = false;
+    if (!this.text) {
+      // Rejected before any token: the error is the whole reply.
+      this.textEl.hidden = true;
+      this.statsEl.hidden = true;
+    }
     this._end("error", "error");
   }
 
