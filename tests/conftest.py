@@ -91,7 +91,8 @@ def server_factory() -> Iterator[ServerFactory]:
 
     def start(model: Path | str | None = None, specs: Any = None, **overrides: Any) -> RunningServer:
         overrides.setdefault("log_level", "WARNING")
-        cfg = ServerConfig(port=0, model=str(model) if model is not None else None, **overrides)
+        overrides.setdefault("port", 0)  # a test restarting a server passes the old port
+        cfg = ServerConfig(model=str(model) if model is not None else None, **overrides)
         server, thread = run_in_thread(cfg, specs)
         rs = RunningServer(server, thread)
         started.append(rs)
