@@ -175,6 +175,8 @@ class Client:
         if self.closed is not None:
             raise self.closed
         gid = id if id is not None else f"g{next(self._ids)}"
+        if gid in self._streams:
+            raise ValueError(f"generation id {gid!r} is still live on this client")
         msgs = None if messages is None else [p.Message(**m) for m in messages]
         frame = p.Generate(id=gid, prompt=prompt, messages=msgs, **options)
         stream = Stream(self, gid)
@@ -214,8 +216,7 @@ class Client:
         except ConnectionClosed:
             pass
         finally:
-            rcvd = self.ws.close_rcvd
-            self.closed = ConnectionLost(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
+            self.closed = ConnectionLost(self.ws.close_code, self.ws.close_reason or "")
             for stream in self._streams.values():
                 stream._queue.put_nowait(self.closed)
             self._streams.clear()
