@@ -13,9 +13,11 @@ from typing import Any
 
 import uvicorn
 
+from .admin import mount_admin
 from .app import App
 from .config import ServerConfig
 from .logs import setup_logging
+from .metrics import install as install_metrics
 from .model import ModelSpec
 
 log = logging.getLogger("rtws.server")
@@ -48,6 +50,8 @@ def spec_from_config(config: ServerConfig, *, name: str, path: str, version: str
 def build_app(config: ServerConfig, specs: list[ModelSpec] | None = None) -> App:
     """The ASGI app with every HTTP API mounted. ``specs`` defaults to the config's one model."""
     app = App(config, specs if specs is not None else [default_spec(config)])
+    install_metrics(app)  # generation logs always; Prometheus hooks and /metrics when enable_metrics
+    mount_admin(app)
     try:
         from .http_api import mount
     except ImportError:  # pragma: no cover - the HTTP API module is optional while developing

@@ -1,0 +1,196 @@
+"""Admin HTTP API: add, hot-swap and remove models at runtime, and read their status.
+
+Every ``/admin/`` request needs ``Authorization: Bearer <key>`` with one of
+``config.admin_api_keys`` (or, when none are set, ``config.api_keys``). With no
+key configured at all the admin API is refused (403): it is never open.
+
+Routes (JSON bodies and answers; errors are ``{"error": {"code", "message"}}``):
+
+- ``GET /admin/models``: ``{"default", "models": registry.health()}``.
+- ``POST /admin/models`` ``{"name", "model_path", "version"="1", "device"?, "dtype"?, "default"=false}``:
+  add a model under a new name. 202 with the version's status and ``status_url``.
+- ``GET /admin/models/{name}``: that model's health entry.
+- ``POST /admin/models/{name}/versions`` ``{"version", "model_path", "device"?, "dtype"?}``: hot-swap.
+  202 with ``status_url``; the old version serves until the new one is warm.
+- ``GET /admin/models/{name}/versions/{version}``: ``loading``, ``warm``, ``failed`` (with ``reason``),
+  ``draining`` or ``unloaded``.
+- ``DELETE /admin/models/{name}``: stop routing to the model; in-flight generations finish, then it unloads.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .http import BodyTooLarge, Receive, Scope, Send, bearer_token, read_body, send_error, send_json
+from .registry import RegistryError
+from .session import _key_ok
+
+if TYPE_CHECKING:
+    from .app import App
+
+PREFIX = "/admin/"
+MAX_BODY = 64 * 1024
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+_VERSION_PATH = re.compile(r"^/admin/models/(?P<name>.+)/versions/(?P<version>[^/]+)$")
+_VERSIONS_PATH = re.compile(r"^/admin/models/(?P<name>.+)/versions$")
+_MODEL_PATH = re.compile(r"^/admin/models/(?P<name>.+)$")
+
+
+class VersionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of ``POST /admin/models/{name}/versions``."""
+
+    version: str
+    model_path: str
+    device: str | None = None
+    dtype: str | None = None
+    default: bool = False
+
+
+class ModelRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of ``POST /admin/models``."""
+
+    name: str
+    model_path: str
+    version: str = "1"
+    device: str | None = None
+    dtype: str | None = None
+    default: bool = False
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+def admin_keys(app: App) -> frozenset[str]:
+    """The keys that open the admin API: ``admin_api_keys``, else ``api_keys``."""
+    cfg = app.config
+    return frozenset(cfg.admin_api_keys or cfg.api_keys)
+
+
+def mount_admin(app: App) -> None:
+    """Add the ``/admin/`` routes and the registry's shutdown hook to ``app``."""
+    api = AdminAPI(app)
+    for method in ("GET", "POST", "DELETE"):
+        app.route_prefix(method, PREFIX, api.handle)
+    app.on_shutdown.append(app.registry.aclose)
+
+
+class AdminAPI:
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keys = admin_keys(self.app)
+        if not keys:
+            await send_error(send, "forbidden", "the admin API is disabled: configure admin_api_keys", status=403)
+            return
+        token = bearer_token(scope)
+        if not token or not _key_ok(token, keys):
+            self.app.hooks.rejected("admin_unauthorized")
+            await send_error(send, "unauthorized", "missing or invalid admin API key",
+                             headers=[(b"www-authenticate", b'Bearer realm="rtws-admin"')])
+            return
+        try:
+            status, body, headers = await self._dispatch(scope["method"], scope["path"], receive)
+        except _Refused as exc:
+            await send_error(send, exc.code, exc.message, status=exc.status)
+            return
+        except RegistryError as exc:
+            await send_error(send, exc.code, exc.message, status=409 if exc.code == "conflict" else 400)
+            return
+        except ConnectionResetError:
+            return
+        await send_json(send, status, body, headers)
+
+    async def _dispatch(self, method: str, path: str, receive: Receive) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        reg = self.app.registry
+        if path in ("/admin/models", "/admin/models/"):
+            if method == "GET":
+                return 200, {"default": reg.default_name, "models": reg.health()}, []
+            if method == "POST":
+                req = await _body(receive, ModelRequest)
+                _check_name(req.name, "name")
+                if reg.known(req.name):
+                    raise _Refused("conflict", f"model {req.name!r} exists; POST a version to "
+                                   f"/admin/models/{req.name}/versions to swap it", 409)
+                return self._start(req.name, req.version, req.model_path, req.device, req.dtype, req.default)
+            raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
+        m = _VERSION_PATH.match(path)
+        if m:
+            if method != "GET":
+                raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
+            st = reg.status(m["name"], m["version"])
+            if st is None:
+                raise _Refused("not_found", f"model {m['name']!r} has no version {m['version']!r}")
+            return 200, {"model": st.name, **st.as_dict()}, []
+        m = _VERSIONS_PATH.match(path)
+        if m:
+            name = m["name"]
+            if method != "POST":
+                raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
+            if not reg.known(name):
+                raise _Refused("unknown_model", f"unknown model {name!r}; POST /admin/models to add it")
+            vreq = await _body(receive, VersionRequest)
+            return self._start(name, vreq.version, vreq.model_path, vreq.device, vreq.dtype, vreq.default)
+        m = _MODEL_PATH.match(path)
+        if m:
+            name = m["name"]
+            if method == "GET":
+                for item in reg.health():
+                    if item["name"] == name:
+                        return 200, item, []
+                raise _Refused("unknown_model", f"unknown model {name!r}")
+            if method == "DELETE":
+                if not reg.known(name):
+                    raise _Refused("unknown_model", f"unknown model {name!r}")
+                st = reg.retire(name)
+                if st is None:
+                    return 200, {"model": name, "status": "removed"}, []
+                return 202, self._accepted(st.name, st.version, st.state), []
+            raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
+        raise _Refused("not_found", f"no route for {path}")
+
+    def _start(self, name: str, version: str, path: str, device: str | None, dtype: str | None,
+               default: bool) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        from .server import spec_from_config  # the server module imports this one
+
+        _check_name(version, "version")
+        if not path.strip() or len(path) > 4096:
+            raise _Refused("invalid_params", "model_path must be a non-empty path or hub id")
+        try:
+            self.app.config.replace(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+        except ValueError as exc:
+            raise _Refused("invalid_params", str(exc)) from None
+        spec = spec_from_config(self.app.config, name=name, path=path, version=version, device=device, dtype=dtype)
+        st = self.app.registry.start_swap(spec, self.app.load_model, default=default)
+        body = self._accepted(name, version, st.state)
+        return 202, body, [(b"location", body["status_url"].encode())]
+
+    @staticmethod
+    def _accepted(name: str, version: str, state: str) -> dict[str, Any]:
+        return {"model": name, "version": version, "status": state,
+                "status_url": f"/admin/models/{name}/versions/{version}"}
+
+
+def _check_name(value: str, field: str) -> None:
+    if not _NAME.fullmatch(value):
+        raise _Refused("invalid_params", f"{field} must be 1-128 characters of letters, digits and ._:@+- "
+                       "starting with a letter or digit")
+
+
+async def _body(receive: Receive, kind: type[Any]) -> Any:
+    try:
+        raw = await read_body(receive, MAX_BODY)
+    except BodyTooLarge:
+        raise _Refused("payload_too_large", f"body over {MAX_BODY} bytes") from None
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise _Refused("invalid_params", str(exc)) from None
+    except msgspec.DecodeError:
+        raise _Refused("invalid_params", "body must be a JSON object") from None
