@@ -35,6 +35,12 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_long_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like tiny_llama_dir with an 8k context: for long streams (backpressure, drain)."""
+    return build_model(tmp_path_factory.mktemp("tiny-llama-long"), "llama", context=8192)
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 

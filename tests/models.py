@@ -44,7 +44,7 @@ def build_tokenizer(out: Path, vocab_size: int = 400) -> None:
     fast.save_pretrained(out)
 
 
-def build_model(out: Path, arch: str = "llama", seed: int = 0) -> Path:
+def build_model(out: Path, arch: str = "llama", seed: int = 0, context: int = 256) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -53,10 +53,10 @@ def build_model(out: Path, arch: str = "llama", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=400, max_position_embeddings=256,
+                             num_key_value_heads=2, vocab_size=400, max_position_embeddings=context,
                              eos_token_id=0, bos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
     else:
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=400, n_positions=256,
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=400, n_positions=context,
                             eos_token_id=0, bos_token_id=0, pad_token_id=0)
     model = AutoModelForCausalLM.from_config(config)
     # Sharper logits than the default init, so greedy choices are not near-ties.
