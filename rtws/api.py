@@ -244,6 +244,9 @@ class InferenceServer:
                 app.registry.add(served)
         except BaseException as exc:
             self._startup_error = exc
+            for served in app.registry.models():  # the ones that did load: stop their engine threads
+                app.registry.remove(served.name)
+                served.stop()
             raise
 
     async def wait_started(self, timeout: float | None = None) -> None:
@@ -343,6 +346,12 @@ class _Server(Server):
         self._ready_event = ready
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            # uvicorn exits the process when the lifespan startup fails; a library call raises instead
+            # (InferenceServer.start turns "not started" into RuntimeError).
+            self.should_exit = True
+            return
         if self.started and not self.should_exit:
             self._ready_event.set()
