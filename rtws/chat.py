@@ -25,7 +25,7 @@ from typing import Any, TextIO, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
-from .client import Client, ConnectionLost, GenerationError, RtwsError, ServerError
+from .client import Client, ConnectionLost, GenerationError, ServerError
 
 T = TypeVar("T")
 
@@ -221,8 +221,10 @@ class Chat:
         except ServerError as exc:
             self.error(f"{exc.code}: {exc.message}")
             return False
-        except (OSError, asyncio.TimeoutError, RtwsError, Exception) as exc:  # noqa: BLE001 - any failure to connect
+        except Exception as exc:  # noqa: BLE001 - any failure to connect is reported the same way
             self.error(f"cannot connect to {self.url}: {exc}")
+            if "auth" in str(exc) and not self.token:
+                self.info("the server wants an API key: pass --token KEY or set RTWS_TOKEN")
             return False
         ready = self.client.ready
         models = ", ".join(ready.models) if ready is not None else "?"
@@ -363,7 +365,7 @@ class Chat:
         parts = [r.reason, f"{r.completion_tokens} tokens", f"prompt {r.prompt_tokens}"]
         if r.ttft_s is not None:
             decode_s = r.elapsed_s - r.ttft_s
-            if r.completion_tokens > 1 and decode_s > 0:
+            if r.completion_tokens > 1 and decode_s >= 0.02:  # shorter: too few samples for a rate
                 parts.append(f"{(r.completion_tokens - 1) / decode_s:.1f} tok/s")
             parts.append(f"TTFT {r.ttft_s * 1000:.0f} ms")
         return "[" + " · ".join(parts) + "]"

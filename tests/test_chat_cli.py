@@ -208,6 +208,18 @@ def test_piped_stdin_works_line_by_line(long_server: RunningServer) -> None:
     assert proc.stdout.count("\n") >= 2
 
 
+def test_token_is_sent_and_a_wrong_one_is_reported(server_factory: ServerFactory, tiny_llama_dir: Path) -> None:
+    rs = server_factory(tiny_llama_dir, api_keys=("sekrit",))
+    base = [sys.executable, "-m", "rtws", "chat", rs.url]
+    ok = subprocess.run([*base, "--token", "sekrit"], input="/max 3\nHi\n", capture_output=True, text=True,
+                        timeout=30 * UNIT)
+    assert ok.returncode == 0 and re.search(STATS, ok.stderr), ok.stderr
+    env = {**os.environ, "RTWS_TOKEN": "wrong"}
+    bad = subprocess.run(base, input="Hi\n", capture_output=True, text=True, timeout=30 * UNIT, env=env)
+    assert bad.returncode == 1
+    assert "unauthorized" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_unreachable_server_exits_with_an_error(unused_port: int) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "rtws", "chat", f"ws://127.0.0.1:{unused_port}/ws"],

@@ -91,7 +91,8 @@ def _decode(payload: str | bytes) -> dict[str, Any]:
 def open_page(browser: Any) -> Iterator[Any]:
     contexts: list[Any] = []
 
-    def open_(server: RunningServer, width: int = 1280, height: int = 800) -> Watched:
+    def open_(server: RunningServer, width: int = 1280, height: int = 800, path: str = "/",
+              connected: bool = True) -> Watched:
         ctx = browser.new_context(viewport={"width": width, "height": height})
         ctx.set_default_timeout(15 * MS)
         contexts.append(ctx)
@@ -106,8 +107,9 @@ def open_page(browser: Any) -> Iterator[Any]:
             ws.on("framereceived", lambda payload: w.received.append(_decode(payload)))
 
         page.on("websocket", on_ws)
-        page.goto(server.http + "/")
-        expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+        page.goto(server.http + path)
+        if connected:
+            expect(page.locator("#status")).to_have_attribute("data-state", "connected")
         return w
 
     yield open_
@@ -312,6 +314,25 @@ def test_narrow_screen_fits_and_keeps_settings_folded(open_page: Any, tiny_serve
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-demo-narrow.png"))
     assert w.bad_console() == [] and w.page_errors == []
+
+
+def test_api_key_goes_in_hello_and_a_bad_one_is_shown(open_page: Any, server_factory: ServerFactory,
+                                                      tiny_llama_dir: Path) -> None:
+    rs = server_factory(tiny_llama_dir, api_keys=("sekrit",))
+    w = open_page(rs, path="/#token=wrong", connected=False)
+    page = w.page
+    expect(page.locator("#banner")).to_be_visible()
+    expect(page.locator("#banner-text")).to_have_text(re.compile(r"unauthorized.*API key"))
+    assert w.sent[0] == {"type": "hello", "token": "wrong"}
+    # A corrected key in Settings is used at once, without waiting for the backoff.
+    page.fill("#token", "sekrit")
+    page.press("#token", "Tab")
+    expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    assert w.sent[-1] == {"type": "hello", "token": "sekrit"}
+    _set_controls(page, max_tokens="3")
+    _send(page, "Hello")
+    expect(page.locator(".reply").nth(0)).to_have_attribute("data-state", "done")
+    assert w.page_errors == []
 
 
 def test_committed_bundle_matches_the_source(tmp_path: Path) -> None:

@@ -298,6 +298,8 @@ class App {
     });
     form.addEventListener("submit", (ev) => ev.preventDefault());
     $("compare").addEventListener("change", () => this.saveSettings());
+    // A new API key takes effect on the next connection: try it now rather than at the next backoff.
+    this.inputs.token.addEventListener("change", () => this.conn.retryNow());
     // Keep settings reachable but out of the way on a phone.
     if (window.matchMedia("(max-width: 760px)").matches) $("settings").open = false;
   }
@@ -321,6 +323,12 @@ class App {
       tick();
       this.countdown = setInterval(tick, 500);
       this.loseAll();
+      if (info.code === 1008) {
+        // Policy close: a bad or missing API key, a stalled reader, a refused origin.
+        const why = info.reason || "policy violation";
+        const hint = /auth/i.test(why) ? " (set the API key in Settings)" : "";
+        this.banner(`the server closed the connection: ${why}${hint}`);
+      }
     } else {
       status.dataset.state = "offline";
       text.textContent = "disconnected";

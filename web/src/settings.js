@@ -68,11 +68,15 @@ export function formatMs(ms) {
   return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
 }
 
+/** Shorter windows than this give meaningless rates (a few coalesced frames a microsecond apart). */
+export const MIN_RATE_WINDOW_MS = 20;
+
 /**
  * Decode rate in tokens/s: tokens after the first frame over the time since it arrived,
- * so time-to-first-token does not drag the rate down. null until there is a second frame.
+ * so time-to-first-token does not drag the rate down. null until that window is long enough.
  */
 export function tokensPerSecond({ tokens, firstTokens, firstAt, lastAt }) {
-  if (firstAt === null || lastAt === null || lastAt <= firstAt || tokens <= firstTokens) return null;
+  if (firstAt === null || lastAt === null || tokens <= firstTokens) return null;
+  if (lastAt - firstAt < MIN_RATE_WINDOW_MS) return null;
   return ((tokens - firstTokens) * 1000) / (lastAt - firstAt);
 }
