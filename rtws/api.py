@@ -230,13 +230,14 @@ class InferenceServer:
 
     async def _load_models(self, app: Any) -> None:
         try:
-            for mc in self.models or [None]:
-                if mc is None:  # nothing registered: the config's model (or the bundled one)
-                    from .server import default_spec
+            plan: list[tuple[ModelSpec, bool]] = [
+                (mc.to_spec(self.config, _fallback_device(mc.device, self.config.device)), mc.warmup)
+                for mc in self.models]
+            if not plan:  # nothing registered: the config's model (or the bundled one)
+                from .server import default_spec
 
-                    spec, warm = default_spec(self.config), True
-                else:
-                    spec, warm = mc.to_spec(self.config, _fallback_device(mc.device, self.config.device)), mc.warmup
+                plan.append((default_spec(self.config), True))
+            for spec, warm in plan:
                 if warm:
                     served = await app.load_model(spec)
                 else:

@@ -57,7 +57,7 @@ def test_model_config_rejects_bad_values_naming_the_field(kwargs: dict[str, Any]
 
 
 def test_model_config_accepts_the_seed_values(tmp_path: Path) -> None:
-    m = ModelConfig(name="gpt2", version="1.0.0", model_path=tmp_path, device="cuda")  # type: ignore[arg-type]
+    m = ModelConfig(name="gpt2", version="1.0.0", model_path=tmp_path, device="cuda")
     assert m.model_path == str(tmp_path) and m.quantization is None and m.warmup is True
     assert ModelConfig(name="m", model_path="x", quantization="none", device="cuda:1", dtype="bf16").dtype == "bf16"
     assert "not supported" in str(pytest.raises(ValueError, ModelConfig, name="m", model_path="x",
@@ -120,7 +120,7 @@ def test_register_model_rules(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="^name:"):
         s.register_model(ModelConfig(name="a", model_path=str(tmp_path)))
     with pytest.raises(TypeError):
-        s.register_model({"name": "b", "model_path": "x"})  # type: ignore[arg-type]
+        s.register_model({"name": "b", "model_path": "x"})
     assert [m.name for m in s.models] == ["a"]
 
 

@@ -208,20 +208,24 @@ def records(rec: Recorder, reason: str) -> list[GenerationRecord]:
 # --------------------------------------------------------------------------- the request schema
 
 
+def struct_fields(t: Any) -> dict[str, msgspec.inspect.Field]:
+    info = msgspec.inspect.type_info(t)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return {f.name: f for f in info.fields}
+
+
 def test_infer_constraints_are_the_protocols() -> None:
     """Every field /infer shares with the WebSocket generate frame carries the same msgspec constraints."""
-    mine = {f.name: f.type for f in msgspec.inspect.type_info(InferRequest).fields}  # type: ignore[union-attr]
-    theirs = {f.name: f.type for f in msgspec.inspect.type_info(protocol.Generate).fields}  # type: ignore[union-attr]
+    mine, theirs = struct_fields(InferRequest), struct_fields(protocol.Generate)
     shared = set(mine) & set(theirs)
     assert shared >= {"prompt", "messages", "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                       "priority"}
     for name in shared - {"stop"}:
-        assert mine[name] == theirs[name], name
-    stop_list = [t for t in mine["stop"].types if isinstance(t, msgspec.inspect.ListType)]  # type: ignore[attr-defined]
-    assert stop_list == [theirs["stop"]]
-    defaults = {f.name: f.default for f in msgspec.inspect.type_info(InferRequest).fields}  # type: ignore[union-attr]
-    gen_defaults = {f.name: f.default for f in msgspec.inspect.type_info(protocol.Generate).fields}  # type: ignore
-    assert all(defaults[n] == gen_defaults[n] for n in shared - {"stop"})
+        assert mine[name].type == theirs[name].type, name
+        assert mine[name].default == theirs[name].default, name
+    stop = mine["stop"].type
+    assert isinstance(stop, msgspec.inspect.UnionType)
+    assert [t for t in stop.types if isinstance(t, msgspec.inspect.ListType)] == [theirs["stop"].type]
 
 
 # --------------------------------------------------------------------------- success paths

@@ -94,7 +94,7 @@ def test_completions_streaming(srv: RunningServer, client: Any) -> None:
 
 
 def test_chat_non_streaming(srv: RunningServer, client: Any) -> None:
-    c = client(srv).chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=0)  # type: ignore
+    c = client(srv).chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=0)
     assert c.object == "chat.completion" and c.id.startswith("chatcmpl-")
     (choice,) = c.choices
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
@@ -103,15 +103,15 @@ def test_chat_non_streaming(srv: RunningServer, client: Any) -> None:
     # max_completion_tokens wins over max_tokens; content parts and the developer role are accepted
     parts = [{"role": "developer", "content": "Be brief."},
              {"role": "user", "content": [{"type": "text", "text": "Who art "}, {"type": "text", "text": "thou?"}]}]
-    d = client(srv).chat.completions.create(model="tiny", messages=parts, max_tokens=50,  # type: ignore[arg-type]
+    d = client(srv).chat.completions.create(model="tiny", messages=parts, max_tokens=50,
                                             max_completion_tokens=3)
     assert d.usage is not None and d.usage.completion_tokens <= 3
 
 
 def test_chat_streaming(srv: RunningServer, client: Any) -> None:
-    want = client(srv).chat.completions.create(model="tiny", messages=CHAT, max_tokens=10,  # type: ignore
+    want = client(srv).chat.completions.create(model="tiny", messages=CHAT, max_tokens=10,
                                                temperature=0)
-    stream = client(srv).chat.completions.create(model="tiny", messages=CHAT, max_tokens=10,  # type: ignore
+    stream = client(srv).chat.completions.create(model="tiny", messages=CHAT, max_tokens=10,
                                                  temperature=0, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert all(ch.object == "chat.completion.chunk" and ch.id == chunks[0].id for ch in chunks)
@@ -146,12 +146,12 @@ def test_errors_in_openai_shape(srv: RunningServer, client: Any) -> None:
         c.completions.create(model="tiny", prompt="x", n=2)
     assert br.value.code == "invalid_params" and "n=1" in br.value.message
     with pytest.raises(openai.BadRequestError):
-        c.chat.completions.create(model="tiny", messages=CHAT, tools=[  # type: ignore[arg-type]
+        c.chat.completions.create(model="tiny", messages=CHAT, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(openai.BadRequestError):
-        c.chat.completions.create(model="tiny", messages=CHAT, presence_penalty=1.0)  # type: ignore[arg-type]
+        c.chat.completions.create(model="tiny", messages=CHAT, presence_penalty=1.0)
     with pytest.raises(openai.BadRequestError):
-        c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=10_000)  # type: ignore[arg-type]
+        c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=10_000)
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model="tiny", prompt=[1, 2, 3])
     with make_client(srv, key="sk-wrong") as wrong, pytest.raises(openai.AuthenticationError) as au:
@@ -172,7 +172,7 @@ def test_engine_error_mid_stream_raises_api_error(srv: RunningServer, client: An
     engine.fault_injector = boom
     try:
         with pytest.raises(openai.APIError) as info:
-            list(client(srv).chat.completions.create(model="tiny", messages=CHAT, stream=True))  # type: ignore
+            list(client(srv).chat.completions.create(model="tiny", messages=CHAT, stream=True))
         assert "secret" not in str(info.value)
         with pytest.raises(openai.InternalServerError):
             client(srv).completions.create(model="tiny", prompt="x")
