@@ -234,12 +234,13 @@ class ModelCard(msgspec.Struct, frozen=True):
     owned_by: str
     version: str
     ready: bool
+    status: str
     default: bool
     device: str | None
     context_length: int | None
     max_prompt_tokens: int | None
-    running: int | None
-    waiting: int | None
+    running: int
+    waiting: int
 
 
 class ModelList(msgspec.Struct, frozen=True):
@@ -842,21 +843,37 @@ class HttpApi:
 
     # ------------------------------------------------------------------ GET /v1/models
 
-    def _card(self, m: Any) -> ModelCard:
-        stats = getattr(getattr(m, "engine", None), "stats", None)
-        st = stats() if callable(stats) else None
+    def _health(self) -> dict[str, dict[str, Any]]:
+        health = getattr(self.app.registry, "health", None)
+        return {h["name"]: h for h in health()} if callable(health) else {}
+
+    def _card(self, m: Any, health: dict[str, Any] | None = None) -> ModelCard:
+        st = m.engine.stats()
+        status = (health or {}).get("status", "warm" if getattr(m, "warm", True) else "loading")
         return ModelCard(
             id=m.name, object="model", created=int(getattr(m, "loaded_at", 0)), owned_by="rtws",
-            version=str(getattr(m, "version", "")), ready=bool(getattr(m, "warm", True)) and not self.app.draining,
-            default=m.name == self.app.registry.default_name, device=getattr(m, "device", None),
+            version=str(getattr(m, "version", "")), ready=status == "warm" and not self.app.draining,
+            status=status, default=m.name == self.app.registry.default_name, device=getattr(m, "device", None),
             context_length=getattr(m, "context_len", None), max_prompt_tokens=getattr(m, "max_prompt_tokens", None),
-            running=getattr(st, "running", None), waiting=getattr(st, "waiting", None))
+            running=st.running, waiting=st.waiting)
+
+    @staticmethod
+    def _pending_card(h: dict[str, Any]) -> ModelCard:
+        """A name that serves nothing yet (its first version loading, or failed)."""
+        return ModelCard(id=h["name"], object="model", created=0, owned_by="rtws", version=str(h.get("version") or ""),
+                         ready=False, status=str(h.get("status")), default=bool(h.get("default")), device=None,
+                         context_length=None, max_prompt_tokens=None, running=0, waiting=0)
 
     async def list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /v1/models``: every served model (and names still loading, ``ready: false``)."""
         if not self.app.check_http_auth(scope):
             await self._reject(send, Rejection("unauthorized", "missing or invalid API key"), openai=True)
             return
-        cards = [self._card(m) for m in self.app.registry.models()]
+        health = self._health()
+        served = self.app.registry.models()
+        cards = [self._card(m, health.get(m.name)) for m in served]
+        names = {m.name for m in served}
+        cards += [self._pending_card(h) for name, h in health.items() if name not in names]
         await send_json(send, 200, ModelList(object="list", data=cards))
 
     async def get_model(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -865,10 +882,13 @@ class HttpApi:
             return
         name = scope["path"][len("/v1/models/"):]
         model = self.app.registry.get(name) if name else None
-        if model is None:
+        health = self._health()
+        if model is not None:
+            await send_json(send, 200, self._card(model, health.get(name)))
+        elif name in health:
+            await send_json(send, 200, self._pending_card(health[name]))
+        else:
             await self._reject(send, Rejection("unknown_model", f"unknown model {name[:64]!r}"), openai=True)
-            return
-        await send_json(send, 200, self._card(model))
 
     # ------------------------------------------------------------------ drain
 

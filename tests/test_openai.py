@@ -128,7 +128,8 @@ def test_models_list_and_retrieve(srv: RunningServer, client: Any) -> None:
     (m,) = models.data
     assert m.id == "tiny" and m.object == "model" and m.owned_by == "rtws"
     extra = m.model_extra or {}
-    assert extra["ready"] is True and extra["version"] == "1" and extra["default"] is True
+    assert extra["ready"] is True and extra["status"] == "warm"
+    assert extra["version"] == "1" and extra["default"] is True
     assert extra["context_length"] == 256 and extra["running"] == 0
     assert client(srv).models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError) as info:
