@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -280,6 +281,7 @@ class App:
         subprotocol = protocol.choose_subprotocol(scope.get("subprotocols", []))
         codec = protocol.codec_for(subprotocol)
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
+        _tune_socket(send, self.config.transport_high_water, self.config.socket_send_buffer)
 
         if codec.binary:
             async def send_frame(data: bytes | str) -> None:
@@ -368,6 +370,24 @@ class App:
                 elif (cfg.idle_timeout_s is not None and s.idle
                       and now - s.last_activity > cfg.idle_timeout_s):
                     await self._close(conn, 1000, "idle timeout")
+
+
+def _tune_socket(send: Send, high_water: int, sndbuf: int | None) -> None:
+    """Bound what the transport and the kernel buffer for one socket, so backpressure reaches the session early.
+
+    Uses uvicorn's protocol object (the bound ``send``'s owner); a no-op under another ASGI server.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:
+        return
+    try:
+        transport.set_write_buffer_limits(high=high_water)
+        if sndbuf is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    except (OSError, AttributeError, ValueError) as exc:
+        log.debug("socket tuning failed: %r", exc)
 
 
 def _force_close(send: Send, code: int, reason: str) -> None:

@@ -52,6 +52,10 @@ class ServerConfig:
         "help": "per-socket send buffer bytes above which its generations pause"})
     send_low_watermark: int | None = field(default=None, metadata={
         "help": "resume below this many buffered bytes (default: high // 4)"})
+    transport_high_water: int = field(default=64 * 1024, metadata={
+        "help": "bytes the socket's transport buffers before the writer waits (asyncio write high-water mark)"})
+    socket_send_buffer: int | None = field(default=None, metadata={
+        "help": "kernel SO_SNDBUF for WebSockets in bytes (default: the OS's autotuning)"})
     stall_timeout_s: float = field(default=30.0, metadata={
         "help": "close a socket (1008) whose reader has not taken data for this long"})
     request_timeout: float | None = field(default=None, metadata={
@@ -175,7 +179,8 @@ def _validate(c: ServerConfig) -> None:
     for name in ("num_slots", "prefill_budget", "max_connections", "max_generations_per_session",
                  "max_tokens_limit", "max_frame_bytes", "send_high_watermark"):
         need(getattr(c, name) >= 1, name, "must be >= 1")
-    for name in ("max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
+    need(c.transport_high_water >= 1024, "transport_high_water", "must be >= 1024")
+    for name in ("socket_send_buffer", "max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
         v = getattr(c, name)
         need(v is None or v >= 1, name, "must be >= 1")
     for name in ("stall_timeout_s", "drain_timeout_s", "priority_aging_s"):

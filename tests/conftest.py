@@ -36,8 +36,8 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_long_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Like tiny_llama_dir with an 8k context: for long streams (backpressure, drain)."""
-    return build_model(tmp_path_factory.mktemp("tiny-llama-long"), "llama", context=8192)
+    """Like tiny_llama_dir with an 8k context and no EOS token: streams run to max_tokens (backpressure, drain)."""
+    return build_model(tmp_path_factory.mktemp("tiny-llama-long"), "llama", context=8192, eos=False)
 
 
 @pytest.fixture(scope="session")

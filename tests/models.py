@@ -28,7 +28,7 @@ def corpus_text(limit: int = 200_000) -> str:
     return FALLBACK_TEXT
 
 
-def build_tokenizer(out: Path, vocab_size: int = 400) -> None:
+def build_tokenizer(out: Path, vocab_size: int = 400, eos: bool = True) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,26 +38,28 @@ def build_tokenizer(out: Path, vocab_size: int = 400) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([corpus_text()], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   clean_up_tokenization_spaces=False)
+    special = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"} if eos else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
 
-def build_model(out: Path, arch: str = "llama", seed: int = 0, context: int = 256) -> Path:
+def build_model(out: Path, arch: str = "llama", seed: int = 0, context: int = 256, eos: bool = True) -> Path:
+    """``eos=False``: no end-of-sequence token at all, so streams run to max_tokens (long-stream tests)."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out)
+    build_tokenizer(out, eos=eos)
     torch.manual_seed(seed)
+    special = dict(eos_token_id=0, bos_token_id=0, pad_token_id=0) if eos else dict(
+        eos_token_id=None, bos_token_id=None, pad_token_id=None)
     if arch == "llama":
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=400, max_position_embeddings=context,
-                             eos_token_id=0, bos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+                             tie_word_embeddings=True, **special)
     else:
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=400, n_positions=context,
-                            eos_token_id=0, bos_token_id=0, pad_token_id=0)
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=400, n_positions=context, **special)
     model = AutoModelForCausalLM.from_config(config)
     # Sharper logits than the default init, so greedy choices are not near-ties.
     with torch.no_grad():

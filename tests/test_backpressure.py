@@ -1,0 +1,119 @@
+"""A reader that stops reading pauses only itself; its buffer stays bounded; it is closed after the timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from rtws import protocol as p
+from rtws.client import Client
+
+from conftest import UNIT, ServerFactory, run
+
+HIGH = 4096
+
+
+async def itl_ms(url: str, n_streams: int, max_tokens: int) -> list[float]:
+    """Inter-token gaps (ms per token) seen by a well-behaved client."""
+    gaps: list[float] = []
+    async with await Client.connect(url) as c:
+        streams = [await c.generate("b", max_tokens=max_tokens, temperature=0.0) for _ in range(n_streams)]
+
+        async def consume(s: Any) -> None:
+            last = None
+            async for _ in s:
+                now = time.perf_counter()
+                if last is not None:
+                    gaps.append((now - last) * 1000)
+                last = now
+
+        await asyncio.gather(*(consume(s) for s in streams))
+        assert all(s.reason == "length" for s in streams)
+    return gaps
+
+
+def test_stalled_reader_pauses_itself_and_is_closed(server_factory: ServerFactory, tiny_llama_long_dir: Path) -> None:
+    server = server_factory(tiny_llama_long_dir, send_high_watermark=HIGH, stall_timeout_s=2.0 * UNIT,
+                            transport_high_water=4096, socket_send_buffer=8192)
+    engine = server.engine()
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        out["baseline"] = await itl_ms(server.url, 4, 60)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills fast
+        sock.connect(("127.0.0.1", server.port))
+        sock.setblocking(False)
+        ws = await connect(server.url, sock=sock, max_queue=1)
+        p.MSGPACK.decode_any(await ws.recv())
+        for i in range(8):
+            await ws.send(p.MSGPACK.encode(p.Generate(id=i, prompt="a", max_tokens=4000, temperature=0.0)))
+        ws.transport.pause_reading()  # stop reading: the kernel buffers fill, then the server's
+        session = None
+        deadline = time.monotonic() + 60 * UNIT
+        while time.monotonic() < deadline:
+            sessions = [c.session for c in server.app.connections if len(c.session.live) == 8]
+            if sessions and sessions[0].paused:
+                session = sessions[0]
+                break
+            await asyncio.sleep(0.01)
+        assert session is not None, "the stalled session never paused"
+        while engine.stats().paused < 8 and time.monotonic() < deadline:  # applied at the next step boundary
+            await asyncio.sleep(0.005)
+        out["paused_in_engine"] = engine.stats().paused
+        out["during"] = await itl_ms(server.url, 4, 60)  # another client streams meanwhile
+        out["max_buffered"] = session.max_buffered
+        t0 = time.monotonic()
+        while server.app.connections and time.monotonic() - t0 < 10 * UNIT:
+            await asyncio.sleep(0.02)
+        out["closed_after"] = time.monotonic() - t0
+        out["connections"] = len(server.app.connections)
+        while engine.stats().slots_in_use and time.monotonic() - t0 < 12 * UNIT:
+            await asyncio.sleep(0.02)
+        out["slots"] = engine.stats().slots_in_use
+        ws.transport.resume_reading()
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 5 * UNIT)
+        except (ConnectionClosed, asyncio.TimeoutError):
+            pass
+        out["close_code"] = ws.close_code
+        return out
+
+    out = run(main())
+    assert out["paused_in_engine"] == 8  # all eight kept their slots but left the batch
+    # bounded: the high watermark plus at most one engine step's worth of events for 8 streams
+    assert out["max_buffered"] <= HIGH + 8 * 200, out["max_buffered"]
+    base, during = statistics.median(out["baseline"]), statistics.median(out["during"])
+    assert during <= 3 * base + 20, (base, during)  # the other client streams at its normal pace
+    assert out["connections"] == 0 and out["slots"] == 0
+    # 1008 when the reader resumes in time to read the close frame; 1006 once the server aborted the socket
+    assert out["close_code"] in (1008, 1006)
+
+
+def test_busy_socket_coalesces_tokens_into_fewer_frames(server_factory: ServerFactory,
+                                                        tiny_llama_long_dir: Path) -> None:
+    server = server_factory(tiny_llama_long_dir)
+
+    async def main() -> tuple[int, int, str, str]:
+        async with await Client.connect(server.url) as c:
+            s = await c.generate("a", max_tokens=300, temperature=0.0)
+            c.ws.transport.pause_reading()
+            await asyncio.sleep(0.5 * UNIT)
+            c.ws.transport.resume_reading()
+            slow = await s.result()
+            ref = await c.generate("a", max_tokens=300, temperature=0.0)
+            fast = await ref.result()
+            return s.deltas, s.tokens, slow.text, fast.text
+
+    deltas, tokens, slow, fast = run(main())
+    assert tokens == 300
+    assert slow == fast
+    assert deltas < tokens  # several tokens shared a frame while the socket was busy
