@@ -280,13 +280,14 @@ class Rejection(Exception):
     """A request refused before it reached the engine: becomes an error response with ``code``."""
 
     def __init__(self, code: str, message: str, *, retry_after: float | None = None,
-                 metric: str | None = None) -> None:
+                 metric: str | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = _STATUS.get(code, 400)
         self.retry_after = retry_after
         self.metric = metric or code  # the label hooks.rejected() gets
+        self.close = close  # the request body was left unread: the connection cannot be reused
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
@@ -294,8 +295,8 @@ class Rejection(Exception):
             out.append((b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()))
         if self.status == 401:
             out.append((b"www-authenticate", b'Bearer realm="rtws"'))
-        if self.status == 413:
-            out.append((b"connection", b"close"))  # the unread body makes the connection unusable
+        if self.close:
+            out.append((b"connection", b"close"))
         return out
 
 
@@ -519,17 +520,18 @@ class HttpApi:
         app = self.app
         if app.draining:
             raise Rejection("overloaded", "server is draining; retry on another replica or later",
-                            retry_after=1.0, metric="draining")
+                            retry_after=1.0, metric="draining", close=True)
         if not app.check_http_auth(scope):
-            raise Rejection("unauthorized", "missing or invalid API key (send 'Authorization: Bearer <key>')")
+            raise Rejection("unauthorized", "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                            close=True)
         limit = app.config.max_frame_bytes
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise Rejection("payload_too_large", f"request body is larger than {limit} bytes")
+            raise Rejection("payload_too_large", f"request body is larger than {limit} bytes", close=True)
         try:
             body = await read_body(receive, limit)
         except BodyTooLarge:
-            raise Rejection("payload_too_large", f"request body is larger than {limit} bytes") from None
+            raise Rejection("payload_too_large", f"request body is larger than {limit} bytes", close=True) from None
         try:
             return decoder.decode(body)
         except msgspec.ValidationError as exc:

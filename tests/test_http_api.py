@@ -339,6 +339,20 @@ def test_body_over_the_limit_is_413_declared_or_chunked(srv: RunningServer) -> N
     assert ok.status == 200  # and the server is fine
 
 
+def test_keep_alive_after_a_read_and_refused_body(srv: RunningServer) -> None:
+    conn = connect(srv.http)
+    try:
+        conn.request("POST", "/infer", body=b'{"prompt": 1}')
+        r = conn.getresponse()
+        assert r.status == 400 and r.getheader("connection") is None
+        r.read()
+        sock = conn.sock
+        conn.request("POST", "/infer", body=b'{"prompt": "x", "max_tokens": 2, "stream": false}')
+        assert conn.getresponse().status == 200 and conn.sock is sock  # same connection
+    finally:
+        conn.close()
+
+
 def test_wrong_method_and_path(srv: RunningServer) -> None:
     assert post(srv.http, "/v1/models", {}).status == 405
     assert post(srv.http, "/v1/nothing", {}).status == 404
@@ -381,13 +395,25 @@ def test_disconnect_before_first_token_in_the_json_form(srv: RunningServer, reco
 
 
 def test_auth_and_rate_limit(server_factory: Any, tiny_llama_dir: Path) -> None:
-    s = server_factory(tiny_llama_dir, api_keys=("key-a", "key-b"), rate_limit_per_minute=1, warmup=False)
+    s = server_factory(tiny_llama_dir, api_keys=("key-a", "key-b", "key-c"), rate_limit_per_minute=1, warmup=False)
     body = {"prompt": "x", "max_tokens": 2, "stream": False}
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic a2V5LWE="}):
         r = post(s.http, "/infer", body, headers)
         assert r.status == 401 and r.json()["error"]["code"] == "unauthorized"
         assert r.headers["www-authenticate"].startswith("Bearer")
     assert get(s.http, "/v1/models").status == 401
+    # The body of a refused request was never read: the server closes that connection, and a client
+    # reusing its connection object simply reconnects.
+    conn = connect(s.http)
+    try:
+        conn.request("POST", "/infer", body=msgspec.json.encode(body))
+        r1 = conn.getresponse()
+        assert r1.status == 401 and r1.getheader("connection") == "close"
+        r1.read()
+        conn.request("POST", "/infer", body=msgspec.json.encode(body), headers={"authorization": "Bearer key-c"})
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
 
     a = {"authorization": "Bearer key-a"}
     assert post(s.http, "/infer", body, a).status == 200
