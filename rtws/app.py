@@ -208,7 +208,8 @@ class App:
                 pass
 
     async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, 200, {"status": "draining" if self.draining else "ok"})
+        # 503 while draining so load balancers stop routing here before the sockets close.
+        await send_json(send, 503 if self.draining else 200, {"status": "draining" if self.draining else "ok"})
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         models = {m.name: bool(getattr(m, "warm", True)) for m in self.registry.models()}

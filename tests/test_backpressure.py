@@ -58,13 +58,15 @@ def test_stalled_reader_pauses_itself_and_is_closed(server_factory: ServerFactor
         ws.transport.pause_reading()  # stop reading: the kernel buffers fill, then the server's
         session = None
         deadline = time.monotonic() + 60 * UNIT
-        while time.monotonic() < deadline:
-            sessions = [c.session for c in server.app.connections if len(c.session.live) == 8]
-            if sessions and sessions[0].paused:
-                session = sessions[0]
-                break
-            await asyncio.sleep(0.01)
-        assert session is not None, "the stalled session never paused"
+        while session is None and time.monotonic() < deadline:
+            found = [c.session for c in server.app.connections if len(c.session.live) == 8]
+            session = found[0] if found else None
+            await asyncio.sleep(0.005)
+        assert session is not None
+        while not session.num_pauses and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert session.num_pauses >= 1, ("the stalled session never paused", session.buffered, session.send_started,
+                                         session.frames_sent, len(session.live), engine.stats())
         while engine.stats().paused < 8 and time.monotonic() < deadline:  # applied at the next step boundary
             await asyncio.sleep(0.005)
         out["paused_in_engine"] = engine.stats().paused
