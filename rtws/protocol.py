@@ -189,7 +189,8 @@ class Codec:
             frame: ClientFrame = self._decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise self._classify(data, exc) from None
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError):
+            # ValueError covers msgspec's odd corners (invalid UTF-8 in a msgpack str, bad ext types).
             raise ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid {self._kind()}") from None
         if isinstance(frame, Generate):
             _check_generate(frame)
@@ -201,7 +202,7 @@ class Codec:
     def _classify(self, data: bytes | str, exc: msgspec.ValidationError) -> ProtocolError:
         try:
             raw = self._raw_decoder.decode(data)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, ValueError):
             return ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid {self._kind()}")
         if not isinstance(raw, dict):
             return ProtocolError(ErrorCode.BAD_FRAME, "frame must be a map")
