@@ -14,7 +14,9 @@ the model sees the whole exchange; ``/reset`` forgets it.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -116,18 +118,28 @@ def _number(arg: str, name: str) -> float:
         value = float(arg)
     except ValueError:
         raise CommandError(f"usage: {name} X (a number)") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise CommandError(f"{name} needs a finite number")
     return value
 
 
 class LoopThread:
-    """An asyncio loop in a daemon thread; :meth:`call` runs a coroutine there and blocks for its result."""
+    """An asyncio loop in a daemon thread; :meth:`call` runs a coroutine there and blocks for its result.
+
+    The thread (and the executor threads it starts, which inherit its signal
+    mask) blocks SIGINT, so the kernel always delivers Ctrl-C to the main
+    thread, where it interrupts ``input()`` or the wait for a reply.
+    """
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="rtws-chat-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="rtws-chat-loop", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        self.loop.run_forever()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -258,7 +270,7 @@ class Chat:
             if self.client is not None:
                 try:
                     self.loop.call(self.client.close(), timeout=5.0)
-                except Exception:  # noqa: BLE001 - closing a dead socket may fail; we are leaving anyway
+                except Exception:  # noqa: BLE001, S110 - closing a dead socket may fail; we are leaving anyway
                     pass
             self.loop.close()
 
@@ -381,4 +393,8 @@ def main(args: Any) -> int:
         except ImportError:
             pass
     chat = Chat(args.url, token, args.model, sys.stdin, sys.stdout, sys.stderr)
-    return chat.run()
+    try:
+        return chat.run()
+    except KeyboardInterrupt:  # Ctrl-C outside a reply and the prompt (e.g. while connecting)
+        sys.stdout.write("\n")
+        return 130
