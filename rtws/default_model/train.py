@@ -10,17 +10,26 @@ Run from the repository root::
 
 The first 90 % of the corpus (by characters) is used for training (of both
 the tokenizer and the model); the last 10 % is held out and only used to
-report the loss. Everything is seeded: the same seed, step count, torch
-version and thread count give the same weights. ``--minutes`` is only a
-safety cap: if it stops training before ``--steps`` the run is no longer
-the scheduled one (the model card says so).
+report the loss.
+
+Learning-rate schedule: linear warmup, constant, then linear decay over the
+last ``--decay-frac`` of the steps (warmup-stable-decay). Everything is
+seeded (``torch.manual_seed``, and training windows come from a
+``torch.Generator`` with the same seed), so ``--steps N --decay-start D``
+with the same seed, torch version and thread count gives the same weights.
+
+With ``--minutes M`` the run is time-budgeted instead (the CPU may be
+shared, so throughput is not known in advance): the stable phase ends when
+``(1 - decay_frac)`` of the budget has elapsed (or at ``--steps``' decay
+start, if earlier) and the decay then runs for the matching number of
+steps. The step counts are printed and written into the model card together
+with the equivalent deterministic ``--steps/--decay-start`` command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -69,6 +78,10 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_SPEAKER + ":\\n' -}}{%- endif -%}"
 )
 
+OUTPUT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "README.md",
+)
 SAMPLE_PROMPTS = ("ROMEO:\n", "First Citizen:\nWhat news", "KING HENRY VI:\n")
 
 
@@ -80,8 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="corpus text file (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH, help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--minutes", type=float, default=None, help="safety cap on training wall time (default: none)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (defines the LR schedule)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget for the training loop; ends the stable LR phase by wall clock (default: none)")
+    p.add_argument("--steps", type=int, default=3000,
+                   help="total optimizer steps (an upper bound when --minutes is given)")
+    p.add_argument("--decay-frac", type=float, default=0.25, help="fraction of the run spent in LR decay")
+    p.add_argument("--decay-start", type=int, default=None,
+                   help="step at which LR decay starts (default: steps * (1 - decay-frac)); "
+                        "with --steps, reproduces a --minutes run exactly")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context", type=int, default=256, help="context length in tokens")
     p.add_argument("--vocab-size", type=int, default=4096)
@@ -90,13 +109,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=688, help="SwiGLU intermediate size")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr")
+    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="final LR as a fraction of --lr")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.1, help="training-only residual/embedding dropout")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=250, help="print held-out loss every N steps (0: never)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", default="auto",
+                   help="torch threads, or 'auto': re-measure every 100 steps whether 1 thread or all of "
+                        "torch's default is faster right now (on a shared CPU, oversubscribed OpenMP "
+                        "threads are much slower than one); default %(default)s")
     p.add_argument("--no-bf16-autocast", dest="bf16_autocast", action="store_false",
                    help="train in plain float32 instead of bfloat16 autocast")
     p.add_argument("--save-dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -205,10 +227,54 @@ def tune_malloc() -> None:
 
 
 def folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def machine_description(threads: int) -> str:
+class ThreadTuner:
+    """Picks the faster torch thread count while training on a shared CPU.
+
+    Every ``period`` steps it times ``probe`` steps with the other candidate
+    and keeps whichever had the lower median step time. Thread count does not
+    change the arithmetic of the ops used here (bitwise-identical weights for
+    1 and 2 threads in a check on the training machine with this architecture),
+    so this affects speed only."""
+
+    def __init__(self, torch, candidates: list[int], period: int = 100, probe: int = 6):
+        self.torch = torch
+        self.candidates = candidates
+        self.period, self.probe = period, probe
+        self.current = candidates[-1]
+        self.times: dict[int, list[float]] = {c: [] for c in candidates}
+        self.probing: int | None = None
+        self.probe_start = 0
+        self.used: set[int] = set()
+        torch.set_num_threads(self.current)
+
+    def before_step(self, step: int) -> None:
+        if len(self.candidates) < 2 or step == 0:
+            return
+        if self.probing is None and step % self.period == 0:
+            other = [c for c in self.candidates if c != self.current]
+            self.probing, self.probe_start = other[step // self.period % len(other)], step
+            self.times[self.probing] = []
+            self.torch.set_num_threads(self.probing)
+        elif self.probing is not None and step - self.probe_start >= self.probe:
+            med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("inf")  # noqa: E731
+            probe_t, cur_t = med(self.times[self.probing]), med(self.times[self.current][-self.probe * 3:])
+            if probe_t < cur_t:
+                self.current = self.probing
+                self.times[self.current] = self.times[self.current][-self.probe:]
+            self.probing = None
+            self.torch.set_num_threads(self.current)
+
+    def after_step(self, seconds: float) -> None:
+        n = self.torch.get_num_threads()
+        self.used.add(n)
+        self.times.setdefault(n, []).append(seconds)
+        self.times[n] = self.times[n][-50:]
+
+
+def machine_description(threads: str) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -217,7 +283,7 @@ def machine_description(threads: int) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs visible, {threads} torch threads, no GPU ({platform.system()} {platform.machine()})"
+    return f"{cpu}, {os.cpu_count()} logical CPUs visible, {threads}, no GPU ({platform.system()} {platform.machine()})"
 
 
 def command_line(argv: list[str]) -> str:
@@ -229,15 +295,34 @@ def command_line(argv: list[str]) -> str:
     return (f"nice -n {niceness} " if niceness > 0 else "") + cmd
 
 
+def repro_command(argv: list[str], steps: int, decay_start: int) -> str:
+    """The command line with --minutes dropped and --steps/--decay-start pinned."""
+    drop = {"--minutes": 1, "--steps": 1, "--decay-start": 1}
+    kept: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in drop:
+            i += 1 if "=" in a else 1 + drop[name]
+            continue
+        kept.append(a)
+        i += 1
+    return command_line(kept + ["--steps", str(steps), "--decay-start", str(decay_start)])
+
+
 def write_model_card(out: Path, info: dict) -> None:
     s = info
     samples = "\n\n".join(
         f"Prompt {json.dumps(p)}:\n\n```text\n{p}{c}\n```" for p, c in s["samples"]
     )
-    capped = (
-        f"\n**Note:** the `--minutes` cap stopped training after {s['steps_done']} of "
-        f"{s['steps']} scheduled steps.\n" if s["steps_done"] < s["steps"] else ""
-    )
+    if s["time_budgeted"]:
+        repro = (f"- The run was time-budgeted (`--minutes`): the LR decay started at step "
+                 f"{s['decay_start']} and training ended at step {s['steps_done']}. Equivalent "
+                 f"deterministic command (same weights for the same seed, torch version and "
+                 f"thread count): `{s['repro_command']}`\n")
+    else:
+        repro = ""
     target = "meets" if s["heldout_nats_per_char"] <= 1.6 else "does NOT meet"
     text = f"""---
 license: mit
@@ -298,9 +383,10 @@ project's target is at most 1.6; this model {target} it.
 - Command (from the repository root): `{s['command']}`
 - Seed: {s['seed']} (`torch.manual_seed`; training windows are drawn from a
   `torch.Generator` seeded with the same value, so the data order is fixed)
-- {s['steps_done']} AdamW steps (betas 0.9/0.95, weight decay {s['weight_decay']} on
-  matrices), batch {s['batch_size']} x {s['context']} tokens, peak LR {s['lr']},
-  {s['warmup']} warmup steps then cosine decay to {s['min_lr_ratio']} x peak,
+{repro}- {s['steps_done']} AdamW steps (betas 0.9/0.95, weight decay {s['weight_decay']} on
+  matrices), batch {s['batch_size']} x {s['context']} tokens, peak LR {s['lr']}:
+  {s['warmup']} warmup steps, constant until step {s['decay_start']}, then linear
+  decay to {s['min_lr_ratio']} x peak at step {s['steps_done']},
   gradient clipping {s['grad_clip']}, training-only dropout {s['dropout']}
   (embeddings and residual branches, applied with forward hooks),
   {'bfloat16 autocast' if s['bf16_autocast'] else 'float32'} on CPU.
@@ -310,7 +396,7 @@ project's target is at most 1.6; this model {target} it.
 - Wall time: {s['wall_minutes']:.1f} minutes in total ({s['train_minutes']:.1f} of
   them in the training loop), torch {s['torch_version']}, transformers
   {s['transformers_version']}, tokenizers {s['tokenizers_version']}.
-{capped}
+
 ## Chat template
 
 `tokenizer_config.json` carries a Jinja chat template that renders messages in
@@ -365,9 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    default_threads = torch.get_num_threads()
+    if args.threads == "auto":
+        tuner = ThreadTuner(torch, sorted({1, default_threads}))
+    else:
+        tuner = ThreadTuner(torch, [int(args.threads)])
     torch.manual_seed(args.seed)
 
     data_path = args.data.resolve()
@@ -412,25 +500,36 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
     )
 
+    # Warmup-stable-decay. decay_start/total_steps may be fixed at run time by --minutes.
+    total_steps = args.steps
+    decay_start = args.decay_start if args.decay_start is not None else round(args.steps * (1 - args.decay_frac))
+    decay_start = max(args.warmup, min(decay_start, total_steps))
+
     def lr_at(step: int) -> float:
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-        lo = args.lr * args.min_lr_ratio
-        return lo + 0.5 * (args.lr - lo) * (1 + math.cos(math.pi * min(1.0, frac)))
+        if step < decay_start:
+            return args.lr
+        frac = (step - decay_start + 1) / max(1, total_steps - decay_start)
+        return args.lr * (1 - (1 - args.min_lr_ratio) * min(1.0, frac))
 
     gen = torch.Generator().manual_seed(args.seed)
     n_windows = len(train_ids) - args.context - 1
     offsets = torch.arange(args.context + 1)
     model.train()
     t_train = time.time()
-    deadline = t_train + args.minutes * 60 if args.minutes else None
+    decay_deadline = t_train + args.minutes * 60 * (1 - args.decay_frac) if args.minutes else None
     steps_done = 0
     ema = None
-    for step in range(args.steps):
-        if deadline is not None and time.time() > deadline:
-            print(f"--minutes cap reached after {step} steps", flush=True)
-            break
+    step = 0
+    while step < total_steps:
+        if decay_deadline is not None and step < decay_start and time.time() >= decay_deadline:
+            decay_start = max(step, args.warmup)
+            total_steps = min(total_steps, decay_start + round(decay_start * args.decay_frac / (1 - args.decay_frac)))
+            decay_deadline = None
+            print(f"time budget: LR decay starts at step {decay_start}, training ends at step {total_steps}", flush=True)
+        tuner.before_step(step)
+        t_step = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         starts = torch.randint(0, n_windows, (args.batch_size,), generator=gen)
@@ -443,15 +542,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        tuner.after_step(time.time() - t_step)
         steps_done = step + 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 50 == 0 or steps_done == args.steps:
+        if step % 50 == 0 or steps_done == total_steps:
             el = time.time() - t_train
-            print(f"step {steps_done}/{args.steps} loss {loss.item():.4f} (ema {ema:.4f}) lr {lr_at(step):.2e} "
-                  f"{el / 60:.1f} min, {steps_done * x.numel() / el:.0f} tok/s", flush=True)
-        if args.eval_every and steps_done % args.eval_every == 0 and steps_done < args.steps:
+            print(f"step {steps_done}/{total_steps} loss {loss.item():.4f} (ema {ema:.4f}) lr {lr_at(step):.2e} "
+                  f"{el / 60:.1f} min, {steps_done * x.numel() / el:.0f} tok/s, {torch.get_num_threads()} threads", flush=True)
+        if args.eval_every and steps_done % args.eval_every == 0 and steps_done < total_steps:
             nll = heldout_nll(model, heldout_ids, args.context, eot_id, autocast=args.bf16_autocast)
             print(f"  held-out @ {steps_done}: {nll / len(heldout_text):.4f} nats/char (bf16 autocast)", flush=True)
+        step += 1
     train_seconds = time.time() - t_train
     for h in dropout_hooks:
         h.remove()
@@ -462,15 +563,17 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for f in out.iterdir():
-        if f.is_file():
-            f.unlink()
+    for name in OUTPUT_FILES:  # remove stale outputs only, never anything else in --out
+        (out / name).unlink(missing_ok=True)
     save_dtype = getattr(torch, args.save_dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id, do_sample=False,
     )
     model.to(save_dtype).save_pretrained(out)
     hf_tok.save_pretrained(out, save_jinja_files=False)
+    for name in OUTPUT_FILES:  # safetensors writes 0600; package data should be world-readable
+        if (out / name).exists():
+            (out / name).chmod(0o644)
 
     # Evaluate and sample from exactly what was saved (bf16 values, fp32 compute).
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -500,12 +603,15 @@ def main(argv: list[str] | None = None) -> int:
         n_params=n_params, save_dtype=args.save_dtype, heldout_nats_per_char=per_char,
         heldout_nats_per_token=nll / len(heldout_ids), n_heldout_tokens=len(heldout_ids),
         heldout_nats_per_char_fp32=fp32_nll / len(heldout_text), command=command_line(argv), seed=args.seed,
-        steps=args.steps, steps_done=steps_done, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        steps=total_steps, steps_done=steps_done, decay_start=decay_start, time_budgeted=args.minutes is not None,
+        repro_command=repro_command(argv, steps_done, decay_start), weight_decay=args.weight_decay, batch_size=args.batch_size,
         lr=args.lr, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip,
         dropout=args.dropout, bf16_autocast=args.bf16_autocast,
         tokens_seen=steps_done * args.batch_size * args.context,
         epochs=steps_done * args.batch_size * args.context / len(train_ids),
-        machine=machine_description(threads), train_minutes=train_seconds / 60,
+        machine=machine_description(
+            f"torch threads: {args.threads} (used {sorted(tuner.used)}; results do not depend on it)"
+            if args.threads == "auto" else f"{args.threads} torch threads"), train_minutes=train_seconds / 60,
         torch_version=torch.__version__, transformers_version=transformers.__version__,
         tokenizers_version=tokenizers.__version__, safetensors_version=safetensors.__version__,
         samples=samples, folder_bytes=0,
