@@ -142,10 +142,19 @@ class ModelRegistry:
     # ------------------------------------------------------------------ routing
 
     def add(self, served: Served, *, default: bool = False) -> None:
-        """Route ``served.name`` to ``served`` (already started and warm). Replaces without draining."""
+        """Route ``served.name`` to ``served`` (already started and warm).
+
+        Replaces any current version without draining it: the caller owns (and stops) that one.
+        """
+        old = self._current.get(served.name)
         self._current[served.name] = served
         entry = self._entries.setdefault(served.name, _Entry(served.name))
         entry.removed = False
+        if old is not None and old is not served:
+            for st in entry.versions:
+                if st.served is old:
+                    st.served = None
+                    st.set(UNLOADED, "replaced without draining")
         st = next((s for s in entry.versions if s.served is served), None)
         if st is None:
             entry.versions.append(_status_for(served))
