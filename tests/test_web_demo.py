@@ -197,8 +197,9 @@ def test_page_streams_a_reply_and_stop_ends_it(open_page: Any, long_server: Runn
 def test_compare_runs_three_streams_and_stops_one_alone(open_page: Any, long_server: RunningServer) -> None:
     w = open_page(long_server)
     page = w.page
-    # Greedy in all three columns, so none of them ends on its own while the test watches.
-    _set_controls(page, stop="", max_tokens="4000", compare_temps="0, 0, 0")
+    # The long model has no EOS token and there is no stop sequence: no column ends on its own.
+    assert page.input_value("#compare-temps") == "0, 0.7, 1.2"
+    _set_controls(page, stop="", max_tokens="4000")
     page.check("#compare")
     _send(page, "But soft, what light?")
 
@@ -221,7 +222,7 @@ def test_compare_runs_three_streams_and_stops_one_alone(open_page: Any, long_ser
 
     gens = w.frames("generate", "sent")
     ids = [g["id"] for g in gens]
-    assert len(set(ids)) == 3 and [g["temperature"] for g in gens] == [0, 0, 0]
+    assert len(set(ids)) == 3 and [g["temperature"] for g in gens] == [0, 0.7, 1.2]
     assert all(g["messages"] == gens[0]["messages"] for g in gens)
     assert w.frames("cancel", "sent")[0]["id"] == ids[1]
     for other in (ids[0], ids[2]):
