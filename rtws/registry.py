@@ -328,6 +328,9 @@ class ModelRegistry:
         t0 = time.perf_counter()
         try:
             served = await load(spec)
+        except asyncio.CancelledError:
+            st.set(FAILED, "cancelled (server shutdown)")
+            raise
         except Exception as exc:
             st.set(FAILED, f"{type(exc).__name__}: {exc}"[:1000])
             log.warning("swap failed", extra={"event": "swap_failed", "model": name, "version": st.version,

@@ -127,7 +127,9 @@ def test_rtws_serve_writes_json_lines(tiny_llama_dir: Path, tmp_path: Path) -> N
          "--port", "0", "--log-level", "INFO", "--num-slots", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True)  # type: ignore[union-attr]
+    stderr = proc.stderr
+    assert stderr is not None
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in stderr], daemon=True)
     reader.start()
     seen: list[dict[str, Any]] = []
 
@@ -160,8 +162,7 @@ def test_rtws_serve_writes_json_lines(tiny_llama_dir: Path, tmp_path: Path) -> N
             proc.kill()
             proc.wait()
         reader.join(10 * UNIT)  # EOF once the process is gone
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stderr.close()
     events = [o.get("event") for o in seen]
     assert events.index("model_loaded") < events.index("ready") < events.index("listening")
     assert "drain_start" in events and "drain_done" in events
