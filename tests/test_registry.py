@@ -337,3 +337,26 @@ def test_admin_api_needs_an_admin_key(server_factory: ServerFactory, tiny_llama_
     assert code == 200 and [m["name"] for m in listing["models"]] == [srv.app.registry.default_name]
     rejected = [s for s in metric_samples(srv) if s.name == "rtws_rejected_total"]
     assert {s.labels["code"]: s.value for s in rejected}["admin_unauthorized"] == 8
+
+
+def test_shutdown_stops_a_draining_version(server_factory: ServerFactory, tiny_llama_long_dir: Path,
+                                           tiny_llama_v2_dir: Path) -> None:
+    srv = server_factory(tiny_llama_long_dir, model_name="tiny")
+    v1 = srv.app.registry.get("tiny")
+    spec = spec_from_config(srv.app.config, name="tiny", path=str(tiny_llama_v2_dir), version="2")
+
+    async def main() -> str:
+        async with await Client.connect(srv.url) as c:
+            long = await c.generate(PROMPT, max_tokens=4000, temperature=0.0)
+            async for _ in long:
+                break
+            st = await asyncio.to_thread(on_loop, srv, srv.app.registry.swap(spec, srv.app.load_model))
+            assert st.state == "warm"
+            draining = srv.app.registry.status("tiny", "1")
+            assert draining is not None and draining.state == "draining"  # the long generation holds it
+            await asyncio.to_thread(srv.stop)
+            return draining.state
+
+    assert run(main()) == "unloaded"
+    assert not srv.thread.is_alive()
+    assert not v1.engine.running and engine_threads("tiny") == []
