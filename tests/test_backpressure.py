@@ -17,7 +17,7 @@ from rtws.client import Client
 
 from conftest import UNIT, ServerFactory, run
 
-HIGH = 4096
+HIGH = 1024
 
 
 async def itl_ms(url: str, n_streams: int, max_tokens: int) -> list[float]:
@@ -40,7 +40,7 @@ async def itl_ms(url: str, n_streams: int, max_tokens: int) -> list[float]:
 
 
 def test_stalled_reader_pauses_itself_and_is_closed(server_factory: ServerFactory, tiny_llama_long_dir: Path) -> None:
-    server = server_factory(tiny_llama_long_dir, send_high_watermark=HIGH, stall_timeout_s=2.0 * UNIT,
+    server = server_factory(tiny_llama_long_dir, send_high_watermark=HIGH, stall_timeout_s=5.0 * UNIT,
                             transport_high_water=4096, socket_send_buffer=8192)
     engine = server.engine()
 
@@ -73,11 +73,11 @@ def test_stalled_reader_pauses_itself_and_is_closed(server_factory: ServerFactor
         out["during"] = await itl_ms(server.url, 4, 60)  # another client streams meanwhile
         out["max_buffered"] = session.max_buffered
         t0 = time.monotonic()
-        while server.app.connections and time.monotonic() - t0 < 10 * UNIT:
+        while server.app.connections and time.monotonic() - t0 < 20 * UNIT:
             await asyncio.sleep(0.02)
         out["closed_after"] = time.monotonic() - t0
         out["connections"] = len(server.app.connections)
-        while engine.stats().slots_in_use and time.monotonic() - t0 < 12 * UNIT:
+        while engine.stats().slots_in_use and time.monotonic() - t0 < 22 * UNIT:
             await asyncio.sleep(0.02)
         out["slots"] = engine.stats().slots_in_use
         ws.transport.resume_reading()
