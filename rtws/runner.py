@@ -129,12 +129,16 @@ class _SlotLayer(CacheLayerMixin):
         self._owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # Layout [slot, position, head, dim]: one (slot, position) is one contiguous row, so the per-step
+        # write is a single index_copy_ on a flat view instead of a scattered advanced-index assignment.
         o = self._owner
         _, heads, _, kdim = key_states.shape
         vdim = value_states.shape[-1]
-        self.keys = torch.zeros(o.num_slots, heads, o.max_len, kdim, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(o.num_slots, heads, o.max_len, vdim, dtype=value_states.dtype,
+        self.keys = torch.zeros(o.num_slots, o.max_len, heads, kdim, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(o.num_slots, o.max_len, heads, vdim, dtype=value_states.dtype,
                                   device=value_states.device)
+        self._flat_k = self.keys.view(o.num_slots * o.max_len, heads, kdim)
+        self._flat_v = self.values.view(o.num_slots * o.max_len, heads, vdim)
         self.is_initialized = True
 
     def update(
@@ -144,12 +148,16 @@ class _SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         assert self.keys is not None and self.values is not None
         o = self._owner
-        # keys[slot_b, :, pos_b_i] = key_states[b, :, i]  (advanced dims first: [B, L, H, D])
-        self.keys[o.write_slots, :, o.write_positions] = key_states.transpose(1, 2)
-        self.values[o.write_slots, :, o.write_positions] = value_states.transpose(1, 2)
+        heads = key_states.shape[1]
+        # row (slot_b * max_len + pos_b_i) <- key_states[b, :, i]
+        self._flat_k.index_copy_(0, o.write_index, key_states.transpose(1, 2).reshape(-1, heads, key_states.shape[-1]))
+        self._flat_v.index_copy_(0, o.write_index,
+                                 value_states.transpose(1, 2).reshape(-1, heads, value_states.shape[-1]))
         if o.read_rows is None:
-            return self.keys[: o.batch, :, : o.kv_len], self.values[: o.batch, :, : o.kv_len]
-        return self.keys[o.read_rows, :, : o.kv_len], self.values[o.read_rows, :, : o.kv_len]
+            k, v = self.keys[: o.batch, : o.kv_len], self.values[: o.batch, : o.kv_len]
+        else:
+            k, v = self.keys[o.read_rows, : o.kv_len], self.values[o.read_rows, : o.kv_len]
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.kv_len, 0
@@ -167,8 +175,7 @@ class SlotKVCache(Cache):
     def __init__(self, num_layers: int, num_slots: int, max_len: int) -> None:
         self.num_slots = num_slots
         self.max_len = max_len
-        self.write_slots: torch.Tensor = torch.zeros(0, 1, dtype=torch.long)
-        self.write_positions: torch.Tensor = torch.zeros(0, 1, dtype=torch.long)
+        self.write_index: torch.Tensor = torch.zeros(0, dtype=torch.long)
         self.read_rows: torch.Tensor | None = None
         self.batch = 0
         self.kv_len = 0
@@ -179,8 +186,7 @@ class SlotKVCache(Cache):
         self.batch = len(slots)
         self.kv_len = kv_len
         slot_t = torch.tensor(slots, dtype=torch.long, device=device)
-        self.write_slots = slot_t[:, None]
-        self.write_positions = positions
+        self.write_index = (slot_t[:, None] * self.max_len + positions).reshape(-1)
         # Rows 0..B-1 in order can be read as a view instead of a gather.
         self.read_rows = None if slots == list(range(len(slots))) else slot_t
 
