@@ -1,0 +1,135 @@
+"""A real rtws server for the benchmarks, run as a child process: ``python bench/serve_child.py '<json config>'``.
+
+It builds and runs the app exactly as ``rtws serve`` does (``build_app`` +
+``Server`` with ``uvicorn_config``); the only additions live in this
+process, not in the server's HTTP surface:
+
+* an event-loop lag sampler: a task that asks for a 10 ms sleep and records
+  how late it wakes (``time.perf_counter``, since uvloop's ``loop.time()`` is
+  cached per loop iteration);
+* a control pipe: once listening it prints ``{"event": "ready", "port", "pid"}``
+  on stdout, then answers one JSON line per command read from stdin:
+  ``lag_reset``, ``lag`` (p50/p99/max since the last reset), ``stats``
+  (connections, engine counters, RSS), ``sessions`` (per-session send state) and ``gc``. Closing stdin stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import percentile, rss_kib  # noqa: E402
+
+
+class LagSampler:
+    """Measures how late a periodic 10 ms sleep wakes up on the running loop."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        clock = time.perf_counter
+        while True:
+            t = clock()
+            await asyncio.sleep(self.interval)
+            self.samples.append(max(0.0, clock() - t - self.interval))
+
+    def report(self) -> dict[str, Any]:
+        s = self.samples
+        return {"p50": percentile(s, 50), "p99": percentile(s, 99), "max": max(s) if s else float("nan"),
+                "samples": len(s)}
+
+
+def main() -> int:
+    from rtws.config import ServerConfig
+    from rtws.logs import setup_logging
+    from rtws.server import Server, build_app, uvicorn_config
+
+    cfg = ServerConfig.from_sources(json.loads(sys.argv[1]), env={})
+    setup_logging(cfg.log_level)
+    app = build_app(cfg)
+    lag = LagSampler()
+
+    async def start_lag() -> None:
+        lag.start()
+
+    app.on_startup.append(start_lag)
+    server = Server(uvicorn_config(app, cfg), app)
+    out = sys.stdout
+
+    def answer(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    async def handle(cmd: str) -> dict[str, Any]:
+        if cmd == "lag_reset":
+            lag.samples = []
+            return {"ok": True}
+        if cmd == "lag":
+            return lag.report()
+        if cmd == "gc":
+            gc.collect()
+            return {"rss_kib": rss_kib(os.getpid())}
+        if cmd == "stats":
+            models = {}
+            for name in app.registry.names():
+                served = app.registry.get(name)
+                if served is not None:
+                    st = served.engine.stats()
+                    models[name] = {"running": st.running, "waiting": st.waiting, "paused": st.paused,
+                                    "steps": st.steps, "tokens": st.tokens_generated, "step_errors": st.step_errors}
+            sessions = [c.session for c in app.connections]
+            return {"connections": len(app.connections), "rss_kib": rss_kib(os.getpid()),
+                    "paused_sessions": sum(1 for s in sessions if s.paused),
+                    "pauses": sum(s.num_pauses for s in sessions),
+                    "buffered_bytes": sum(s.buffered for s in sessions),
+                    "max_buffered_bytes": max((s.max_buffered for s in sessions), default=0),
+                    "models": models, "cpu_s": sum(os.times()[:2])}
+        if cmd == "sessions":
+            now = time.monotonic()
+            return {"sessions": [{"frames": c.session.frames_sent, "buffered": c.session.buffered,
+                                  "max_buffered": c.session.max_buffered, "paused": c.session.paused,
+                                  "live": len(c.session.live),
+                                  "blocked_s": None if c.session.send_started is None else now - c.session.send_started}
+                                 for c in app.connections]}
+        return {"error": f"unknown command {cmd!r}"}
+
+    def control() -> None:
+        server.ready.wait()
+        loop = server._loop
+        assert loop is not None
+        answer({"event": "ready", "port": server.port, "pid": os.getpid()})
+        for line in sys.stdin:
+            cmd = line.strip()
+            if not cmd:
+                continue
+            try:
+                answer(asyncio.run_coroutine_threadsafe(handle(cmd), loop).result(60))
+            except Exception as exc:  # the bench reads the error; the server keeps running
+                answer({"error": f"{type(exc).__name__}: {exc}"})
+        server.should_exit = True
+
+    threading.Thread(target=control, name="bench-control", daemon=True).start()
+    server.run()
+    if not server.started:
+        answer({"event": "exited", "started": False})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
