@@ -90,6 +90,21 @@ def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]
     sys.stdout.flush()
 
 
+def parse_tables(text: str) -> dict[str, list[list[str]]]:
+    """The tables :func:`print_table` printed in ``text``: title -> rows of stripped cells (headers excluded)."""
+    lines = text.splitlines()
+    out: dict[str, list[list[str]]] = {}
+    for i in range(len(lines) - 2):
+        if lines[i + 1].startswith("| ") and lines[i + 2].startswith("|-") and not lines[i].startswith("|"):
+            rows = []
+            for row in lines[i + 3:]:
+                if not row.startswith("|"):
+                    break
+                rows.append([c.strip() for c in row.strip().strip("|").split("|")])
+            out[lines[i].strip()] = rows
+    return out
+
+
 def machine_info() -> str:
     """One line: CPU model, cores, memory, GPU (if torch is already imported and sees one)."""
     cpu = platform.processor() or platform.machine()
