@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from collections.abc import Callable
 from typing import Any
 
 from .config import ServerConfig, _base_type, field_type, parse_value
@@ -21,7 +22,17 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=help_text)
         else:
             p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                           type=lambda raw, n=f.name: parse_value(n, field_type(n), raw), help=help_text)
+                           type=_parser_for(f.name), help=help_text)
+
+
+def _parser_for(name: str) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            return parse_value(name, field_type(name), raw)
+        except ValueError as exc:  # argparse turns this into a clean usage error
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

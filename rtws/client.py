@@ -21,6 +21,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin, Subprotocol
 
 from . import protocol as p
 
@@ -141,8 +142,9 @@ class Client:
         sub = p.SUBPROTOCOL_JSON if codec == "json" else p.SUBPROTOCOL_MSGPACK
         c = p.codec_for(sub)
         headers = {"Authorization": f"Bearer {token}"} if token and auth == "header" else None
-        ws = await connect(url, subprotocols=[sub], additional_headers=headers, open_timeout=open_timeout,
-                           max_size=max_size, origin=origin, compression=None)  # type: ignore[arg-type]
+        ws = await connect(url, subprotocols=[Subprotocol(sub)], additional_headers=headers,
+                           open_timeout=open_timeout, max_size=max_size,
+                           origin=Origin(origin) if origin else None, compression=None)
         try:
             if token and auth == "hello":
                 await ws.send(_wire(c, p.Hello(token=token)))

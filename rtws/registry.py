@@ -155,8 +155,7 @@ class ModelRegistry:
                 if st.served is old:
                     st.served = None
                     st.set(UNLOADED, "replaced without draining")
-        st = next((s for s in entry.versions if s.served is served), None)
-        if st is None:
+        if not any(s.served is served for s in entry.versions):
             entry.versions.append(_status_for(served))
         if default or self.default_name is None:
             self.default_name = served.name

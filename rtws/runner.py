@@ -96,7 +96,8 @@ def load_model(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         tok = AutoTokenizer.from_pretrained(tokenizer_path or name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tok
 
