@@ -40,6 +40,8 @@ class ServerConfig:
         "help": "when idle, wait up to this long to group new requests into one batch"})
     priority_aging_s: float = field(default=2.0, metadata={
         "help": "a waiting request gains one priority level per this many seconds"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "help": "on CUDA, decode with static shapes replayed from CUDA graphs (one per batch-size bucket)"})
     warmup: bool = field(default=True, metadata={"help": "run a real generation before serving"})
     # --- sessions and limits
     max_connections: int = field(default=1024, metadata={"help": "open WebSocket + HTTP streams, at most"})

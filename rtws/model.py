@@ -34,6 +34,7 @@ class ModelSpec:
     max_batch_wait_ms: float = 0.0
     aging_s: float = 2.0
     max_prompt_tokens: int | None = None
+    cuda_graphs: bool = True
 
 
 class ServedModel:
@@ -128,7 +129,8 @@ def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
     model, tokenizer = rn.load_model(spec.path, device, dtype)
     ctx = rn.model_context_length(model.config)
     max_len = min(spec.max_seq_len or ctx, ctx)
-    runner = rn.ModelRunner(model, spec.num_slots, max_len, device)
+    runner = rn.ModelRunner(model, spec.num_slots, max_len, device,
+                            static_decode=spec.cuda_graphs and device.type == "cuda", cuda_graphs=spec.cuda_graphs)
     runner.warmup()
     engine = Engine(
         runner,

@@ -191,6 +191,13 @@ class SlotKVCache(Cache):
         # Rows 0..B-1 in order can be read as a view instead of a gather.
         self.read_rows = None if slots == list(range(len(slots))) else slot_t
 
+    def bind_tensors(self, write_index: torch.Tensor, read_rows: torch.Tensor, kv_len: int) -> None:
+        """Static-shape binding (CUDA graphs): indices are device tensors computed inside the graph."""
+        self.batch = int(read_rows.shape[0])
+        self.kv_len = kv_len
+        self.write_index = write_index
+        self.read_rows = read_rows
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
 
@@ -262,9 +269,17 @@ class StepOutput:
 
 
 class ModelRunner:
-    """Runs prefill chunks and decode steps over the slot cache."""
+    """Runs prefill chunks and decode steps over the slot cache.
 
-    def __init__(self, model: Any, num_slots: int, max_len: int, device: torch.device) -> None:
+    ``static_decode`` (default: on for CUDA) runs decode with static shapes per
+    batch-size bucket, each captured once as a CUDA graph on CUDA, so a step
+    is one graph replay instead of hundreds of kernel launches. On CPU the
+    same static path can run eagerly (for tests); the default there is the
+    dynamic path, which reads only the live part of the cache.
+    """
+
+    def __init__(self, model: Any, num_slots: int, max_len: int, device: torch.device,
+                 static_decode: bool | None = None, cuda_graphs: bool = True) -> None:
         self.model = model
         self.device = device
         self.num_slots = num_slots
@@ -272,13 +287,19 @@ class ModelRunner:
         self.dtype: torch.dtype = next(model.parameters()).dtype
         config = model.config
         num_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-        self.cache = SlotKVCache(int(num_layers), num_slots, max_len)
+        if static_decode is None:
+            static_decode = device.type == "cuda"
+        # The static path pads batches to a bucket with rows that write into one extra scratch slot.
+        self.cache = SlotKVCache(int(num_layers), num_slots + (1 if static_decode else 0), max_len)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._vocab_hash = _mix32(torch.arange(self.vocab_size, dtype=torch.long, device=device) * _GOLDEN & _M32)
         self._mask_min = torch.finfo(self.dtype).min
         self._key_range = torch.arange(max_len, device=device)
+        self._static: _StaticDecoder | None = None
+        if static_decode:
+            self._static = _StaticDecoder(self, capture=cuda_graphs and device.type == "cuda")
 
     # ------------------------------------------------------------------ forward
 
@@ -299,6 +320,18 @@ class ModelRunner:
         """Run one engine step. Raises whatever the model raises; the engine fails that step's sequences."""
         rows: list[Sequence] = []
         logits_parts: list[torch.Tensor] = []
+        if plan.decode and self._static is not None:
+            decoded = self._static.run(plan.decode)
+            if plan.prefill:
+                last_logits, last_rows = self._prefill(plan.prefill)
+                if last_rows:
+                    decoded = torch.cat([decoded, self._sample(last_logits, last_rows)])
+                    rows = plan.decode + last_rows
+                else:
+                    rows = plan.decode
+            else:
+                rows = plan.decode
+            return StepOutput(tokens=list(zip(rows, decoded.tolist())))  # one host synchronisation
         if plan.decode:
             seqs = plan.decode
             ids = torch.tensor([[s.next_input()] for s in seqs], dtype=torch.long)
@@ -356,9 +389,119 @@ class ModelRunner:
                       need_filter)
 
     def warmup(self) -> None:
-        """Allocate the cache and run one tiny forward so the first request pays no set-up."""
+        """Allocate the cache, run one tiny forward and capture every decode graph, before any request."""
         from .scheduler import SamplingParams
 
         seq = Sequence(rid=-1, prompt_ids=[0, 0], params=SamplingParams(max_tokens=1, temperature=0.0))
         seq.slot = 0
         self.step(StepPlan(prefill=[PrefillChunk(seq, 0, 2)], decode=[]))
+        if self._static is not None:
+            self._static.capture_all()
+
+
+def _buckets(limit: int) -> list[int]:
+    """Batch-size buckets for static decode: 1, 2, 4, then every 8 up to 64, every 32 above, and ``limit``."""
+    out = [b for b in (1, 2, 4) if b < limit]
+    b = 8
+    while b < limit:
+        out.append(b)
+        b += 8 if b < 64 else 32
+    out.append(limit)
+    return out
+
+
+class _StaticDecoder:
+    """Decode with static shapes per batch-size bucket; on CUDA each (bucket, mode) is one captured graph.
+
+    Inputs live in persistent device buffers; a step copies the live rows in,
+    pads the bucket with rows aimed at the scratch slot, and replays. The
+    cache is read at full ``max_len`` (masked), which is what makes shapes
+    static. Sampling runs inside the graph too, so a step has one host sync.
+    """
+
+    def __init__(self, runner: ModelRunner, capture: bool) -> None:
+        self.r = runner
+        self.capture = capture
+        self.buckets = _buckets(runner.num_slots)
+        self.scratch = runner.num_slots
+        dev, bmax = runner.device, self.buckets[-1]
+        self.ids = torch.zeros(bmax, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(bmax, 1, dtype=torch.long, device=dev)
+        self.slots = torch.full((bmax,), self.scratch, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(bmax, dtype=torch.float32, device=dev)
+        self.top_k = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(bmax, dtype=torch.float32, device=dev)
+        self.seeds = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.counters = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.graphs: dict[tuple[int, bool], tuple[Any, torch.Tensor]] = {}
+        self._pool: Any = None
+
+    def _body(self, b: int, sampling: bool) -> torch.Tensor:
+        r = self.r
+        pos, slots = self.pos[:b], self.slots[:b]
+        r.cache.bind_tensors(slots * r.max_len + pos[:, 0], slots, r.max_len)
+        allowed = r._key_range[None, None, None, :] <= pos[:, None, :, None]
+        mask = torch.zeros(allowed.shape, dtype=r.dtype, device=r.device).masked_fill_(~allowed, r._mask_min)
+        out = r.model(input_ids=self.ids[:b], attention_mask=mask, position_ids=pos, use_cache=True,
+                      logits_to_keep=1, **{r._cache_kw: r.cache})
+        logits = out.logits[:, -1, : r.vocab_size]
+        if not sampling:
+            return logits.argmax(dim=-1)
+        return sample(logits, self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seeds[:b],
+                      self.counters[:b], r._vocab_hash, need_filter=True)
+
+    def _graph(self, b: int, sampling: bool) -> tuple[Any, torch.Tensor]:
+        key = (b, sampling)
+        if key not in self.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up kernels and allocator outside the capture
+                    self._body(b, sampling)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._body(b, sampling)
+            self.graphs[key] = (graph, out)
+        return self.graphs[key]
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        if not self.capture:
+            return
+        self.slots.fill_(self.scratch)
+        self.pos.zero_()
+        for b in self.buckets:
+            for sampling in (False, True):
+                self._graph(b, sampling)
+        torch.cuda.synchronize()
+
+    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        n = len(seqs)
+        b = next(x for x in self.buckets if x >= n)
+        dev = self.r.device
+        rows = [(s.next_input(), s.num_cached, s.slot) for s in seqs] + [(0, 0, self.scratch)] * (b - n)
+        packed = torch.tensor(rows, dtype=torch.long)
+        self.ids[:b, 0].copy_(packed[:, 0].to(dev, non_blocking=True))
+        self.pos[:b, 0].copy_(packed[:, 1].to(dev, non_blocking=True))
+        self.slots[:b].copy_(packed[:, 2].to(dev, non_blocking=True))
+        sampling = any(s.params.temperature > 0 for s in seqs)
+        if sampling:
+            pad = b - n
+            fparams = torch.tensor([[s.params.temperature, s.params.top_p] for s in seqs] + [[0.0, 1.0]] * pad,
+                                   dtype=torch.float32)
+            iparams = torch.tensor([[s.params.top_k, s.params.seed, len(s.output_ids)] for s in seqs]
+                                   + [[0, 0, 0]] * pad, dtype=torch.long)
+            self.temperature[:b].copy_(fparams[:, 0].to(dev, non_blocking=True))
+            self.top_p[:b].copy_(fparams[:, 1].to(dev, non_blocking=True))
+            self.top_k[:b].copy_(iparams[:, 0].to(dev, non_blocking=True))
+            self.seeds[:b].copy_(iparams[:, 1].to(dev, non_blocking=True))
+            self.counters[:b].copy_(iparams[:, 2].to(dev, non_blocking=True))
+        if self.capture:
+            graph, out = self._graph(b, sampling)
+            graph.replay()
+        else:
+            out = self._body(b, sampling)
+        return out[:n]

@@ -17,11 +17,12 @@ from rtws.scheduler import SamplingParams, StepPlan
 from conftest import UNIT
 
 
-def make_engine(path: Path, num_slots: int = 8, prefill_budget: int = 64, **cfg: Any) -> tuple[Engine, Any, Any]:
+def make_engine(path: Path, num_slots: int = 8, prefill_budget: int = 64, static_decode: bool = False,
+                **cfg: Any) -> tuple[Engine, Any, Any]:
     model, tok = load_model(str(path), torch.device("cpu"), torch.float32)
     max_len = min(model.config.max_position_embeddings if hasattr(model.config, "max_position_embeddings")
                   else model.config.n_positions, 256)
-    runner = ModelRunner(model, num_slots, max_len, torch.device("cpu"))
+    runner = ModelRunner(model, num_slots, max_len, torch.device("cpu"), static_decode=static_decode)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     eng = Engine(runner, tok, EngineConfig(num_slots=num_slots, max_len=max_len, prefill_budget=prefill_budget, **cfg),
                  eos_ids=eos)
@@ -89,8 +90,8 @@ def staggered_greedy(eng: Engine, prompts: list[list[int]], n: int) -> list[Coll
         eng.stop()
 
 
-def check_equal_to_generate(path: Path, n: int = 24) -> None:
-    eng, model, tok = make_engine(path, num_slots=8, prefill_budget=16)
+def check_equal_to_generate(path: Path, n: int = 24, static_decode: bool = False) -> None:
+    eng, model, tok = make_engine(path, num_slots=8, prefill_budget=16, static_decode=static_decode)
     text = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
     base = tok.encode(text)
     prompts = [base[: 2 + 5 * i] for i in range(8)]  # 2..37 tokens: several need chunked prefill
@@ -109,6 +110,12 @@ def test_greedy_equals_generate_tiny_llama_gqa(tiny_llama_dir: Path) -> None:
     cfg = AutoConfig.from_pretrained(tiny_llama_dir)
     assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention
     check_equal_to_generate(tiny_llama_dir)
+
+
+def test_static_shape_decode_equals_generate(tiny_llama_dir: Path) -> None:
+    """The CUDA-graph decode path (bucketed static shapes, scratch-slot padding, full-length masked cache),
+    run eagerly on CPU: same greedy tokens as model.generate while requests join and leave buckets."""
+    check_equal_to_generate(tiny_llama_dir, static_decode=True)
 
 
 def test_greedy_equals_generate_tiny_gpt2(tiny_gpt2_dir: Path) -> None:
@@ -131,8 +138,9 @@ def run_engine(eng: Engine, body: Callable[[asyncio.AbstractEventLoop], Any]) ->
         eng.stop()
 
 
-def test_seed_reproducible_whatever_the_batch(tiny_llama_dir: Path) -> None:
-    eng, _, tok = make_engine(tiny_llama_dir)
+@pytest.mark.parametrize("static_decode", [False, True], ids=["dynamic", "static"])
+def test_seed_reproducible_whatever_the_batch(tiny_llama_dir: Path, static_decode: bool) -> None:
+    eng, _, tok = make_engine(tiny_llama_dir, static_decode=static_decode)
     prompt = tok.encode("ROMEO:\n")
     params = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
 
