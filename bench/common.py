@@ -223,7 +223,8 @@ def add_model_args(p: Any, *, default_concurrency: int = 32) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="prompt length in tokens")
     p.add_argument("--num-slots", type=int, default=None, help="engine KV slots (default: max(64, concurrency))")
     p.add_argument("--prefill-budget", type=int, default=256, help="prompt tokens per engine step")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads here and in a server child (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -496,6 +497,12 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def thread_env(args: Any) -> dict[str, str]:
+    """Environment for a server child that uses ``--threads`` torch threads (empty: torch's default)."""
+    threads = getattr(args, "threads", None)
+    return {"OMP_NUM_THREADS": str(threads)} if threads else {}
 
 
 def server_config(args: Any, **overrides: Any) -> dict[str, Any]:

@@ -52,12 +52,14 @@ from common import (  # noqa: E402
     server_config,
     slots_for,
     text_prompts,
+    thread_env,
 )
 from loadgen import Fleet, merge, split  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--requests", type=int, default=128, help="requests in the main phase")
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request")
@@ -103,7 +105,7 @@ class Bench:
             max_generations_per_session=max(64, 2 * top_streams),
             max_tokens_limit=max(4096, max(self.mts)),
             idle_timeout_s=3600.0, ping_interval_s=None,
-        ))
+        ), env=thread_env(args))
 
     def close(self) -> None:
         self.server.stop()

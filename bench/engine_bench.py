@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,6 @@ from common import (  # noqa: E402
     print_header,
     print_table,
     prompt_ids,
-    ratio,
     run_engine,
     run_generate,
     slots_for,
@@ -49,40 +49,84 @@ from common import (  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--requests", type=int, default=64, help="requests per workload")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (uniform workload)")
     p.add_argument("--mixed", action="store_true", help="only the mixed workload (max_tokens uniform in 16..256)")
     p.add_argument("--workload", choices=("both", "uniform", "mixed"), default="both")
     p.add_argument("--mixed-range", default="16,256", help="lo,hi of the mixed max_tokens")
-    p.add_argument("--repeat", type=int, default=1, help="run each pair this many times, report the best of each")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="paired rtws / generate runs per workload (ABBA order); medians are reported")
     return p
 
 
 async def _engine_run(served: Any, prompts: list[list[int]], mts: list[int], concurrency: int) -> RunStats:
-    return await run_engine(served.engine, prompts, mts, concurrency, ignore_eos=True)
+    """One closed-loop rtws run, with the runner's step time and batch rows recorded in ``extra``."""
+    runner = served.engine.runner
+    acc = {"step_s": 0.0, "steps": 0, "decode_rows": 0, "prefill_tokens": 0}
+    inner = runner.step
+
+    def timed_step(plan: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return inner(plan)
+        finally:
+            acc["step_s"] += time.perf_counter() - t0
+            acc["steps"] += 1
+            acc["decode_rows"] += len(plan.decode)
+            acc["prefill_tokens"] += sum(c.end - c.start for c in plan.prefill)
+
+    runner.step = timed_step  # the engine thread looks the method up on every step
+    try:
+        st = await run_engine(served.engine, prompts, mts, concurrency, ignore_eos=True)
+    finally:
+        del runner.step
+    st.extra.update(acc)
+    return st
 
 
 def measure(served: Any, prompts: list[list[int]], mts: list[int], concurrency: int, repeat: int,
-            loop: asyncio.AbstractEventLoop) -> tuple[RunStats, RunStats]:
-    """Alternate rtws and generate ``repeat`` times; keep each one's best tokens/s."""
-    best_r: RunStats | None = None
-    best_g: RunStats | None = None
-    for _ in range(repeat):
-        r = loop.run_until_complete(_engine_run(served, prompts, mts, concurrency))
-        g = run_generate(served.model, prompts, mts, concurrency, pad_token_id(served))
-        if best_r is None or r.tok_s > best_r.tok_s:
-            best_r = r
-        if best_g is None or g.tok_s > best_g.tok_s:
-            best_g = g
-    assert best_r is not None and best_g is not None
-    return best_r, best_g
+            loop: asyncio.AbstractEventLoop) -> tuple[RunStats, RunStats, float]:
+    """``repeat`` paired runs in ABBA order; returns the median rtws run, the median generate run, and the
+    median of the per-pair ratios rtws/generate."""
+    rs: list[RunStats] = []
+    gs: list[RunStats] = []
+    for k in range(repeat):
+        if k % 2 == 0:
+            rs.append(loop.run_until_complete(_engine_run(served, prompts, mts, concurrency)))
+            gs.append(run_generate(served.model, prompts, mts, concurrency, pad_token_id(served)))
+        else:
+            gs.append(run_generate(served.model, prompts, mts, concurrency, pad_token_id(served)))
+            rs.append(loop.run_until_complete(_engine_run(served, prompts, mts, concurrency)))
+    ratios = sorted(r.tok_s / g.tok_s for r, g in zip(rs, gs))
+    if repeat > 1:
+        print("#   pairs (rtws/generate tok/s): "
+              + ", ".join(f"{num(r.tok_s)}/{num(g.tok_s)}" for r, g in zip(rs, gs)))
+    return (sorted(rs, key=lambda x: x.tok_s)[len(rs) // 2], sorted(gs, key=lambda x: x.tok_s)[len(gs) // 2],
+            ratios[len(ratios) // 2])
 
 
-def row(workload: str, st: RunStats, base: RunStats | None) -> list[str]:
+def row(workload: str, st: RunStats, vs: float | None) -> list[str]:
     return [workload, st.label, num(st.tokens), f"{st.wall:.2f}", num(st.tok_s), ms(percentile(st.itl, 50)),
-            ms(percentile(st.itl, 99)), ratio(st.tok_s, base.tok_s) if base is not None else "1.00x"]
+            ms(percentile(st.itl, 99)), f"{vs:.2f}x" if vs is not None else "1.00x"]
+
+
+def cost_rows(workload: str, r: RunStats, g: RunStats, mts: list[int], concurrency: int,
+              prompt_len: int) -> list[list[str]]:
+    """Where the time goes: steps, rows per step, and model time per computed row-token on each side."""
+    e = r.extra
+    r_rows = e["decode_rows"] + e["prefill_tokens"]
+    g_steps = sum(max(mts[b:b + concurrency]) for b in range(0, len(mts), concurrency))
+    g_rows = g.extra["padded_tokens"] + prompt_len * len(mts)
+    return [
+        [workload, "model.generate", num(g_steps), num(g_rows / max(1, g_steps), 1), ms(g.wall / max(1, g_steps)),
+         f"{1e6 * g.wall / max(1, g_rows):.0f}", "-"],
+        [workload, "rtws engine", num(e["steps"]), num(r_rows / max(1, e["steps"]), 1),
+         ms(e["step_s"] / max(1, e["steps"])), f"{1e6 * e['step_s'] / max(1, r_rows):.0f}",
+         f"{100 * e['step_s'] / r.wall:.0f}%" if r.wall else "-"],
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,21 +156,27 @@ def main(argv: list[str] | None = None) -> int:
         loop.run_until_complete(_engine_run(served, prompts[:warm_n], [4] * warm_n, args.concurrency))
         run_generate(served.model, prompts[:warm_n], [4] * warm_n, args.concurrency, pad_token_id(served))
         rows = []
+        costs = []
         for name, mts in workloads:
-            r, g = measure(served, prompts, mts, args.concurrency, args.repeat, loop)
+            r, g, vs = measure(served, prompts, mts, args.concurrency, args.repeat, loop)
             useful = sum(mts)
             padded = g.extra["padded_tokens"]
             print(f"# {name}: {args.requests} requests, concurrency {args.concurrency}, {useful} useful tokens; "
                   f"static batches compute {padded} ({padded / useful:.2f}x); rtws ttft p50 "
                   f"{ms(percentile(r.ttft, 50))} ms p99 {ms(percentile(r.ttft, 99))} ms; reasons {r.reasons}")
             rows.append(row(name, g, None))
-            rows.append(row(name, r, g))
+            rows.append(row(name, r, vs))
+            costs += cost_rows(name, r, g, mts, args.concurrency, args.prompt_len)
     finally:
         served.stop()
         loop.close()
+    print_table("where the time goes (row-tokens: decode rows + prompt tokens computed, padding included)",
+                ["workload", "system", "steps", "row-tokens/step", "ms/step", "us/row-token", "runner share"],
+                costs)
     print_table(f"engine_bench: concurrency {args.concurrency}, prompt {args.prompt_len} tokens, "
                 f"{args.requests} requests, {served.device}",
-                ["workload", "system", "tokens", "wall s", "tok/s", "ITL p50 ms", "ITL p99 ms", "vs generate"],
+                ["workload", "system", "tokens", "wall s", "tok/s", "ITL p50 ms", "ITL p99 ms",
+                 f"vs generate{' (median of pairs)' if args.repeat > 1 else ''}"],
                 rows)
     return 0
 

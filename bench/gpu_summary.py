@@ -1,4 +1,4 @@
-"""The short table ``bench/gpu.sh`` ends with, from the outputs it saved: ``python bench/gpu_summary.py DIR [STREAMS]``."""
+"""The short table ``bench/gpu.sh`` ends with, from its saved outputs: ``python bench/gpu_summary.py DIR [STREAMS]``."""
 
 from __future__ import annotations
 

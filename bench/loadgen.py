@@ -137,7 +137,8 @@ class Conn:
         u = urlsplit(url)
         sock = _socket(url, rcvbuf, maxseg)
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (u.hostname, u.port)), timeout)
-        ws = await connect(url, sock=sock, subprotocols=[p.SUBPROTOCOL_MSGPACK], compression=None,  # type: ignore[list-item]
+        ws = await connect(url, sock=sock, subprotocols=[p.SUBPROTOCOL_MSGPACK],  # type: ignore[list-item]
+                           compression=None,
                            max_size=None, max_queue=4096, proxy=None, open_timeout=timeout, ping_interval=None,
                            close_timeout=2)
         codec = p.MSGPACK

@@ -37,7 +37,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ServerProcess, corpus_text, num, percentile, print_header, print_table, raise_nofile  # noqa: E402
+from common import (  # noqa: E402
+    ServerProcess,
+    corpus_text,
+    num,
+    percentile,
+    print_header,
+    print_table,
+    raise_nofile,
+    thread_env,
+)
 from loadgen import Fleet, merge  # noqa: E402
 
 TRANSPORT_HIGH_WATER = 64 * 1024  # asyncio/uvloop default write-buffer high-water mark used by uvicorn
@@ -46,10 +55,14 @@ TRANSPORT_HIGH_WATER = 64 * 1024  # asyncio/uvloop default write-buffer high-wat
 def build_parser() -> argparse.ArgumentParser:
     from rtws.default_model import DEFAULT_MODEL_PATH
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="the server's torch threads (OMP_NUM_THREADS)")
+    p.add_argument("--no-touch-kv", dest="touch_kv", action="store_false",
+                   help="skip filling every KV slot before the baseline (then KV page-ins show up as growth)")
     p.add_argument("--sessions", type=int, default=100)
     p.add_argument("--gens-per-session", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=4096, help="per generation (the context caps it)")
@@ -64,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1), help="client processes")
     p.add_argument("--mode", choices=("both", "normal", "stalled"), default="both")
     p.add_argument("--timeout-s", type=float, default=300.0, help="give up waiting after this long")
+    p.add_argument("--settle-s", type=float, default=0.5, help="pause before each RSS reading")
     return p
 
 
@@ -109,8 +123,13 @@ def server_cfg(args: Any) -> dict[str, Any]:
     return cfg
 
 
-def settled_rss(server: ServerProcess) -> int:
-    time.sleep(0.5)
+def prepare(server: ServerProcess, args: Any) -> None:
+    if args.touch_kv:
+        server.command("touch_kv", timeout=args.timeout_s)
+
+
+def settled_rss(server: ServerProcess, settle: float) -> int:
+    time.sleep(settle)
     server.command("gc")
     return server.rss_kib()
 
@@ -120,11 +139,12 @@ def tokens_of(stats: dict[str, Any]) -> int:
 
 
 def run_normal(args: Any, prompt: str) -> dict[str, Any]:
-    with ServerProcess(server_cfg(args)) as server:
-        rss0 = settled_rss(server)
+    with ServerProcess(server_cfg(args), env=thread_env(args)) as server:
+        prepare(server, args)
+        rss0 = settled_rss(server, args.settle_s)
         tok0 = tokens_of(server.command("stats"))
         with Fleet(server.url, args.sessions, args.procs) as fleet:
-            rss_conn = settled_rss(server)
+            rss_conn = settled_rss(server, args.settle_s)
             t0 = time.monotonic()
             with Watch(server) as w:
                 res = merge(fleet.all({"op": "one_each", "prompt": prompt, "max_tokens": args.max_tokens,
@@ -136,7 +156,8 @@ def run_normal(args: Any, prompt: str) -> dict[str, Any]:
                 break
             time.sleep(0.05)
         st = server.command("stats")
-        return {"rss0": rss0, "rss_conn": rss_conn, "peak": max(w.peak_rss, rss_done), "rss_after": settled_rss(server),
+        return {"rss0": rss0, "rss_conn": rss_conn, "peak": max(w.peak_rss, rss_done),
+                "rss_after": settled_rss(server, args.settle_s),
                 "max_buffered": w.max_buffered, "max_paused": w.max_paused, "tokens": tokens_of(st) - tok0,
                 "delivered": res["tokens"], "frames": res["frames"], "reasons": res["reasons"],
                 "errors": res["errors"], "closed": 0, "close_after": [], "wall": wall, "mode": "normal",
@@ -144,11 +165,12 @@ def run_normal(args: Any, prompt: str) -> dict[str, Any]:
 
 
 def run_stalled(args: Any, prompt: str) -> dict[str, Any]:
-    with ServerProcess(server_cfg(args)) as server:
-        rss0 = settled_rss(server)
+    with ServerProcess(server_cfg(args), env=thread_env(args)) as server:
+        prepare(server, args)
+        rss0 = settled_rss(server, args.settle_s)
         tok0 = tokens_of(server.command("stats"))
         with Fleet(server.url, args.sessions, args.procs, raw=True, rcvbuf=args.rcvbuf, maxseg=args.maxseg) as fleet:
-            rss_conn = settled_rss(server)
+            rss_conn = settled_rss(server, args.settle_s)
             t0 = time.monotonic()
             with Watch(server) as w:
                 ans = fleet.all({"op": "stall", "prompt": prompt, "max_tokens": args.max_tokens,
@@ -173,7 +195,7 @@ def run_stalled(args: Any, prompt: str) -> dict[str, Any]:
             st = server.command("stats")
         events = server.log_events("stalled")
         close_after = [e["ts"] - stalled_at for e in events]
-        return {"rss0": rss0, "rss_conn": rss_conn, "peak": w.peak_rss, "rss_after": settled_rss(server),
+        return {"rss0": rss0, "rss_conn": rss_conn, "peak": w.peak_rss, "rss_after": settled_rss(server, args.settle_s),
                 "max_buffered": w.max_buffered, "max_paused": w.max_paused, "tokens": tokens_of(st) - tok0,
                 "delivered": float("nan"), "frames": float("nan"), "reasons": {}, "errors": {},
                 "closed": len(events), "close_after": close_after, "mode": "stalled", "wall": wall,

@@ -10,7 +10,8 @@ process, not in the server's HTTP surface:
 * a control pipe: once listening it prints ``{"event": "ready", "port", "pid"}``
   on stdout, then answers one JSON line per command read from stdin:
   ``lag_reset``, ``lag`` (p50/p99/max since the last reset), ``stats``
-  (connections, engine counters, RSS), ``sessions`` (per-session send state) and ``gc``. Closing stdin stops the server.
+  (connections, engine counters, RSS), ``sessions`` (per-session send state),
+  ``touch_kv`` (write every KV slot once, so its pages are resident) and ``gc``. Closing stdin stops the server.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def main() -> int:
                     "buffered_bytes": sum(s.buffered for s in sessions),
                     "max_buffered_bytes": max((s.max_buffered for s in sessions), default=0),
                     "models": models, "cpu_s": sum(os.times()[:2])}
+        if cmd == "touch_kv":
+            return await touch_kv()
         if cmd == "sessions":
             now = time.monotonic()
             return {"sessions": [{"frames": c.session.frames_sent, "buffered": c.session.buffered,
@@ -107,6 +110,37 @@ def main() -> int:
                                   "blocked_s": None if c.session.send_started is None else now - c.session.send_started}
                                  for c in app.connections]}
         return {"error": f"unknown command {cmd!r}"}
+
+    async def touch_kv() -> dict[str, Any]:
+        """Fill every KV slot of every model once (one prompt of context - 1 tokens each, 1 new token).
+
+        The slot cache is allocated zeroed and its pages become resident only
+        when written; doing this first keeps KV page-ins out of RSS deltas
+        meant to measure sessions and buffers.
+        """
+        from rtws.scheduler import SamplingParams
+
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        futs = []
+        for name in app.registry.names():
+            served = app.registry.get(name)
+            if served is None:
+                continue
+            n = served.engine.config.num_slots
+            ids = [1] * (served.context_len - 1)
+            for _ in range(n):
+                fut = loop.create_future()
+
+                def sink(ev: Any, fut: asyncio.Future[Any] = fut) -> None:
+                    if ev.finish is not None and not fut.done():
+                        fut.set_result(ev.finish)
+
+                served.engine.submit(ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), sink)
+                futs.append(fut)
+        reasons = await asyncio.gather(*futs)
+        return {"touched": len(futs), "reasons": sorted(set(reasons)), "seconds": time.perf_counter() - t0,
+                "rss_kib": rss_kib(os.getpid())}
 
     def control() -> None:
         server.ready.wait()
@@ -118,7 +152,7 @@ def main() -> int:
             if not cmd:
                 continue
             try:
-                answer(asyncio.run_coroutine_threadsafe(handle(cmd), loop).result(60))
+                answer(asyncio.run_coroutine_threadsafe(handle(cmd), loop).result())  # the parent times out
             except Exception as exc:  # the bench reads the error; the server keeps running
                 answer({"error": f"{type(exc).__name__}: {exc}"})
         server.should_exit = True

@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     print_header,
     print_table,
     raise_nofile,
+    thread_env,
 )
 from loadgen import Fleet, merge  # noqa: E402
 
@@ -45,10 +46,14 @@ from loadgen import Fleet, merge  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     from rtws.default_model import DEFAULT_MODEL_PATH
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL_PATH), help="model folder, gpt2-random, ...")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="the server's torch threads (OMP_NUM_THREADS)")
+    p.add_argument("--no-touch-kv", dest="touch_kv", action="store_false",
+                   help="skip filling every KV slot before the baseline (then KV page-ins show up as growth)")
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--prompt-chars", type=int, default=120, help="prompt length in characters (about 32 tokens)")
@@ -103,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg: dict[str, Any] = {"model": args.model, "device": args.device, "dtype": args.dtype,
                            "num_slots": args.num_slots, "max_connections": args.max_connections or n + 100,
                            "idle_timeout_s": 3600.0, "ping_interval_s": None}
-    server = ServerProcess(cfg)
+    server = ServerProcess(cfg, env=thread_env(args))
     print(f"# server pid {server.pid} port {server.port}; RLIMIT_NOFILE {nofile}; {args.procs} client procs; "
           f"num_slots {args.num_slots}; max_connections {cfg['max_connections']}")
     try:
+        if args.touch_kv:
+            server.command("touch_kv", timeout=600)
         rss0 = settled_rss(server, args.settle_s)
         t0 = time.monotonic()
         with Fleet(server.url, n, args.procs) as fleet:
@@ -139,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 [lag_row(f"{n} sessions, 1 generation each", lag)])
     print_table("server RSS (VmRSS, MiB)", ["state", "RSS MiB", "vs baseline MiB", "per session KiB"], [
         ["no sessions (baseline)", mib(rss0), "0.0", "-"],
-        [f"{connected} idle sessions", mib(rss_idle), mib(rss_idle - rss0), num((rss_idle - rss0) / max(1, connected), 1)],
+        [f"{connected} idle sessions", mib(rss_idle), mib(rss_idle - rss0),
+         num((rss_idle - rss0) / max(1, connected), 1)],
         ["burst peak", mib(sampler.peak), mib(sampler.peak - rss0), num((sampler.peak - rss0) / max(1, connected), 1)],
         ["after burst", mib(rss_burst_after), mib(rss_burst_after - rss0), "-"],
         ["all closed", mib(rss_closed), mib(rss_closed - rss0), "-"],

@@ -96,7 +96,8 @@ def test_sessions_bench_runs_every_session(tiny_llama_dir: Path, capsys: pytest.
 
 def test_memory_bench_closes_stalled_readers(tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = bench_module("memory_bench").main(["--model", str(tiny_llama_dir), "--sessions", "3", "--gens-per-session",
-                                            "12", "--stall-timeout-s", "0.5", "--procs", "1", "--mode", "stalled"])
+                                            "12", "--stall-timeout-s", "0.5", "--procs", "1", "--mode", "stalled",
+                                            "--settle-s", "0"])
     assert rc == 0
     rows = table(capsys.readouterr().out, "memory_bench summary")
     assert value(rows, "sessions x generations") == "3 x 12"
