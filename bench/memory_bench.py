@@ -90,6 +90,8 @@ class Watch:
         self.peak_rss = 0
         self.max_buffered = 0
         self.max_paused = 0
+        self.max_held = 0
+        self.max_held_total = 0
         self.last: dict[str, Any] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -101,6 +103,8 @@ class Watch:
             self.peak_rss = max(self.peak_rss, st.get("rss_kib", 0))
             self.max_buffered = max(self.max_buffered, st.get("max_buffered_bytes", 0))
             self.max_paused = max(self.max_paused, st.get("paused_sessions", 0))
+            self.max_held = max(self.max_held, st.get("max_held_bytes", 0))
+            self.max_held_total = max(self.max_held_total, st.get("held_bytes", 0))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> Watch:
@@ -158,7 +162,8 @@ def run_normal(args: Any, prompt: str) -> dict[str, Any]:
         st = server.command("stats")
         return {"rss0": rss0, "rss_conn": rss_conn, "peak": max(w.peak_rss, rss_done),
                 "rss_after": settled_rss(server, args.settle_s),
-                "max_buffered": w.max_buffered, "max_paused": w.max_paused, "tokens": tokens_of(st) - tok0,
+                "max_buffered": w.max_buffered, "max_paused": w.max_paused,
+                "max_held": w.max_held, "max_held_total": w.max_held_total, "tokens": tokens_of(st) - tok0,
                 "delivered": res["tokens"], "frames": res["frames"], "reasons": res["reasons"],
                 "errors": res["errors"], "closed": 0, "close_after": [], "wall": wall, "mode": "normal",
                 "connections_left": st["connections"], "connected": fleet.num_connected}
@@ -196,7 +201,8 @@ def run_stalled(args: Any, prompt: str) -> dict[str, Any]:
         events = server.log_events("stalled")
         close_after = [e["ts"] - stalled_at for e in events]
         return {"rss0": rss0, "rss_conn": rss_conn, "peak": w.peak_rss, "rss_after": settled_rss(server, args.settle_s),
-                "max_buffered": w.max_buffered, "max_paused": w.max_paused, "tokens": tokens_of(st) - tok0,
+                "max_buffered": w.max_buffered, "max_paused": w.max_paused,
+                "max_held": w.max_held, "max_held_total": w.max_held_total, "tokens": tokens_of(st) - tok0,
                 "delivered": float("nan"), "frames": float("nan"), "reasons": {}, "errors": {},
                 "closed": len(events), "close_after": close_after, "mode": "stalled", "wall": wall,
                 "connections_left": st["connections"], "connected": fleet.num_connected}
@@ -238,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         ["RSS after, all closed (MiB)", *cells(lambda r: mib(r["rss_after"]))],
         ["peak growth per session (KiB)", *cells(lambda r: num((r["peak"] - r["rss0"]) / n, 1))],
         ["largest session send buffer (B)", *cells(lambda r: num(r["max_buffered"]))],
+        ["most bytes held for one session (B)", *cells(lambda r: num(r["max_held"]))],
+        ["most bytes held, all sessions (KiB)", *cells(lambda r: num(r["max_held_total"] / 1024, 1))],
         ["sessions paused at once (max)", *cells(lambda r: str(r["max_paused"]))],
         ["closed as stalled", *cells(lambda r: f"{r['closed']}/{n}" if r["mode"] == "stalled" else "-")],
         ["close after stop reading p50 / max s", *cells(
@@ -245,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             else "-")],
         ["wall s", *cells(lambda r: f"{r['wall']:.1f}")],
     ]
-    print(f"# per-session bound on server-side buffering: send_high_watermark {hw} B (session buffer) + about "
-          f"{TRANSPORT_HIGH_WATER} B (uvicorn transport high-water mark) + one step of frames; "
-          f"{n} sessions -> at most about {mib(n * (hw + TRANSPORT_HIGH_WATER) / 1024)} MiB")
+    print(f"# per-session bound on bytes the server holds: send_high_watermark {hw} B (session buffer) + about "
+          f"{TRANSPORT_HIGH_WATER} B (transport write-buffer high-water mark) + one step of frames; "
+          f"{n} sessions -> at most about {mib(n * (hw + TRANSPORT_HIGH_WATER) / 1024)} MiB. 'bytes held' = session "
+          f"send buffer + transport write buffer, sampled every 50 ms; RSS also moves with the engine's per-step "
+          f"tensors at large batch")
     print_table(f"memory_bench summary: {n} sessions, stall timeout {args.stall_timeout_s} s, id length "
                 f"{args.id_len}, send_high_watermark {hw} B", ["figure", *names], rows)
     return 0

@@ -10,7 +10,8 @@ process, not in the server's HTTP surface:
 * a control pipe: once listening it prints ``{"event": "ready", "port", "pid"}``
   on stdout, then answers one JSON line per command read from stdin:
   ``lag_reset``, ``lag`` (p50/p99/max since the last reset), ``stats``
-  (connections, engine counters, RSS), ``sessions`` (per-session send state),
+  (connections, engine counters, RSS, bytes held per session: send buffer +
+  transport write buffer), ``sessions`` (per-session send state),
   ``touch_kv`` (write every KV slot once, so its pages are resident) and ``gc``. Closing stdin stops the server.
 """
 
@@ -55,6 +56,15 @@ class LagSampler:
                 "samples": len(s)}
 
 
+def transport_buffered(conn: Any) -> int:
+    """Bytes waiting in the connection's transport write buffer (uvicorn's protocol owns the ASGI ``send``)."""
+    transport = getattr(getattr(conn.send, "__self__", None), "transport", None)
+    try:
+        return int(transport.get_write_buffer_size()) if transport is not None else 0
+    except Exception:  # closed transport
+        return 0
+
+
 def main() -> int:
     from rtws.config import ServerConfig
     from rtws.logs import setup_logging
@@ -94,7 +104,9 @@ def main() -> int:
                     models[name] = {"running": st.running, "waiting": st.waiting, "paused": st.paused,
                                     "steps": st.steps, "tokens": st.tokens_generated, "step_errors": st.step_errors}
             sessions = [c.session for c in app.connections]
+            held = [c.session.buffered + transport_buffered(c) for c in app.connections]
             return {"connections": len(app.connections), "rss_kib": rss_kib(os.getpid()),
+                    "held_bytes": sum(held), "max_held_bytes": max(held, default=0),
                     "paused_sessions": sum(1 for s in sessions if s.paused),
                     "pauses": sum(s.num_pauses for s in sessions),
                     "buffered_bytes": sum(s.buffered for s in sessions),
