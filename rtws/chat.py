@@ -170,6 +170,7 @@ class _Turn:
     def __init__(self) -> None:
         self.stream: Any = None
         self.cancel_requested = False
+        self.printed = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def request_cancel(self) -> None:
@@ -320,27 +321,29 @@ class Chat:
         return True
 
     def say(self, text: str) -> None:
-        """Send one user turn with the history; stream the reply; keep both in the history."""
+        """Send one user turn with the history; stream the reply; keep both in the history.
+
+        When the prompt is longer than the model accepts, the oldest exchange is
+        dropped and the turn is sent again, until it fits or no history is left.
+        """
         if (self.client is None or self.client.closed is not None) and not self.connect():
             return
-        messages = [*self.history, {"role": "user", "content": text}]
-        turn = _Turn()
-        future = self.loop.submit(self._stream(messages, turn))
         while True:
+            turn = _Turn()
+            future = self.loop.submit(self._stream([*self.history, {"role": "user", "content": text}], turn))
             try:
-                reply = future.result()
+                reply = self._wait(future, turn)
                 break
-            except KeyboardInterrupt:
-                # The stream then ends with reason "cancelled" and future.result() returns.
-                self.loop.loop.call_soon_threadsafe(turn.request_cancel)
             except GenerationError as exc:
-                self.out.write("\n")
+                if exc.code == "invalid_params" and exc.message.startswith("prompt is") and self.history:
+                    del self.history[:2]
+                    self.info("(the conversation outgrew the model's context: dropped the oldest exchange)")
+                    continue
                 self.error(f"{exc.code}: {exc.message}")
-                if exc.code == "invalid_params" and self.history and "prompt" in exc.message:
-                    self.info("the conversation may be too long for the model: /reset starts over")
                 return
             except (ConnectionLost, ConnectionClosed, OSError) as exc:
-                self.out.write("\n")
+                if turn.printed:
+                    self.out.write("\n")
                 self.error(f"connection lost ({exc}); the next line reconnects")
                 self.client = None
                 return
@@ -350,6 +353,14 @@ class Chat:
         self.info(self._stats(reply))
         if reply.text:
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+
+    def _wait(self, future: Future[Reply], turn: _Turn) -> Reply:
+        """Block for the reply; Ctrl-C meanwhile cancels it (the stream then ends with reason "cancelled")."""
+        while True:
+            try:
+                return future.result()
+            except KeyboardInterrupt:
+                self.loop.loop.call_soon_threadsafe(turn.request_cancel)
 
     async def _stream(self, messages: list[dict[str, str]], turn: _Turn) -> Reply:
         assert self.client is not None
@@ -367,6 +378,7 @@ class Chat:
                 first = time.monotonic()
             self.out.write(chunk)
             self.out.flush()
+            turn.printed = True
         usage = stream.usage
         return Reply(stream.text, stream.reason or "error", usage.prompt_tokens if usage else 0,
                      usage.completion_tokens if usage else stream.tokens,

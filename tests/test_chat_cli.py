@@ -231,3 +231,17 @@ def unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_history_slides_when_the_conversation_outgrows_the_context(server_factory: ServerFactory,
+                                                                   long_llama_dir: Path) -> None:
+    rs = server_factory(long_llama_dir, max_prompt_tokens=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rtws", "chat", rs.url], check=False,
+        input="/temp 0\n/max 20\nFirst line.\nSecond line.\nThird line.\nFourth line.\n",
+        capture_output=True, text=True, timeout=30 * UNIT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "dropped the oldest exchange" in proc.stderr
+    prompts = [int(m.group(3)) for m in re.finditer(STATS, proc.stderr)]
+    assert len(prompts) == 4 and max(prompts) <= 60 and "error" not in proc.stderr

@@ -340,3 +340,24 @@ def test_committed_bundle_matches_the_source(tmp_path: Path) -> None:
     committed = {p.name: p.read_bytes() for p in (ROOT / "rtws" / "static").iterdir()}
     assert set(built) == {"index.html", "app.js", "style.css"}
     assert built == committed, "rtws/static/ is stale: run `npm run build` in web/ and commit it"
+
+
+def test_history_slides_when_the_conversation_outgrows_the_context(open_page: Any, server_factory: ServerFactory,
+                                                                   long_llama_dir: Path) -> None:
+    rs = server_factory(long_llama_dir, max_prompt_tokens=60)
+    w = open_page(rs)
+    page = w.page
+    _set_controls(page, temperature="0", stop="", max_tokens="20")
+    lines = ["First line.", "Second line.", "Third line.", "Fourth line."]
+    for i, line in enumerate(lines):
+        _send(page, line)
+        expect(page.locator(".reply").nth(i)).to_have_attribute("data-state", "done")
+    # Some turn was too long with the whole history: the page dropped the oldest turns and resent.
+    rejected = [f for f in w.frames("error") if f["message"].startswith("prompt is")]
+    assert rejected and all(f["code"] == "invalid_params" for f in rejected)
+    expect(page.locator(".turn").nth(0)).to_have_class(re.compile(r"\bdropped\b"))
+    assert page.locator(".reply[data-state=error]").count() == 0
+    last = w.frames("generate", "sent")[-1]
+    assert {"role": "user", "content": "First line."} not in last["messages"]
+    assert last["messages"][-1] == {"role": "user", "content": "Fourth line."}
+    assert [d["reason"] for d in w.frames("done")] == ["length"] * 4

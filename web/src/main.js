@@ -196,6 +196,7 @@ class Turn {
 class App {
   constructor() {
     this.turns = [];
+    this.contextStart = 0; // index of the oldest turn still sent as history
     this.live = new Map();
     this.dirty = new Set();
     this.renderQueued = false;
@@ -361,7 +362,8 @@ class App {
         const retry = typeof f.retry_after === "number" ? ` (retry in ${f.retry_after.toFixed(1)} s)` : "";
         if (r) {
           this.live.delete(f.id);
-          r.onError(f.code, f.message + retry);
+          const tooLong = f.code === "invalid_params" && /^prompt is \d+ tokens/.test(f.message);
+          if (!(tooLong && this.retryShorter(r))) r.onError(f.code, f.message + retry);
           this.updateButtons();
         } else {
           this.banner(`${f.code}: ${f.message}${retry}`);
@@ -399,10 +401,13 @@ class App {
 
   // ---------------------------------------------------------------- actions
 
-  /** The conversation so far as protocol `messages` (turns without a usable reply are left out). */
-  history() {
+  /**
+   * The conversation before turn `upTo` as protocol `messages`, from the first turn still in the
+   * model's context (`contextStart`); turns without a usable reply are left out.
+   */
+  history(upTo) {
     const messages = [];
-    for (const turn of this.turns) {
+    for (const turn of this.turns.slice(this.contextStart, upTo)) {
       const reply = turn.chosen;
       if (!reply) continue;
       messages.push({ role: "user", content: turn.text }, { role: "assistant", content: reply.text });
@@ -428,8 +433,9 @@ class App {
     }
     this.hideBanner();
     const compare = $("compare").checked;
-    const messages = [...this.history(), { role: "user", content: text }];
     const turn = new Turn(this, text, compare);
+    turn.index = this.turns.length;
+    const messages = this.messagesFor(turn);
     this.turns.push(turn);
     $("empty").hidden = true;
     $("chat").append(turn.el);
@@ -439,7 +445,8 @@ class App {
       const reply = new Reply(this, turn, id, `T ${temperature}`);
       turn.add(reply);
       this.live.set(id, reply);
-      this.conn.send({
+      reply.contextStart = this.contextStart;
+      reply.frame = {
         type: "generate",
         id,
         messages,
@@ -448,11 +455,40 @@ class App {
         temperature,
         top_p: s.top_p,
         stop: s.stop,
-      });
+      };
+      this.conn.send(reply.frame);
     }
     prompt.value = "";
     this.scrollToEnd(true);
     this.updateButtons();
+  }
+
+  messagesFor(turn) {
+    return [...this.history(turn.index), { role: "user", content: turn.text }];
+  }
+
+  /**
+   * A `generate` rejected because the prompt is longer than the model accepts: drop the oldest
+   * turn still in context and send it again. Returns false when nothing is left to drop.
+   */
+  retryShorter(reply) {
+    const turn = reply.turn;
+    if (reply.contextStart === this.contextStart) {
+      if (this.contextStart >= turn.index) return false;
+      const dropped = this.turns[this.contextStart];
+      dropped.el.classList.add("dropped");
+      dropped.el.title = "no longer sent to the model: the conversation outgrew its context";
+      this.contextStart += 1;
+    }
+    const id = `g${this.nextId++}`;
+    reply.id = id;
+    reply.el.dataset.id = id;
+    reply.contextStart = this.contextStart;
+    reply.frame = { ...reply.frame, id, messages: this.messagesFor(turn) };
+    this.live.set(id, reply);
+    if (this.conn.send(reply.frame)) return true;
+    this.live.delete(id);
+    return false;
   }
 
   /** Ask the server to stop one generation; its `done {reason: cancelled}` ends it on the page. */
@@ -480,6 +516,7 @@ class App {
     for (const reply of this.live.values()) reply._end("cancelled", "done");
     this.live.clear();
     this.turns = [];
+    this.contextStart = 0;
     for (const node of [...$("chat").children]) if (node.id !== "empty") node.remove();
     $("empty").hidden = false;
     this.updateButtons();
