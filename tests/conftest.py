@@ -18,6 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from models import build_model  # noqa: E402
 
+# CI runs the property tests derandomized (the same examples every run); locally they explore afresh.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")
+
 T = TypeVar("T")
 
 # Every timeout in the tests is a multiple of this unit; raise it on a slow machine.
