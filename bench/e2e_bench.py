@@ -241,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"e2e latency, {c} streams ({'Poisson ' + str(args.rate) + '/s' if args.rate else 'closed loop'})",
                 ["metric", "p50 ms", "p95 ms", "p99 ms"], rows)
     summary = [["e2e delivered tok/s", num(e["tok_s"])]]
-    if eng_main is not None:
+    if eng_main is not None and args.rate:
+        summary += [["engine-only tok/s (closed loop)", num(eng_main.tok_s)],
+                     ["e2e / engine-only", "n/a: Poisson arrivals limit the e2e rate"]]
+    elif eng_main is not None:
         summary += [["engine-only tok/s", num(eng_main.tok_s)],
                     [f"e2e / engine-only (median of {len(ratios)} paired runs)", f"{100 * med_ratio:.0f}%"],
                     ["CPU ms per token: server / engine-only", f"{cpu_tok_e2e * 1e3:.3f} / {cpu_tok_eng * 1e3:.3f}"],
