@@ -410,11 +410,13 @@ class ServerProcess:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=child_env, text=True, bufsize=1,
         )
         self._lock = threading.Lock()
+        self.pid: int = self.proc.pid
         ready = self._read_line(timeout)
         if ready.get("event") != "ready":
-            raise RuntimeError(f"server child did not start: {ready}; log: {self.log_tail()}")
+            tail = self.log_tail()
+            self.stop(timeout=5.0)
+            raise RuntimeError(f"server child did not start: {ready}; log: {tail}")
         self.port: int = int(ready["port"])
-        self.pid: int = self.proc.pid
 
     @property
     def url(self) -> str:
