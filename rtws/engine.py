@@ -67,6 +67,8 @@ class EngineStats:
 class Runner(Protocol):
     def step(self, plan: StepPlan) -> Any: ...
 
+    def move_slots(self, moves: list[tuple[int, int, int]]) -> None: ...
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -284,6 +286,9 @@ class Engine:
 
     def _step(self, plan: StepPlan, events: list[TokenEvent]) -> None:
         try:
+            moves = self.scheduler.take_moves()
+            if moves:
+                self.runner.move_slots(moves)
             if self.fault_injector is not None:
                 self.fault_injector(plan)
             out = self.runner.step(plan)

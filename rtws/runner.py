@@ -130,16 +130,16 @@ class _SlotLayer(CacheLayerMixin):
         self._owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        # Layout [slot, position, head, dim]: one (slot, position) is one contiguous row, so the per-step
-        # write is a single index_copy_ on a flat view instead of a scattered advanced-index assignment.
+        # Layout [slot, head, position, dim], what attention reads; writes go through a flat [-1, dim] view
+        # with one index_copy_ (row = (slot * heads + head) * max_len + position).
         o = self._owner
         _, heads, _, kdim = key_states.shape
         vdim = value_states.shape[-1]
-        self.keys = torch.zeros(o.num_slots, o.max_len, heads, kdim, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(o.num_slots, o.max_len, heads, vdim, dtype=value_states.dtype,
+        self.keys = torch.zeros(o.num_slots, heads, o.max_len, kdim, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(o.num_slots, heads, o.max_len, vdim, dtype=value_states.dtype,
                                   device=value_states.device)
-        self._flat_k = self.keys.view(o.num_slots * o.max_len, heads, kdim)
-        self._flat_v = self.values.view(o.num_slots * o.max_len, heads, vdim)
+        self._flat_k = self.keys.view(-1, kdim)
+        self._flat_v = self.values.view(-1, vdim)
         self.is_initialized = True
 
     def update(
@@ -149,16 +149,15 @@ class _SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         assert self.keys is not None and self.values is not None
         o = self._owner
-        heads = key_states.shape[1]
-        # row (slot_b * max_len + pos_b_i) <- key_states[b, :, i]
-        self._flat_k.index_copy_(0, o.write_index, key_states.transpose(1, 2).reshape(-1, heads, key_states.shape[-1]))
-        self._flat_v.index_copy_(0, o.write_index,
-                                 value_states.transpose(1, 2).reshape(-1, heads, value_states.shape[-1]))
+        index = o.write_index_for(key_states.shape[1])
+        self._flat_k.index_copy_(0, index, key_states.reshape(-1, key_states.shape[-1]))
+        self._flat_v.index_copy_(0, index, value_states.reshape(-1, value_states.shape[-1]))
         if o.read_rows is None:
-            k, v = self.keys[: o.batch, : o.kv_len], self.values[: o.batch, : o.kv_len]
-        else:
-            k, v = self.keys[o.read_rows, : o.kv_len], self.values[o.read_rows, : o.kv_len]
-        return k.transpose(1, 2), v.transpose(1, 2)
+            return self.keys[: o.batch, :, : o.kv_len], self.values[: o.batch, :, : o.kv_len]
+        # index_select on the length-cut view: several times faster on CPU than advanced indexing
+        k = self.keys[:, :, : o.kv_len].index_select(0, o.read_rows)
+        v = self.values[:, :, : o.kv_len].index_select(0, o.read_rows)
+        return k, v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.kv_len, 0
@@ -176,7 +175,9 @@ class SlotKVCache(Cache):
     def __init__(self, num_layers: int, num_slots: int, max_len: int) -> None:
         self.num_slots = num_slots
         self.max_len = max_len
-        self.write_index: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self.write_slots: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self.write_positions: torch.Tensor = torch.zeros(0, 1, dtype=torch.long)
+        self._index_cache: tuple[int, torch.Tensor] | None = None
         self.read_rows: torch.Tensor | None = None
         self.batch = 0
         self.kv_len = 0
@@ -187,16 +188,29 @@ class SlotKVCache(Cache):
         self.batch = len(slots)
         self.kv_len = kv_len
         slot_t = torch.tensor(slots, dtype=torch.long, device=device)
-        self.write_index = (slot_t[:, None] * self.max_len + positions).reshape(-1)
+        self.write_slots = slot_t
+        self.write_positions = positions
+        self._index_cache = None
         # Rows 0..B-1 in order can be read as a view instead of a gather.
         self.read_rows = None if slots == list(range(len(slots))) else slot_t
 
-    def bind_tensors(self, write_index: torch.Tensor, read_rows: torch.Tensor, kv_len: int) -> None:
-        """Static-shape binding (CUDA graphs): indices are device tensors computed inside the graph."""
-        self.batch = int(read_rows.shape[0])
+    def bind_tensors(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
+        """Static-shape binding (CUDA graphs): slots ``[B]`` and positions ``[B, L]`` are device tensors."""
+        self.batch = int(slots.shape[0])
         self.kv_len = kv_len
-        self.write_index = write_index
-        self.read_rows = read_rows
+        self.write_slots = slots
+        self.write_positions = positions
+        self.read_rows = slots
+        self._index_cache = None
+
+    def write_index_for(self, heads: int) -> torch.Tensor:
+        """Flat row indices ``[B * heads * L]`` for this forward's writes (computed once, shared by all layers)."""
+        if self._index_cache is None or self._index_cache[0] != heads:
+            s, p = self.write_slots, self.write_positions
+            h = torch.arange(heads, device=s.device)
+            idx = ((s[:, None, None] * heads + h[None, :, None]) * self.max_len + p[:, None, :]).reshape(-1)
+            self._index_cache = (heads, idx)
+        return self._index_cache[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -388,6 +402,17 @@ class ModelRunner:
         return sample(logits[:, : self.vocab_size], temperature, top_k, top_p, seeds, counters, self._vocab_hash,
                       need_filter)
 
+    @torch.inference_mode()
+    def move_slots(self, moves: list[tuple[int, int, int]]) -> None:
+        """Copy the first ``length`` cached positions of ``src`` slot into ``dst``, for each move in order."""
+        for layer in self.cache.layers:
+            if not isinstance(layer, _SlotLayer) or layer.keys is None or layer.values is None:
+                return  # not allocated yet: nothing to move
+            for src, dst, length in moves:
+                if length > 0:
+                    layer.keys[dst, :, :length] = layer.keys[src, :, :length]
+                    layer.values[dst, :, :length] = layer.values[src, :, :length]
+
     def warmup(self) -> None:
         """Allocate the cache, run one tiny forward and capture every decode graph, before any request."""
         from .scheduler import SamplingParams
@@ -439,7 +464,7 @@ class _StaticDecoder:
     def _body(self, b: int, sampling: bool) -> torch.Tensor:
         r = self.r
         pos, slots = self.pos[:b], self.slots[:b]
-        r.cache.bind_tensors(slots * r.max_len + pos[:, 0], slots, r.max_len)
+        r.cache.bind_tensors(slots, pos, r.max_len)
         allowed = r._key_range[None, None, None, :] <= pos[:, None, :, None]
         mask = torch.zeros(allowed.shape, dtype=r.dtype, device=r.device).masked_fill_(~allowed, r._mask_min)
         out = r.model(input_ids=self.ids[:b], attention_mask=mask, position_ids=pos, use_cache=True,

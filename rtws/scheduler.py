@@ -131,6 +131,7 @@ class Scheduler:
         self._waiting: dict[int, Sequence] = {}
         self._running: dict[int, Sequence] = {}
         self._order = itertools.count()
+        self._moves: list[tuple[int, int, int]] = []
 
     # ------------------------------------------------------------------ queries
 
@@ -169,11 +170,28 @@ class Scheduler:
         self._waiting[seq.rid] = seq
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence (finished, cancelled or failed) and free its slot. Idempotent."""
+        """Remove a sequence (finished, cancelled or failed) and free its slot. Idempotent.
+
+        Keeps running sequences in the lowest slots: when a hole opens below the
+        highest used slot, that slot's sequence moves into the hole, and the
+        move is queued for the runner (:meth:`take_moves`), which copies its KV
+        rows. Decode batches then read the cache as one contiguous view
+        instead of gathering scattered slots.
+        """
         if self._waiting.pop(seq.rid, None) is None and self._running.pop(seq.rid, None) is not None:
-            heapq.heappush(self._free_slots, seq.slot)
+            freed = seq.slot
+            top = max(self._running.values(), key=lambda s: s.slot, default=None)
+            if top is not None and top.slot > freed:
+                self._moves.append((top.slot, freed, top.num_cached))
+                freed, top.slot = top.slot, freed
+            heapq.heappush(self._free_slots, freed)
         seq.status = SeqStatus.FINISHED
         seq.slot = -1
+
+    def take_moves(self) -> list[tuple[int, int, int]]:
+        """KV moves ``(src_slot, dst_slot, length)`` to apply, in order, before the next step."""
+        moves, self._moves = self._moves, []
+        return moves
 
     def set_paused(self, rid: int, paused: bool) -> None:
         seq = self.get(rid)
@@ -243,4 +261,5 @@ class Scheduler:
                 budget -= end - seq.num_cached
             else:
                 decode.append(seq)
+        decode.sort(key=lambda s: s.slot)  # ascending slots: usually 0..n-1, read as a view
         return StepPlan(prefill=prefill, decode=decode)
