@@ -108,6 +108,10 @@ class App:
         if self.started:
             return
         loop = asyncio.get_running_loop()
+        if self.config.torch_threads is not None:
+            import torch  # only here: the app module itself stays torch-free
+
+            torch.set_num_threads(self.config.torch_threads)
         for spec in self.specs:
             served = await self.load_model(spec)
             self.registry.add(served)

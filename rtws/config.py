@@ -40,6 +40,8 @@ class ServerConfig:
         "help": "when idle, wait up to this long to group new requests into one batch"})
     priority_aging_s: float = field(default=2.0, metadata={
         "help": "a waiting request gains one priority level per this many seconds"})
+    torch_threads: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads (default: torch's, one per core; 1 is often faster on a shared CPU)"})
     cuda_graphs: bool = field(default=True, metadata={
         "help": "on CUDA, decode with static shapes replayed from CUDA graphs (one per batch-size bucket)"})
     warmup: bool = field(default=True, metadata={"help": "run a real generation before serving"})
@@ -182,7 +184,7 @@ def _validate(c: ServerConfig) -> None:
                  "max_tokens_limit", "max_frame_bytes", "send_high_watermark"):
         need(getattr(c, name) >= 1, name, "must be >= 1")
     need(c.transport_high_water >= 1024, "transport_high_water", "must be >= 1024")
-    for name in ("socket_send_buffer", "max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
+    for name in ("torch_threads", "socket_send_buffer", "max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
         v = getattr(c, name)
         need(v is None or v >= 1, name, "must be >= 1")
     for name in ("stall_timeout_s", "drain_timeout_s", "priority_aging_s"):
