@@ -119,3 +119,46 @@ def test_busy_socket_coalesces_tokens_into_fewer_frames(server_factory: ServerFa
     assert tokens == 300
     assert slow == fast
     assert deltas < tokens  # several tokens shared a frame while the socket was busy
+
+
+def test_generations_pause_above_the_high_watermark_and_resume_below_the_low(server_factory: ServerFactory,
+                                                                           tiny_llama_long_dir: Path) -> None:
+    server = server_factory(tiny_llama_long_dir, send_high_watermark=512, send_low_watermark=128,
+                            transport_high_water=2048, socket_send_buffer=4096)
+
+    async def main() -> tuple[int, int, int]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.setblocking(False)
+        ws = await connect(server.url, sock=sock)
+        p.MSGPACK.decode_any(await ws.recv())
+        for i in range(4):
+            await ws.send(p.MSGPACK.encode(p.Generate(id=i, prompt="a", max_tokens=1500, temperature=0.0)))
+        ws.transport.pause_reading()
+        session = None
+        deadline = time.monotonic() + 60 * UNIT
+        while time.monotonic() < deadline:
+            found = [x.session for x in server.app.connections if len(x.session.live) == 4]
+            if found and found[0].num_pauses:
+                session = found[0]
+                break
+            await asyncio.sleep(0.005)
+        assert session is not None, "never paused"
+        ws.transport.resume_reading()  # the reader catches up: buffer drains below low, generations resume
+        tokens = 0
+        dones = 0
+        while dones < 4:
+            f = p.MSGPACK.decode_any(await asyncio.wait_for(ws.recv(), 30 * UNIT))
+            if isinstance(f, p.Delta):
+                tokens += f.tokens
+            elif isinstance(f, p.Done):
+                dones += 1
+                assert f.reason == "length"
+        await ws.close()
+        return session.num_pauses, tokens, session.max_buffered
+
+    pauses, tokens, max_buffered = run(main())
+    assert pauses >= 1
+    assert tokens == 4 * 1500  # every generation resumed and ran to its end
+    assert max_buffered <= 512 + 4 * 200
