@@ -36,6 +36,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rtws.default_model import DEFAULT_MODEL_PATH
 
@@ -125,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_tokenizer(train_text: str, vocab_size: int):
+def build_tokenizer(train_text: str, vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -144,7 +145,7 @@ def build_tokenizer(train_text: str, vocab_size: int):
     return tok, PreTrainedTokenizerFast
 
 
-def wrap_tokenizer(tok, cls, context: int):
+def wrap_tokenizer(tok: Any, cls: Any, context: int) -> Any:
     hf = cls(
         tokenizer_object=tok,
         bos_token=EOT,
@@ -157,7 +158,8 @@ def wrap_tokenizer(tok, cls, context: int):
     return hf
 
 
-def heldout_nll(model, ids, context: int, eot_id: int, batch_size: int = 16, autocast: bool = False) -> float:
+def heldout_nll(model: Any, ids: Any, context: int, eot_id: int, batch_size: int = 16,
+                autocast: bool = False) -> float:
     """Summed NLL (nats) of every token of ``ids``: the stream, prefixed with
     EOT as context for the first token, is cut into non-overlapping windows of
     ``context`` inputs; each token is predicted once, context resets per window."""
@@ -191,7 +193,7 @@ def heldout_nll(model, ids, context: int, eot_id: int, batch_size: int = 16, aut
     return total
 
 
-def add_training_dropout(model, p: float) -> list:
+def add_training_dropout(model: Any, p: float) -> list[Any]:
     """Training-only dropout on the embedding output and on each residual
     branch (attention o_proj, MLP down_proj), GPT-2 style, via forward hooks
     so the saved model stays a stock LlamaForCausalLM."""
@@ -200,7 +202,7 @@ def add_training_dropout(model, p: float) -> list:
     if p <= 0:
         return []
 
-    def hook(module, inputs, output):
+    def hook(module: Any, inputs: Any, output: Any) -> Any:
         return F.dropout(output, p=p, training=module.training)
 
     handles = [model.model.embed_tokens.register_forward_hook(hook)]
@@ -239,7 +241,7 @@ class ThreadTuner:
     1 and 2 threads in a check on the training machine with this architecture),
     so this affects speed only."""
 
-    def __init__(self, torch, candidates: list[int], period: int = 100, probe: int = 6):
+    def __init__(self, torch: Any, candidates: list[int], period: int = 100, probe: int = 6) -> None:
         self.torch = torch
         self.candidates = candidates
         self.period, self.probe = period, probe
@@ -311,7 +313,7 @@ def repro_command(argv: list[str], steps: int, decay_start: int) -> str:
     return command_line(kept + ["--steps", str(steps), "--decay-start", str(decay_start)])
 
 
-def write_model_card(out: Path, info: dict) -> None:
+def write_model_card(out: Path, info: dict[str, Any]) -> None:
     s = info
     samples = "\n\n".join(
         f"Prompt {json.dumps(p)}:\n\n```text\n{p}{c}\n```" for p, c in s["samples"]
