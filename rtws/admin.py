@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .auth import key_ok
 from .http import BodyTooLarge, Receive, Scope, Send, bearer_token, read_body, send_error, send_json
 from .registry import RegistryError
-from .session import _key_ok
 
 if TYPE_CHECKING:
     from .app import App
@@ -90,7 +90,7 @@ class AdminAPI:
             await send_error(send, "forbidden", "the admin API is disabled: configure admin_api_keys", status=403)
             return
         token = bearer_token(scope)
-        if not token or not _key_ok(token, keys):
+        if not token or not key_ok(token, keys):
             self.app.hooks.rejected("admin_unauthorized")
             await send_error(send, "unauthorized", "missing or invalid admin API key",
                              headers=[(b"www-authenticate", b'Bearer realm="rtws-admin"')])

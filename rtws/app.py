@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
+from .auth import key_id, key_ok
 from .config import ServerConfig
+from .hooks import Hooks
 from .http import Receive, Scope, Send, bearer_token, client_address, header, send_bytes, send_error, send_json
 from .limits import RateLimiter
 from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
-from .hooks import Hooks
-from .session import Session, SessionLimits, _key_id, _key_ok
+from .session import Session, SessionLimits
 
 log = logging.getLogger("rtws.app")
 
@@ -235,12 +236,12 @@ class App:
         if not self.config.auth_enabled:
             return True
         token = bearer_token(scope)
-        return token is not None and _key_ok(token, frozenset(self.config.api_keys))
+        return token is not None and key_ok(token, frozenset(self.config.api_keys))
 
     def client_key(self, scope: Scope) -> str:
         token = bearer_token(scope)
         if token:
-            return "key:" + _key_id(token)
+            return "key:" + key_id(token)
         return "addr:" + client_address(scope)
 
     @property
@@ -276,13 +277,13 @@ class App:
         rate_key = "addr:" + client_address(scope)
         token = bearer_token(scope)
         if self.config.auth_enabled and token is not None:
-            if not _key_ok(token, frozenset(self.config.api_keys)):
+            if not key_ok(token, frozenset(self.config.api_keys)):
                 self.hooks.rejected("unauthorized")
                 await self._reject_ws(send, 401, "unauthorized", "invalid API key")
                 return
             authenticated = True
         if token:
-            rate_key = "key:" + _key_id(token)
+            rate_key = "key:" + key_id(token)
         subprotocol = protocol.choose_subprotocol(scope.get("subprotocols", []))
         codec = protocol.codec_for(subprotocol)
         await send({"type": "websocket.accept", "subprotocol": subprotocol})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 from .config import ServerConfig, _base_type, field_type, parse_value

@@ -16,7 +16,6 @@ slows only itself.
 from __future__ import annotations
 
 import collections
-import hmac
 import logging
 import secrets
 import time
@@ -24,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .auth import key_id, key_ok
 from .engine import TokenEvent
 from .hooks import GenerationRecord, Hooks
 from .limits import RateLimiter
@@ -179,9 +179,9 @@ class Session:
     def _hello(self, frame: Hello) -> None:
         if self.authenticated:
             return
-        if frame.token is not None and _key_ok(frame.token, self.limits.api_keys):
+        if frame.token is not None and key_ok(frame.token, self.limits.api_keys):
             self.authenticated = True
-            self.rate_key = "key:" + _key_id(frame.token)
+            self.rate_key = "key:" + key_id(frame.token)
             self.start()
             return
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "missing or invalid API key")
@@ -402,16 +402,3 @@ class Session:
         self._control.clear()
         self.buffered = 0
         self._wakeup()
-
-
-def _key_ok(token: str, keys: frozenset[str]) -> bool:
-    ok = False
-    for k in keys:  # constant-time compare against every key
-        ok |= hmac.compare_digest(token.encode(), k.encode())
-    return ok
-
-
-def _key_id(token: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
