@@ -260,8 +260,10 @@ def kv_cache_families(app: App) -> Iterator[Metric]:
     }
     for st in app.registry.served_versions():
         s = st.served.engine.stats()
-        for key, fam in (*gauges.items(), *counters.items()):
-            fam.add_metric([st.name, st.version], float(getattr(s, key, 0)))
+        for key, gauge in gauges.items():
+            gauge.add_metric([st.name, st.version], float(getattr(s, key, 0)))
+        for key, counter in counters.items():
+            counter.add_metric([st.name, st.version], float(getattr(s, key, 0)))
     yield from gauges.values()
     yield from counters.values()
 
