@@ -318,3 +318,23 @@ def test_the_python_client_resumes_transparently(server_factory: ServerFactory, 
     assert resumes == 1
     assert texts == expected
     assert set(token_gaps.values()) == {0}  # completion_tokens equals the tokens received
+
+
+def test_a_drain_holds_no_session_past_its_timeout(server_factory: ServerFactory, tiny_llama_long_dir: Path) -> None:
+    server = server_factory(tiny_llama_long_dir, drain_timeout_s=1.0, resume_window_s=30.0)
+
+    async def main() -> Any:
+        peer, _ = await Peer.open(server.url)
+        await peer.ws.send(p.MSGPACK.encode(gen(0, 4000)))
+        while peer.received < 5:
+            await peer.recv()
+        peer.abort()
+        await asyncio.sleep(0.3)
+        (held,) = server.app.sessions.held()
+        return held
+
+    held = run(main())
+    t0 = time.monotonic()
+    server.stop(drain=True)
+    assert time.monotonic() - t0 < 10 * UNIT  # not the 30 s resume window
+    assert held.closed and server.app.sessions.num_held == 0
