@@ -338,3 +338,33 @@ def test_a_drain_holds_no_session_past_its_timeout(server_factory: ServerFactory
     server.stop(drain=True)
     assert time.monotonic() - t0 < 10 * UNIT  # not the 30 s resume window
     assert held.closed and server.app.sessions.num_held == 0
+
+
+def test_the_python_client_reports_a_failed_resume_and_goes_on_fresh(server_factory: ServerFactory,
+                                                                     tiny_llama_long_dir: Path) -> None:
+    from rtws.client import ResumeFailed
+
+    server = server_factory(tiny_llama_long_dir)
+
+    def kill_session_and_socket() -> None:  # on the server's loop: the session ends, the socket drops
+        for conn in list(server.app.connections):
+            proto = conn.send.__self__
+            proto.transport.abort()
+            conn.session.close()
+
+    async def main() -> tuple[str, str, int]:
+        async with await Client.connect(server.url) as c:
+            old = c.ready.session if c.ready else ""
+            s = await c.generate("ROMEO:", max_tokens=3000)
+            while c.received < 3:
+                await asyncio.sleep(0.005)
+            loop = server.server._loop
+            loop.call_soon_threadsafe(kill_session_and_socket)
+            with pytest.raises(ResumeFailed):
+                await s.result()
+            again = await (await c.generate("JULIET:", max_tokens=4)).result()
+            assert again.completion_tokens == 4
+            return old, c.ready.session if c.ready else "", c.resume_failures
+
+    old, new, failures = run(main())
+    assert failures == 1 and new and new != old
