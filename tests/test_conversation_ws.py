@@ -18,7 +18,12 @@ from conftest import UNIT, RunningServer, ServerFactory, run
 TURNS = ["Good morrow.", "What news?", "Art thou well?", "Speak, I pray.", "Farewell then.", "Return anon!"]
 
 
-def test_six_turns_sent_one_by_one_equal_resending_the_whole_history(tiny_server: RunningServer) -> None:
+def test_six_turns_sent_one_by_one_equal_resending_the_whole_history(server_factory: ServerFactory,
+                                                                    tiny_llama_long_dir: Path) -> None:
+    # An 8k context: the random model's replies re-encode to many tokens (U+FFFD), and this test is about
+    # equality, not the truncation policy (tested below with a small context).
+    tiny_server = server_factory(tiny_llama_long_dir)
+
     async def main() -> tuple[list[str], list[str], list[int], int]:
         async with await Client.connect(tiny_server.url) as c:
             held: list[str] = []
@@ -50,27 +55,27 @@ def test_six_turns_sent_one_by_one_equal_resending_the_whole_history(tiny_server
 
 
 def test_follow_up_turns_hit_the_prefix_cache(server_factory: ServerFactory, default_model_dir: Path) -> None:
-    """From turn 2 on, cached_tokens covers >= 80% of the prompt (needs the engine's prefix cache).
+    """From turn 2 on, cached_tokens covers >= 80% of the prompt.
 
-    The history renders identically every turn, so turn k's prompt starts with turn k-1's prompt and its
-    reply, whose KV blocks the engine kept. The bundled (trained) model is used: its greedy replies
-    re-tokenize to the ids it generated, which a random-weight model's do not. Block size 4 keeps the
-    block rounding of the cached share small next to these short turns; a system prompt gives the
-    history the weight it has in real chats (the new line and the reply's last token are never cached).
+    On the bundled model: its replies are real text, which re-tokenizes to the tokens it generated, as a real
+    model's do. (A random model's byte soup re-tokenizes differently, which ends the shared prefix early.)
     """
-    server = server_factory(default_model_dir, block_size=4)
+    tiny_server = server_factory(default_model_dir)
+    # A system prompt as real chats have: without one, turn 2 is mostly the new line plus the part of the
+    # last block that was not full (only full 16-token blocks are cached).
+    system = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: "
+              "You are all resolved rather to die than to famish? All: Resolved. resolved. First Citizen: First, "
+              "you know Caius Marcius is chief enemy to the people. All: We know't, we know't. First Citizen: Let "
+              "us kill him, and we'll have corn at our own price.")
 
     async def main() -> list[dict[str, Any]]:
-        ws = await connect(server.url, subprotocols=[p.SUBPROTOCOL_MSGPACK])  # type: ignore[list-item]
+        ws = await connect(tiny_server.url, subprotocols=[p.SUBPROTOCOL_MSGPACK])  # type: ignore[list-item]
         await ws.recv()
         usages = []
-        system = [p.Message("system", "Thou art a player upon the stage of the Globe, and thou speakest in the "
-                                      "manner of the Bard, in verse. Answer each line as the lady would, "
-                                      "with grace and wit, and never break the scene.")]
         for i, line in enumerate(TURNS):
-            msgs = (system if i == 0 else []) + [p.Message("user", line)]
-            await ws.send(p.MSGPACK.encode(p.Generate(id=i, conversation="c", messages=msgs, max_tokens=16,
-                                                      temperature=0.0)))
+            turn = [p.Message("user", line)] if i else [p.Message("system", system), p.Message("user", line)]
+            await ws.send(p.MSGPACK.encode(p.Generate(id=i, conversation="c", messages=turn,
+                                                      max_tokens=8, temperature=0.0)))
             while True:
                 raw = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 20 * UNIT))
                 if raw["type"] == "done":
@@ -81,8 +86,7 @@ def test_follow_up_turns_hit_the_prefix_cache(server_factory: ServerFactory, def
         return usages
 
     usages = run(main())
-    if "cached_tokens" not in usages[-1]:
-        pytest.skip("done.usage.cached_tokens is absent: the engine's prefix cache has not landed")
+    assert all(u["prompt_tokens"] + 8 < 248 for u in usages), usages  # no turn was dropped
     for u in usages[1:]:
         assert u["cached_tokens"] >= 0.8 * u["prompt_tokens"], usages
 
