@@ -266,7 +266,7 @@ def test_resume_is_refused_for_reused_foreign_and_random_tokens(server_factory: 
         assert await refused(p.Hello(token="key-one", resume=token, received=peer.received), victim) == "resumed"
 
     run(main())
-    metrics = urllib.request.urlopen(server.http + "/metrics").read().decode()
+    metrics = urllib.request.urlopen(urllib.request.Request(server.http + "/metrics", headers={"Authorization": "Bearer key-one"})).read().decode()  # /metrics needs a key when auth is on
     for reason in ("unknown", "other_key", "resumed"):
         assert f'rtws_resume_failures_total{{reason="{reason}"}} 1.0' in metrics
 
