@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -13,9 +14,10 @@ from rtws.engine import Engine, EngineConfig
 from rtws.runner import ModelRunner, load_model
 from rtws.scheduler import SamplingParams
 
-from conftest import UNIT
+from conftest import UNIT, ServerFactory
 from models import build_model
 from test_engine import Collector, reference
+from test_http_api import post
 
 CONTEXT = 32768
 
@@ -79,3 +81,16 @@ def test_64_short_streams_and_one_long_prompt_together(long_dir: Path, static_de
         assert big.ids == reference(model, long_prompt, 8)
         assert cols[5].ids == reference(model, shorts[5], 24)
     assert eng.stats().kv_blocks_used == 0
+
+
+def test_a_prompt_that_can_never_fit_the_pool_is_refused_at_submit(server_factory: ServerFactory,
+                                                                   tiny_llama_dir: Path) -> None:
+    per_token = 2 * 2 * 2 * 16 * 4
+    gb = 5 * 16 * per_token / 2**30  # 5 blocks: 4 usable = 64 positions
+    srv = server_factory(tiny_llama_dir, model_name="tiny", kv_cache_gb=gb)
+    long_text = "But soft, what light through yonder window breaks? " * 12
+    r = post(srv.http, "/infer", {"prompt": long_text, "max_tokens": 2})
+    assert r.status == 400
+    body = msgspec.json.decode(r.body)
+    assert "KV cache" in body["error"]["message"] and "64 token positions" in body["error"]["message"]
+    assert post(srv.http, "/infer", {"prompt": "hi", "max_tokens": 2, "stream": False}).status == 200
