@@ -30,7 +30,8 @@ import msgspec
 from . import protocol
 from .engine import TokenEvent
 from .hooks import GenerationRecord
-from .http import BodyTooLarge, Receive, Scope, Send, client_address, header, read_body, send_error, send_json
+from .http import (BodyTooLarge, Receive, Scope, Send, client_address, header, read_body, send_bytes, send_error,
+                   send_json)
 from .scheduler import SamplingParams
 
 if TYPE_CHECKING:
@@ -894,6 +895,15 @@ class HttpApi:
 
     # ------------------------------------------------------------------ drain
 
+    async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /health`` as vLLM and TGI serve it (benchmark clients probe it): 200 with an empty body while
+        serving, 503 while draining or before the models are up. ``/healthz`` and ``/readyz`` stay."""
+        app = self.app
+        if app.draining or not app.started:
+            await send_json(send, 503, {"status": "draining" if app.draining else "starting"})
+            return
+        await send_bytes(send, 200, b"", "application/json")
+
     def interrupt_all(self, reason: str = "cancelled") -> int:
         """End every live HTTP generation now with ``reason`` (each response still completes). Returns how many."""
         live = list(self.live)
@@ -944,6 +954,7 @@ def mount(app: App) -> HttpApi:
     app.route("POST", "/v1/chat/completions", api.chat_completions)
     app.route("GET", "/v1/models", api.list_models)
     app.route_prefix("GET", "/v1/models/", api.get_model)
+    app.route("GET", "/health", api.health)
 
     drain = app.drain
 
