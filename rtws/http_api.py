@@ -241,6 +241,8 @@ class ModelCard(msgspec.Struct, frozen=True):
     max_prompt_tokens: int | None
     running: int
     waiting: int
+    quantization: str | None = None  # none, int8, int4, or a pre-quantized checkpoint's method (gptq, ...)
+    dtype: str | None = None
 
 
 class ModelList(msgspec.Struct, frozen=True):
@@ -889,7 +891,7 @@ class HttpApi:
             version=str(getattr(m, "version", "")), ready=status == "warm" and not self.app.draining,
             status=status, default=m.name == self.app.registry.default_name, device=getattr(m, "device", None),
             context_length=getattr(m, "context_len", None), max_prompt_tokens=getattr(m, "max_prompt_tokens", None),
-            running=st.running, waiting=st.waiting)
+            running=st.running, waiting=st.waiting, **_weights_info(m))
 
     @staticmethod
     def _pending_card(h: dict[str, Any]) -> ModelCard:
@@ -943,6 +945,17 @@ class HttpApi:
         for gen in live:
             gen.interrupt(reason)
         return len(live)
+
+
+def _weights_info(m: Any) -> dict[str, Any]:
+    """``quantization`` and ``dtype`` of a served model for its ``/v1/models`` card (None when unknown)."""
+    model = getattr(m, "model", None)
+    if model is None:
+        return {}
+    from .quant import describe
+
+    return {"quantization": describe(model, getattr(m, "spec", None)),
+            "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None}
 
 
 def _chat_message(m: ChatMessage) -> dict[str, Any]:
