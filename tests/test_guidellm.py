@@ -48,6 +48,7 @@ def guidellm_bin() -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the first run installs guidellm (about 5 minutes on the 2-core VM)
 def test_guidellm_runs_against_rtws(server_factory: ServerFactory, tiny_llama_dir: Path, tmp_path: Path) -> None:
     exe = guidellm_bin()
     srv = server_factory(tiny_llama_dir, model_name="tiny", num_slots=8)

