@@ -45,7 +45,7 @@ class ServerConfig:
     priority_aging_s: float = field(default=2.0, metadata={
         "help": "a waiting request gains one priority level per this many seconds"})
     torch_threads: int | None = field(default=None, metadata={
-        "help": "torch intra-op threads (default on CPU for rtws serve: cores - 1, so the event loop keeps one)"})
+        "help": "torch intra-op threads (default on CPU for rtws serve: cores - 1 from 4 cores, else cores)"})
     torch_interop_threads: int | None = field(default=None, metadata={
         "help": "torch inter-op threads (default on CPU for rtws serve: 1)"})
     cuda_graphs: bool = field(default=True, metadata={

@@ -16,6 +16,9 @@ import os
 from dataclasses import dataclass
 
 
+LOOP_CORE_FROM = 4  # from this many usable cores on, the event loop keeps one
+
+
 @dataclass(frozen=True, slots=True)
 class ThreadChoice:
     """Threads to set; None leaves torch's default. ``reason`` says why, for the startup log."""
@@ -43,14 +46,15 @@ def choose_threads(cores: int, device: str, torch_threads: int | None = None,
     if device.startswith("cuda"):
         return ThreadChoice(torch_threads, torch_interop_threads,
                             "CUDA device: torch's host thread defaults" if torch_threads is None else "configured")
-    intra = torch_threads if torch_threads is not None else max(1, cores - 1)
+    keep_one = cores >= LOOP_CORE_FROM
+    intra = torch_threads if torch_threads is not None else (cores - 1 if keep_one else cores)
     interop = torch_interop_threads if torch_interop_threads is not None else 1
     if torch_threads is not None:
         reason = "configured"
-    elif cores == 1:
-        reason = "1 core: the loop and the forward share it"
-    else:
+    elif keep_one:
         reason = f"{cores} cores: {intra} for the forward, 1 for the event loop"
+    else:
+        reason = f"{cores} core(s): all for the forward (below {LOOP_CORE_FROM} cores a core for the loop costs more)"
     return ThreadChoice(intra, interop, reason)
 
 
