@@ -102,8 +102,8 @@ class _Hook:
             from tqdm.auto import tqdm
 
             bar: Any = tqdm(*args, **{**kwargs, "file": self.stream, "leave": False})
-        else:
-            bar = iterable
+        else:  # silent, but with every method a tqdm has (transformers' shim when bars are off)
+            bar = factory(*args, **{**kwargs, "disable": True})
         self.progress.set("weights", WEIGHTS_FROM)
         return _Tracked(bar, int(total), self.progress, quiet=self.stream is not None)
 
@@ -124,11 +124,14 @@ def checked_load(spec: ModelSpec, observer: StepObserver | None = None,
     state.set("checking", 0.0)
     try:
         preflight(spec)
-        hook.previous = hf_logging.set_tqdm_hook(hook)
+        set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers >= 5.x; without it, no weight %
+        if set_hook is not None:
+            hook.previous = set_hook(hook)
         try:
             served = load(spec, observer)
         finally:
-            hf_logging.set_tqdm_hook(hook.previous)
+            if set_hook is not None:
+                set_hook(hook.previous)
         state.set("ready", 100.0)
         return served
     except ModelLoadError:
