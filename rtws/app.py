@@ -66,6 +66,8 @@ class App:
         self.num_http_streams = 0
         self.draining = False
         self.started = False
+        self.loading: dict[str, dict[str, Any]] = {}  # model name -> load progress while it loads (/readyz)
+        self.startup_error: BaseException | None = None
         self.hooks: Hooks = Hooks()
         self.rate_limiter = (RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst)
                              if config.rate_limit_per_minute else None)
@@ -118,8 +120,10 @@ class App:
         try:
             await self.startup()
         except Exception as exc:
-            log.exception("startup failed", extra={"event": "startup_failed"})
-            await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+            from .load_errors import log_startup_failure
+
+            self.startup_error = exc
+            await send({"type": "lifespan.startup.failed", "message": log_startup_failure(log, exc)})
             return
         await send({"type": "lifespan.startup.complete"})
         await receive()
@@ -147,11 +151,11 @@ class App:
 
     async def load_model(self, spec: ModelSpec) -> ServedModel:
         """Load (in a worker thread), start and warm one model version. Raises on failure."""
-        from .model import load
+        from .loading import checked_load  # preflight, one-line ModelLoadError, progress in self.loading
 
         loop = asyncio.get_running_loop()
         observer = self.hooks.step_observer
-        served = await loop.run_in_executor(None, lambda: load(spec, observer))
+        served = await loop.run_in_executor(None, lambda: checked_load(spec, observer, self.loading))
         served.start(loop)
         if self.config.warmup:
             try:
@@ -285,7 +289,10 @@ class App:
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         models = {m.name: bool(getattr(m, "warm", True)) for m in self.registry.models()}
         ready = self.started and not self.draining and bool(models) and all(models.values())
-        await send_json(send, 200 if ready else 503, {"ready": ready, "models": models})
+        body: dict[str, Any] = {"ready": ready, "models": models}
+        if self.loading:
+            body["loading"] = dict(self.loading)
+        await send_json(send, 200 if ready else 503, body)
 
     async def _static(self, scope: Scope, receive: Receive, send: Send) -> None:
         rel = scope["path"].lstrip("/") or "index.html"
