@@ -499,7 +499,7 @@ def test_sigterm_with_stalled_readers_exits_within_the_drain_timeout(tiny_llama_
         for i in range(8):
             s, st, rest = handshake(port, rcvbuf=4096)
             assert st == 101
-            send_msgpack(s, {"type": "generate", "id": f"g{i}", "prompt": "a", "max_tokens": 8000})
+            send_msgpack(s, {"type": "generate", "id": f"g{i}", "prompt": "a", "max_tokens": 4000})
             socks.append(s)
         time.sleep(2.0 * UNIT)  # let every socket fill up and stall
         t0 = time.monotonic()
