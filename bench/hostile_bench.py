@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", type=int, default=1000, help="generate frames in the burst phase (0: skip)")
     p.add_argument("--num-slots", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    p.add_argument("--only-burst", action="store_true",
+                   help="run only the burst phase (also against older servers, for a before/after)")
     return p
 
 
@@ -323,6 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with ServerProcess(cfg, env=env) as server:
         url = server.url
+        if args.only_burst:
+            server.command("lag_reset")
+            t0 = time.perf_counter()
+            done, errors = asyncio.run(burst(url, args.burst))
+            lag = server.command("lag")
+            print_table("server event-loop lag during the burst (10 ms sampler in the server process)",
+                        ["phase", "p50", "p99", "max", "samples"],
+                        [lag_row(f"burst of {args.burst} generate frames ({done} done, {errors} errors, "
+                                 f"{time.perf_counter() - t0:.1f} s)", lag)])
+            return 0
 
         server.command("lag_reset")
         with RssSampler(server) as rss:

@@ -432,11 +432,17 @@ class App:
         if authenticated:
             session.start()
         try:
+            handled = 0
             while True:
                 msg = await receive()
                 if msg["type"] == "websocket.receive":
                     data = msg.get("bytes")
                     session.on_frame(data if data is not None else msg.get("text", ""))
+                    handled += 1
+                    if handled % 32 == 0:
+                        # receive() returns without suspending while frames are queued: let other sockets,
+                        # the writers and the watchdog run between batches of a burst
+                        await asyncio.sleep(0)
                 elif msg["type"] == "websocket.disconnect":
                     break
         finally:

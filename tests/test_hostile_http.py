@@ -5,9 +5,7 @@ Raw sockets where the attack needs them (partial headers, trickled bodies); ever
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import secrets
 import socket
 import time
@@ -21,7 +19,6 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from rtws.client import Client
 
 from conftest import UNIT, ServerFactory, run
 from rawws import handshake, open_socket
@@ -39,7 +36,8 @@ def request(url: str, method: str = "GET", body: bytes | None = None, headers: d
         return e.code, dict(e.headers), e.read()
 
 
-def closed_within(sock: socket.socket, timeout: float, trickle: bytes | None = None, every: float = 0.3) -> float | None:
+def closed_within(sock: socket.socket, timeout: float, trickle: bytes | None = None,
+                  every: float = 0.3) -> float | None:
     """Seconds until the server closes ``sock`` (EOF/reset), optionally trickling ``trickle`` one byte at a time."""
     t0 = time.monotonic()
     i = 0
@@ -80,7 +78,8 @@ def test_slowloris_headers_bodies_and_upgrades_hit_deadlines(server_factory: Ser
     body.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{")
     t_silent = closed_within(silent, 10)
     t_headers = closed_within(headers, 10, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100)
-    t_upgrade = closed_within(upgrade, 10, b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" + b"b" * 100)
+    t_upgrade = closed_within(upgrade, 10,
+                              b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" + b"b" * 100)
     body.settimeout(10)
     answer = b""
     t0 = time.monotonic()
@@ -272,4 +271,3 @@ def test_metrics_follow_api_keys_when_no_metrics_key(server_factory: ServerFacto
     assert request(open_server.http + "/metrics")[0] == 200
 
 
-_ = (asyncio, os, Client, UNIT)
