@@ -215,6 +215,7 @@ class _AppCollector:
         yield steps
         yield step_errors
         yield versions
+        yield from kv_cache_families(app)
         conns = GaugeMetricFamily("rtws_connections", "Open WebSockets and HTTP streams", labels=["transport"])
         conns.add_metric(["ws"], len(app.connections))
         conns.add_metric(["http"], app.num_http_streams)
@@ -231,7 +232,43 @@ class _AppCollector:
         nbytes = CounterMetricFamily("rtws_sent_bytes", "Bytes of frames written to WebSockets")
         nbytes.add_metric([], self.hooks.num_bytes)
         yield nbytes
+        held = GaugeMetricFamily("rtws_sessions_held", "Sessions held without a socket, waiting for a resume")
+        held.add_metric([], app.sessions.num_held)
+        yield held
         yield from self.hooks.steps.families()
+
+
+def kv_cache_families(app: App) -> Iterator[Metric]:
+    """KV block pool gauges and prefix-cache / preemption counters per model version (names mirror vLLM's
+    ``kv_cache_usage_perc``, ``num_preemptions``, ``prefix_cache_queries`` / ``prefix_cache_hits``, in tokens)."""
+    labels = ["model", "version"]
+    gauges = {
+        "kv_blocks": GaugeMetricFamily("rtws_kv_blocks", "KV cache blocks in the pool", labels=labels),
+        "kv_blocks_used": GaugeMetricFamily("rtws_kv_blocks_used", "KV cache blocks held by live sequences",
+                                            labels=labels),
+        "kv_blocks_free": GaugeMetricFamily("rtws_kv_blocks_free", "KV cache blocks allocatable (free or cached "
+                                            "and unreferenced)", labels=labels),
+        "kv_blocks_cached": GaugeMetricFamily("rtws_kv_blocks_cached", "KV cache blocks indexed by the prefix "
+                                              "cache", labels=labels),
+        "kv_usage": GaugeMetricFamily("rtws_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1)",
+                                      labels=labels),
+    }
+    counters = {
+        "preemptions": CounterMetricFamily("rtws_num_preemptions", "Sequences preempted (recomputed later) "
+                                           "because the KV pool ran out", labels=labels),
+        "prefix_cache_queries": CounterMetricFamily("rtws_prefix_cache_queries", "Prompt tokens looked up in the "
+                                                    "prefix cache", labels=labels),
+        "prefix_cache_hits": CounterMetricFamily("rtws_prefix_cache_hits", "Prompt tokens served from the prefix "
+                                                 "cache", labels=labels),
+    }
+    for st in app.registry.served_versions():
+        s = st.served.engine.stats()
+        for key, gauge in gauges.items():
+            gauge.add_metric([st.name, st.version], float(getattr(s, key, 0)))
+        for key, counter in counters.items():
+            counter.add_metric([st.name, st.version], float(getattr(s, key, 0)))
+    yield from gauges.values()
+    yield from counters.values()
 
 
 class MetricsHooks(GenerationLog):
@@ -266,6 +303,12 @@ class MetricsHooks(GenerationLog):
         self.num_frames = 0  # plain ints: frame_sent is the hot path, and it runs on the event loop only
         self.num_bytes = 0
         self.opened = Counter("rtws_connections_opened", "WebSockets accepted", registry=r)
+        self.resumes = Counter("rtws_resumes", "Held sessions resumed on a new socket", registry=r)
+        self.resume_failures = Counter("rtws_resume_failures", "Resume requests refused, by reason "
+                                       "(unknown, other_key, expired, resumed, gap, codec, not_first, off, draining)",
+                                       ["reason"], registry=r)
+        self.replayed = Counter("rtws_replayed_bytes", "Bytes of retained frames replayed on resume", registry=r)
+        self.expired = Counter("rtws_sessions_expired", "Held sessions that ended unresumed", registry=r)
         r.register(_AppCollector(app, self))
 
     # ------------------------------------------------------------------ hooks (event loop)
@@ -299,6 +342,16 @@ class MetricsHooks(GenerationLog):
 
     def paused(self, reason: str) -> None:
         self.pauses.labels(reason).inc()
+
+    def resumed(self, nbytes: int) -> None:
+        self.resumes.inc()
+        self.replayed.inc(nbytes)
+
+    def resume_failed(self, reason: str) -> None:
+        self.resume_failures.labels(reason).inc()
+
+    def session_expired(self) -> None:
+        self.expired.inc()
 
     # ------------------------------------------------------------------ GET /metrics
 

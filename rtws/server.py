@@ -48,6 +48,7 @@ def spec_from_config(config: ServerConfig, *, name: str, path: str, version: str
         num_slots=config.num_slots, max_seq_len=config.max_seq_len, prefill_budget=config.prefill_budget,
         max_batch_size=config.max_batch_size, max_batch_wait_ms=config.max_batch_wait_ms,
         aging_s=config.priority_aging_s, max_prompt_tokens=config.max_prompt_tokens, cuda_graphs=config.cuda_graphs,
+        kv_cache_gb=config.kv_cache_gb, prefix_cache=config.prefix_cache, block_size=config.block_size,
     )
 
 
