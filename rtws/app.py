@@ -216,14 +216,14 @@ class App:
             conn.session.cancel_all("cancelled")
         # Flush every socket at once under one deadline (a stalled reader costs the grace once, not per socket),
         # then close them all; whatever is still blocked is force-closed.
-        grace = min(2.0, max(0.25, timeout / 2))
+        grace = min(1.0, max(0.25, timeout / 4))
         conns = list(self.connections)
 
         closed_cleanly: set[Connection] = set()
 
         async def flush_and_close(conn: Connection) -> None:
             await conn.session.flush(grace)
-            if await self._close(conn, 1001, "server shutting down", deadline=0.5):
+            if await self._close(conn, 1001, "server shutting down", deadline=0.5, abort_after=0.25):
                 closed_cleanly.add(conn)
 
         if conns:
@@ -457,11 +457,17 @@ class App:
             session.start()
         code = 1006
         try:
+            handled = 0
             while True:
                 msg = await receive()
                 if msg["type"] == "websocket.receive":
                     data = msg.get("bytes")
                     conn.session.on_frame(data if data is not None else msg.get("text", ""))
+                    handled += 1
+                    if handled % 32 == 0:
+                        # receive() returns without suspending while frames are queued: let other sockets,
+                        # the writers and the watchdog run between batches of a burst
+                        await asyncio.sleep(0)
                 elif msg["type"] == "websocket.disconnect":
                     code = msg.get("code", 1005)
                     break
@@ -544,7 +550,7 @@ class App:
                 conn.session.close()
 
     async def _close(self, conn: Connection, code: int, reason: str, flush: bool = False,
-                     deadline: float = 1.0) -> bool:
+                     deadline: float = 1.0, abort_after: float = 2.0) -> bool:
         """Close one socket with ``code``, within ``deadline`` seconds (plus 1 s when ``flush``). Idempotent.
 
         True when the close frame was handed to the transport normally (False: force-closed, or already closing).
@@ -559,13 +565,13 @@ class App:
             await conn.session.flush(1.0)
         conn.session.close()
         if conn.session.send_started is not None or not _writable(conn.send):
-            _force_close(conn.send, code, reason)  # the writer is stuck on a full socket
+            _force_close(conn.send, code, reason, abort_after)  # the writer is stuck on a full socket
             return False
         try:
             async with asyncio.timeout(deadline):
                 await conn.send({"type": "websocket.close", "code": code, "reason": reason})
         except Exception:  # includes TimeoutError: the transport paused under us
-            _force_close(conn.send, code, reason)
+            _force_close(conn.send, code, reason, abort_after)
             return False
         return True
 

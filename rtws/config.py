@@ -103,7 +103,7 @@ class ServerConfig:
     max_preauth_connections: int = field(default=64, metadata={
         "help": "WebSockets still waiting for hello {token}, at most (their own budget, outside max_connections)"})
     max_connections_per_client: int | None = field(default=None, metadata={
-        "help": "open WebSockets + HTTP streams per client (API key when verified, else address); default: no cap"})
+        "help": "open WebSockets per client (API key when verified, else address); default: no cap"})
     max_generations_per_client: int | None = field(default=None, metadata={
         "help": "queued + running generations per client across its sockets and HTTP; default: no cap"})
     max_control_bytes: int = field(default=256 * 1024, metadata={
@@ -268,5 +268,7 @@ def _validate(c: ServerConfig) -> None:
     need(c.log_level.upper() in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     need(c.log_format in LOG_FORMATS, "log_format", f"must be one of {', '.join(LOG_FORMATS)}")
     need(c.quantization in QUANTIZATIONS, "quantization", f"must be one of {', '.join(QUANTIZATIONS)}")
+    need(c.max_transport_buffer >= c.send_high_watermark + c.transport_high_water, "max_transport_buffer",
+         "must be >= send_high_watermark + transport_high_water (one coalesced frame over the high-water mark)")
     low = c.low_watermark
     need(0 <= low < c.send_high_watermark, "send_low_watermark", "must be >= 0 and below send_high_watermark")

@@ -689,7 +689,11 @@ class Session:
             self.hooks.rejected("error_budget")
             self._policy_close(1008, "too many errors")
             return
-        data = self.codec.encode(frame)
+        try:
+            data = self.codec.encode(frame)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. an id this codec cannot carry
+            log.error("control frame not encodable: %r", exc, extra={"event": "frame_error", "session": self.id})
+            data = self.codec.encode(Error(code=ErrorCode.INTERNAL.value, message="reply could not be encoded"))
         if self.control_bytes + len(data) > self.limits.max_control_bytes:
             log.warning("closing socket over its control budget", extra={
                 "event": "control_budget", "session": self.id, "client": self.client, "queued": self.control_bytes})
