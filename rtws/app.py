@@ -26,6 +26,7 @@ from .limits import RateLimiter
 from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
 from .session import Session, SessionLimits
+from .wslimits import CLOSE_TOO_BIG, frame_too_big
 
 log = logging.getLogger("rtws.app")
 
@@ -68,6 +69,7 @@ class App:
             low_watermark=config.low_watermark,
             request_timeout=config.request_timeout,
             api_keys=frozenset(config.api_keys),
+            replica=config.replica_id,
         )
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/healthz"): self._healthz,
@@ -101,6 +103,8 @@ class App:
             return
         await send({"type": "lifespan.startup.complete"})
         await receive()
+        if not self.draining:  # a host that never called drain() (Ray Serve's replica shutdown, another server)
+            await self.drain()
         await self.shutdown()
         await send({"type": "lifespan.shutdown.complete"})
 
@@ -318,7 +322,12 @@ class App:
                 msg = await receive()
                 if msg["type"] == "websocket.receive":
                     data = msg.get("bytes")
-                    session.on_frame(data if data is not None else msg.get("text", ""))
+                    frame = data if data is not None else msg.get("text", "")
+                    if frame_too_big(frame, self.config.max_frame_bytes):  # a proxy may allow more (Ray: 16 MiB)
+                        self.hooks.rejected("frame_too_big")
+                        await self._close(conn, CLOSE_TOO_BIG, "frame too big")
+                        break
+                    session.on_frame(frame)
                 elif msg["type"] == "websocket.disconnect":
                     break
         finally:

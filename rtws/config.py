@@ -85,6 +85,8 @@ class ServerConfig:
     enable_metrics: bool = field(default=True, metadata={"help": "serve Prometheus metrics on /metrics"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
+    replica_id: str | None = field(default=None, metadata={
+        "help": "name of this server announced in ready.replica and rtws_replica_info (rtws.ray sets one per replica)"})
 
     def __post_init__(self) -> None:
         _validate(self)

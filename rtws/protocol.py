@@ -101,10 +101,11 @@ class Usage(msgspec.Struct, frozen=True):
     completion_tokens: int
 
 
-class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True):
+class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True, omit_defaults=True):
     session: str
     models: list[str]
     limits: Limits
+    replica: str | None = None  # which server/replica holds this session (ServerConfig.replica_id); optional
 
 
 class Delta(msgspec.Struct, tag="delta", tag_field="type", frozen=True, array_like=False):

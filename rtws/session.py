@@ -76,6 +76,7 @@ class SessionLimits:
     low_watermark: int = 64 * 1024
     request_timeout: float | None = None
     api_keys: frozenset[str] = frozenset()
+    replica: str | None = None  # announced as ready.replica
 
 
 @dataclass(slots=True, eq=False)
@@ -148,7 +149,8 @@ class Session:
 
     def start(self) -> None:
         """Queue ``ready`` (call once the socket is accepted and authenticated)."""
-        self._queue_control(Ready(session=self.id, models=self.models.names(), limits=self._limits_frame()))
+        self._queue_control(Ready(session=self.id, models=self.models.names(), limits=self._limits_frame(),
+                                  replica=self.limits.replica))
 
     def _limits_frame(self) -> Limits:
         default = self.models.get(None)
