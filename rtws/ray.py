@@ -266,6 +266,8 @@ class RtwsReplica:
         install_replica_metrics(self.rtws_app, {"replica": self.replica_id, "deployment": ctx.deployment,
                                            "application": ctx.app_name, "node": ray.get_runtime_context().get_node_id()})
         install_drain_hook()
+        if ray.util.get_node_ip_address() == "127.0.0.1":
+            bind_replica_grpc_to_loopback()
 
     async def _remember_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -386,6 +388,38 @@ def install_drain_hook() -> None:
 
     drain_then_wait.__rtws_drain_hook__ = True  # type: ignore[attr-defined]
     setattr(cls, "_drain_ongoing_requests", drain_then_wait)
+
+
+def bind_replica_grpc_to_loopback() -> None:
+    """On a loopback-only node, keep the replica's inter-deployment gRPC server on 127.0.0.1.
+
+    The second (and last) private Ray name rtws touches: Serve 2.60 starts a gRPC
+    server in every replica after the user constructor, on the hard-coded address
+    ``[::]:0`` (all interfaces) through ``ray.serve._private.replica.add_port_to_grpc_server``,
+    whatever the node's address. It carries requests only with
+    ``RAY_SERVE_USE_GRPC_BY_DEFAULT=1``. Called from the replica's constructor, so
+    before that server starts; rewrites an all-interfaces address to 127.0.0.1.
+    Raises ``RuntimeError`` if Ray renamed it (tests/test_ray.py's loopback test
+    also fails if a listener escapes). Idempotent.
+    """
+    from ray.serve._private import replica as replica_module
+
+    original = getattr(replica_module, "add_port_to_grpc_server", None)
+    if original is None:
+        raise RuntimeError(f"Ray Serve {ray.__version__}: replica.add_port_to_grpc_server is missing; "
+                           "rtws cannot keep replicas on loopback (update rtws.ray.bind_replica_grpc_to_loopback)")
+    if getattr(original, "__rtws_loopback__", False):
+        return
+
+    @functools.wraps(original)
+    def loopback_port(server: Any, address: str, *args: Any, **kwargs: Any) -> Any:
+        host, _, port = address.rpartition(":")
+        if host in ("[::]", "0.0.0.0", ""):
+            address = f"127.0.0.1:{port}"
+        return original(server, address, *args, **kwargs)
+
+    loopback_port.__rtws_loopback__ = True  # type: ignore[attr-defined]
+    setattr(replica_module, "add_port_to_grpc_server", loopback_port)
 
 
 # ---------------------------------------------------------------------- rtws serve-ray
