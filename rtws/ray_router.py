@@ -21,11 +21,12 @@ Rules, in order (docs/scale-out.md):
    draining replicas last. Serve's own rank walk then picks, among equally
    loaded replicas, the one with the fewest ongoing requests (open sockets),
    probed or cached by Serve, so a burst of new sockets still spreads while
-   the generation counts are a period stale.
+   the generation counts are a period stale; ties are broken at random.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -67,4 +68,7 @@ class RtwsRouter(RequestRouter):  # type: ignore[misc]
         ranked: dict[tuple[int, float], list[RunningReplica]] = {}
         for r in candidate_replicas:
             ranked.setdefault(load_of(r.routing_stats), []).append(r)
-        return [ranked[k] for k in sorted(ranked)]
+        ranks = [ranked[k] for k in sorted(ranked)]
+        for group in ranks:  # Serve takes the first of equally short queues: shuffle so ties spread
+            random.shuffle(group)
+        return ranks
