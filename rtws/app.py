@@ -627,6 +627,10 @@ def _force_close(send: Send, code: int, reason: str, abort_after: float = 2.0) -
     transport = getattr(proto, "transport", None)
     conn = getattr(proto, "conn", None)
     if transport is None:
+        # Not uvicorn (Ray Serve's replica): a close message is all ASGI offers. Such hosts queue sends without
+        # blocking, so it goes out at once; a host whose send blocks leaves the task waiting until it drains.
+        task = asyncio.ensure_future(send({"type": "websocket.close", "code": code, "reason": reason}))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return
     try:
         if conn is not None and not getattr(proto, "close_sent", True):

@@ -70,6 +70,9 @@ class RayOptions:
     max_queued_requests: int = 64  # Serve's own queue in front of the replicas, bounded
     routing_stats_period_s: float = 1.0
     graceful_shutdown_margin_s: float = 10.0  # on top of drain_timeout_s before Serve kills a replica
+    # Per-socket frame pacing (0: off): a socket's writer sends at most one frame per this many ms, so tokens
+    # coalesce into fewer frames through the proxy (bench/ray_bench.py measures the trade: tok/s against ITL).
+    frame_interval_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -82,6 +85,8 @@ class RayOptions:
             raise ValueError("target_live_generations: must be > 0")
         if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise ValueError("num_cpus/num_gpus: must be >= 0")
+        if self.frame_interval_ms < 0:
+            raise ValueError("frame_interval_ms: must be >= 0")
         if self.max_queued_requests < 1 or self.routing_stats_period_s <= 0:
             raise ValueError("max_queued_requests and routing_stats_period_s must be positive")
 
@@ -201,7 +206,7 @@ def build_application(config: ServerConfig, options: RayOptions | None = None) -
     num_gpus = resolve_num_gpus(config, options)
     ingress = serve.ingress()(RtwsReplica)
     deployment = serve.deployment(ingress, **deployment_options(config, options, num_gpus))
-    return deployment.bind(_config_dict(replica_config(config, num_gpus)))
+    return deployment.bind(_config_dict(replica_config(config, num_gpus)), options.frame_interval_ms)
 
 
 def app(args: dict[str, str]) -> Any:
@@ -251,7 +256,7 @@ class RtwsReplica:
     ``__serve_build_asgi_app__`` once and then runs the app's ASGI lifespan.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], frame_interval_ms: float = 0.0) -> None:
         from .logs import setup_logging
         from .server import build_app
 
@@ -261,6 +266,7 @@ class RtwsReplica:
         setup_logging(cfg.log_level)
         self.config = cfg
         self.rtws_app: App = build_app(cfg)
+        self.frame_interval_s = frame_interval_ms / 1000.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.rtws_app.on_startup.append(self._remember_loop)
         install_replica_metrics(self.rtws_app, {"replica": self.replica_id, "deployment": ctx.deployment,
@@ -272,7 +278,9 @@ class RtwsReplica:
     async def _remember_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
 
-    def __serve_build_asgi_app__(self) -> App:
+    def __serve_build_asgi_app__(self) -> Any:
+        if self.frame_interval_s > 0:
+            return FramePacing(self.rtws_app, self.frame_interval_s)
         return self.rtws_app
 
     async def record_routing_stats(self) -> dict[str, Any]:
@@ -295,6 +303,42 @@ class RtwsReplica:
             return
         fut = asyncio.run_coroutine_threadsafe(self.rtws_app.drain(), loop)
         await asyncio.wrap_future(fut)
+
+
+class FramePacing:
+    """ASGI wrapper: each WebSocket sends at most one frame per ``interval_s``.
+
+    Behind Serve's proxy every ``websocket.send`` costs the proxy the same
+    whatever it carries, and Serve's ``send`` never blocks, so without this the
+    session writes one frame per token. While the writer waits here, the
+    session coalesces the generation's next tokens into its next ``delta``
+    (rtws.session's send buffer), so frames carry several tokens under load.
+    Costs up to ``interval_s`` of added latency per frame. HTTP passes through.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], interval_s: float) -> None:
+        self.app = app
+        self.interval_s = interval_s
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        interval = self.interval_s
+        last = -interval
+
+        async def paced(message: dict[str, Any]) -> None:
+            nonlocal last
+            if message["type"] == "websocket.send":
+                wait = last + interval - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                last = loop.time()
+            await send(message)
+
+        await self.app(scope, receive, paced)
 
 
 def replica_load(app: App) -> dict[str, Any]:
