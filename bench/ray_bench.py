@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of per-socket frame pacing for the Ray runs (0: off)")
     p.add_argument("--round-trips", type=int, default=100, help="sequential frame round trips per setup")
     p.add_argument("--warmup-requests", type=int, default=16)
+    p.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the Ray cluster's processes (e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
+    p.add_argument("--no-direct", action="store_true", help="skip the direct baseline (not for reported figures)")
     return p
 
 
@@ -146,8 +149,8 @@ class Setup:
 
 
 def measure(setup: Setup, args: Any, prompts: list[str], mts: list[int]) -> dict[str, Any]:
-    reqs = list(zip(prompts, mts))
-    warm = reqs[: args.warmup_requests]
+    pairs = list(zip(prompts, mts))
+    reqs, warm = pairs[: args.requests], pairs[args.requests:]
     with Fleet(setup.url, args.concurrency, args.procs) as fleet:
         if fleet.num_connected != args.concurrency:
             raise RuntimeError(f"{setup.label}: {fleet.num_connected}/{args.concurrency} connected: "
@@ -173,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     n = args.requests + args.warmup_requests
     prompts = text_prompts(tok, n, args.prompt_len, args.seed)
     mts = max_tokens_list(n, args.max_tokens, False, seed=args.seed + 1)
-    prompts = prompts[args.warmup_requests:] + prompts[: args.warmup_requests]  # warm-up set at the end
     slots = args.num_slots or max(64, args.concurrency)
     common_cfg = dict(num_slots=slots, max_connections=args.concurrency + 64, idle_timeout_s=3600.0,
                       max_tokens_limit=max(4096, args.max_tokens), log_level="WARNING")
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    for item in args.ray_env:
+        key, _, value = item.partition("=")
+        os.environ[key] = value  # Ray's processes inherit this process's environment
     start_local_cluster(num_cpus=8, env=env)
     try:
         port = _free_port()
