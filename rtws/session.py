@@ -107,6 +107,7 @@ class Generation:
     first_sent: float | None = None
     queue_s: float | None = None
     quota_key: str | None = None  # the ClientQuota key this generation counts against, until released
+    cached_tokens: int | None = None
 
     @property
     def submitted(self) -> bool:
@@ -414,6 +415,7 @@ class Session:
             self.live.pop(gen.id, None)
             self._remember(gen.id)
             gen.queue_s = ev.queue_s
+            gen.cached_tokens = ev.cached_tokens
         if self.buffered > self.max_buffered:
             self.max_buffered = self.buffered
         if not self.paused and self.buffered > self.limits.high_watermark:
@@ -505,7 +507,8 @@ class Session:
                         gen.first_sent = time.monotonic()
                         self.hooks.first_token(gen.model.name, gen.first_sent - gen.started)
                 if p.done is not None:
-                    usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.sent_tokens)
+                    usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.sent_tokens,
+                                  cached_tokens=gen.cached_tokens)
                     await self._write(encode(Done(id=gid, reason=p.done, usage=usage)))  # type: ignore[arg-type]
                     self._record(gen, p.done)
                 if self.paused and self.buffered <= self.limits.low_watermark:
