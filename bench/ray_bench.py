@@ -16,7 +16,9 @@ divided by the tokens the frame carries), tokens per frame, one frame round
 trip (``cancel`` of an unknown id answered by ``error unknown_id``: protocol
 only, no engine step; sequential, idle server), and CPU ms per delivered token
 for the server side: the rtws process (direct), or Serve's proxy actor and the
-replica actors (Ray), read from /proc. ``--frame-interval-ms`` adds runs with
+replica actors (Ray), read from /proc. Both servers stay up for the whole run
+and each Ray setup is measured in ABBA order against direct; "of direct" is the
+median of the per-pair ratios. ``--frame-interval-ms`` adds runs with
 rtws.ray's per-socket frame pacing (``RayOptions.frame_interval_ms``), which
 makes each socket's writer wait so that tokens coalesce into fewer frames
 through the proxy. The last table is the summary, with direct as the baseline.
@@ -28,6 +30,7 @@ import argparse
 import asyncio
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-requests", type=int, default=16)
     p.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the Ray cluster's processes (e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
-    p.add_argument("--no-direct", action="store_true", help="skip the direct baseline (not for reported figures)")
+    p.add_argument("--repeat", type=int, default=2, help="ABBA pairs (direct, ray) per Ray setup")
     return p
 
 
@@ -167,6 +170,17 @@ def measure(setup: Setup, args: Any, prompts: list[str], mts: list[int]) -> dict
     return res
 
 
+def _row(label: str, r: dict[str, Any], ratio: float | None) -> list[str]:
+    tokens = max(1, r["tokens"])
+    cpu = r["cpu"]
+    proxy = cpu.get("proxy", 0.0) * 1e3 / tokens
+    server = (cpu.get("server", 0.0) + cpu.get("replicas", 0.0)) * 1e3 / tokens
+    return [label, num(r["tok_s"]), "100%" if ratio is None else f"{100 * ratio:.0f}%",
+            ms(percentile(r["itl"], 50)), ms(percentile(r["itl"], 99)), f"{r['tokens'] / max(1, r['frames']):.2f}",
+            ms(percentile(r["rtt"], 50)), ms(percentile(r["rtt"], 99)), f"{server:.3f}",
+            f"{proxy:.3f}" if "proxy" in cpu else "-", f"{server + proxy:.3f}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     print_header("ray_bench", args)
@@ -179,20 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     slots = args.num_slots or max(64, args.concurrency)
     common_cfg = dict(num_slots=slots, max_connections=args.concurrency + 64, idle_timeout_s=3600.0,
                       max_tokens_limit=max(4096, args.max_tokens), log_level="WARNING")
-    results: list[tuple[str, dict[str, Any]]] = []
+    rows: list[list[str]] = []
+    direct_runs: list[dict[str, Any]] = []
 
-    # --- direct
-    with ServerProcess(server_config(args, **common_cfg, ping_interval_s=None), env=thread_env(args)) as srv:
-        direct = Setup("direct rtws serve", srv.url, {"server": [srv.pid]})
-        results.append((direct.label, measure(direct, args, prompts, mts)))
-
-    # --- Ray Serve
     import ray
     from ray import serve
 
     from rtws.config import ServerConfig
     from rtws.ray import RayOptions, build_application, start_local_cluster
 
+    # Both servers stay up for the whole run; each Ray setup is measured in ABBA order against direct
+    # (direct, ray, ray, direct, ...), so a drift in the shared machine's load hits both sides alike.
+    srv = ServerProcess(server_config(args, **common_cfg, ping_interval_s=None), env=thread_env(args))
+    direct = Setup("direct rtws serve", srv.url, {"server": [srv.pid]})
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -219,28 +232,35 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"ray, {replicas} replica{'s' if replicas > 1 else ''}" + (
                     f", pacing {interval:g} ms" if interval else "")
                 setup = Setup(label, f"ws://127.0.0.1:{port}/ws", pids)
-                results.append((label, measure(setup, args, prompts, mts)))
+                pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+                for k in range(args.repeat):
+                    if k % 2 == 0:
+                        d = measure(direct, args, prompts, mts)
+                        r = measure(setup, args, prompts, mts)
+                    else:
+                        r = measure(setup, args, prompts, mts)
+                        d = measure(direct, args, prompts, mts)
+                    pairs.append((d, r))
+                    direct_runs.append(d)
+                ratios = sorted(r["tok_s"] / d["tok_s"] for d, r in pairs)
+                ratio_med = statistics.median(ratios)
+                pairs.sort(key=lambda x: x[1]["tok_s"])
+                med = pairs[len(pairs) // 2][1]
+                rows.append(_row(label, med, ratio_med))
+                print(f"# {label}: ray/direct tok/s per pair {[f'{x:.2f}' for x in ratios]}", flush=True)
     finally:
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
+            srv.stop()
 
-    base = results[0][1]
-    rows = []
-    for label, r in results:
-        tokens = max(1, r["tokens"])
-        cpu = r["cpu"]
-        proxy = cpu.get("proxy", 0.0) * 1e3 / tokens
-        server = (cpu.get("server", 0.0) + cpu.get("replicas", 0.0)) * 1e3 / tokens
-        rows.append([label, num(r["tok_s"]), f"{100 * r['tok_s'] / base['tok_s']:.0f}%",
-                     ms(percentile(r["itl"], 50)), ms(percentile(r["itl"], 99)),
-                     f"{r['tokens'] / max(1, r['frames']):.2f}", ms(percentile(r["rtt"], 50)),
-                     ms(percentile(r["rtt"], 99)), f"{server:.3f}", f"{proxy:.3f}" if "proxy" in cpu else "-",
-                     f"{server + proxy:.3f}"])
+    direct_runs.sort(key=lambda r: r["tok_s"])
+    rows.insert(0, _row(f"direct rtws serve (median of {len(direct_runs)})", direct_runs[len(direct_runs) // 2],
+                        None))
     print_table(f"ray_bench summary: {args.concurrency} streams (closed loop, 1 per socket), prompt "
-                f"{args.prompt_len}, max_tokens {args.max_tokens}, {args.requests} requests per run; "
-                f"baseline: direct rtws serve",
+                f"{args.prompt_len}, max_tokens {args.max_tokens}, {args.requests} requests per run, {args.repeat} "
+                f"ABBA pairs per setup; 'of direct' is the median of the per-pair ratios",
                 ["setup", "tok/s", "of direct", "ITL p50 ms", "ITL p99 ms", "tokens/frame", "RTT p50 ms",
                  "RTT p99 ms", "CPU ms/tok rtws", "CPU ms/tok proxy", "CPU ms/tok total"], rows)
     return 0

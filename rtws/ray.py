@@ -499,7 +499,8 @@ def serve_ray(config: ServerConfig, options: RayOptions, address: str | None = N
         print(f"rtws on Ray Serve: http://{config.host}:{config.port} ({options.replicas} replicas)", flush=True)
         if on_ready is not None:
             on_ready()
-        stop.wait()
+        while not stop.wait(0.5):  # short waits: signal handlers run between them
+            pass
         log.info("draining", extra={"event": "drain_start"})
         serve.delete(options.name)  # graceful: every replica drains (install_drain_hook)
         serve.shutdown()

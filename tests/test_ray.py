@@ -177,6 +177,29 @@ def test_autoscaling_policy_counts_live_generations() -> None:
     assert autoscale_on_live_generations(ctx)[0] == 0.2  # before the first report: sockets
 
 
+def test_serve_run_builder_and_cli_flags() -> None:
+    """``serve run rtws.ray:app key=value`` and ``rtws serve-ray`` parse into the same deployment."""
+    import subprocess
+    import sys
+
+    from rtws.ray import app
+
+    built = app({"replicas": "3", "num_slots": "8", "max_connections": "100", "model": "/some/model"})
+    dep = built._bound_deployment  # Serve's Application wraps one bound deployment
+    assert dep.num_replicas == 3 and dep.max_ongoing_requests >= 100
+    assert dep.init_args[0]["num_slots"] == 8 and dep.init_args[0]["model"] == "/some/model"
+    with pytest.raises(ValueError, match="unknown rtws.ray argument"):
+        app({"replica": "2"})
+    out = subprocess.run([sys.executable, "-m", "rtws", "serve-ray", "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    for flag in ("--replicas", "--max-replicas", "--num-gpus", "--ray-address", "--num-slots", "--max-frame-bytes"):
+        assert flag in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "rtws", "serve-ray", "--replicas", "0"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert bad.returncode == 2 and "replicas" in bad.stderr
+
+
 # ---------------------------------------------------------------------- on the cluster
 
 
