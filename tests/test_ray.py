@@ -41,9 +41,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "rtws"
-WINDOW_PENDING = ("needs the sessions engineer's ack window (ready.limits window, client acks) on main; "
-                  "enable after merging it")
-RESUME_PENDING = "needs resume (hello {resume}, resume token, resume error) from the sessions work on main"
 
 
 def _free_port() -> int:
@@ -141,9 +138,10 @@ def test_router_rules_are_pure() -> None:
     assert affinity_key("rtws.v1.msgpack, rtws.replica.abc123") == "abc123"
     assert affinity_key("rtws.replica.x") == "x"
     assert affinity_key("rtws.v1.json") is None and affinity_key("") is None and affinity_key("rtws.replica.") is None
-    assert load_of({"live_generations": 3}) < load_of({"live_generations": 4})
-    assert load_of({"live_generations": 0, "draining": True}) > load_of({"live_generations": 99})
-    assert load_of(None) == (0, 0.0)
+    assert load_of({"live_generations": 3}, 9) < load_of({"live_generations": 4}, 0)  # generations first
+    assert load_of({"live_generations": 3}, 1) < load_of({"live_generations": 3}, 2)  # then open sockets
+    assert load_of({"live_generations": 0, "draining": True}) > load_of({"live_generations": 99}, 99)
+    assert load_of(None) == (0, 0, 0)
 
 
 def test_deployment_options_follow_the_config() -> None:
@@ -421,62 +419,103 @@ def test_metrics_name_the_replica(cluster: Cluster) -> None:
     assert seen and all(seen)
 
 
-@pytest.mark.skip(reason=WINDOW_PENDING)
+def _scrape(cluster: Cluster, replica: str) -> dict[str, float]:
+    """``/metrics`` of one replica: the affinity header pins plain HTTP requests too. Returns name -> sum."""
+    import urllib.request
+
+    req = urllib.request.Request(cluster.http + "/metrics", headers={"Sec-WebSocket-Protocol": f"rtws.replica.{replica}"})
+    with urllib.request.urlopen(req, timeout=30 * UNIT) as r:
+        body = r.read().decode()
+    assert f'replica="{replica}"' in body, "the router did not pin the scrape"
+    out: dict[str, float] = {}
+    for ln in body.splitlines():
+        if ln and not ln.startswith("#"):
+            name = ln.split("{", 1)[0].split(" ", 1)[0]
+            out[name] = out.get(name, 0.0) + float(ln.rsplit(" ", 1)[1])
+    return out
+
+
 def test_slow_reader_pauses_at_the_window_through_the_proxy(cluster: Cluster) -> None:
-    """Design: ready.limits announces a window; a client that reads nothing and acks nothing has its
-    generations paused once the window's bytes are unacknowledged, so the replica's RSS stays bounded and
-    Serve's queue holds at most one window. Written against that design; enabled with the ack window."""
+    """Serve's send never blocks, so socket backpressure cannot reach the session behind the proxy; the
+    acknowledgement window does. A client that acks once (opting in) and then reads nothing has its
+    generations paused once a window of bytes is unacknowledged, and the replica stops sending."""
     async def main() -> None:
         ws, ready = await _session(cluster.ws)
-        window = getattr(ready.limits, "window", None)
-        assert window, "ready.limits.window"
-        for j in range(32):
+        window = ready.limits.window
+        assert window and ready.replica
+        await _send(ws, p.Ack(received=0))
+        for j in range(16):
             await _send(ws, p.Generate(id=f"s{j}", prompt="x", max_tokens=4000))
-        await asyncio.sleep(3 * UNIT)  # read nothing, ack nothing
-        # The replica reports its generations paused (rtws_requests_paused) while the window is full.
-        import urllib.request
-
+        deadline = time.monotonic() + 90 * UNIT
         paused = 0.0
-        for _ in range(6):
-            with urllib.request.urlopen(cluster.http + "/metrics", timeout=30 * UNIT) as r:
-                for ln in r.read().decode().splitlines():
-                    if ln.startswith("rtws_requests_paused{") and f'replica="{ready.replica}"' not in ln:
-                        paused = max(paused, float(ln.rsplit(" ", 1)[1]))
-        assert paused >= 1
+        while time.monotonic() < deadline:  # read nothing, ack nothing
+            await asyncio.sleep(0.5)
+            m = await asyncio.to_thread(_scrape, cluster, ready.replica)
+            paused = m.get("rtws_requests_paused", 0.0)
+            if paused >= 16:
+                break
+        assert paused >= 16, f"only {paused} of 16 generations paused"
+        first = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
+        await asyncio.sleep(1.5 * UNIT)
+        second = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
+        assert second - first < window // 4, (first, second, window)  # the replica stopped writing
+        # Reading and acking resumes them: the client takes what was sent and acks it.
+        received = 0
+        with contextlib.suppress(asyncio.TimeoutError):
+            while True:
+                f = _decode(await asyncio.wait_for(ws.recv(), 2.0 * UNIT))
+                received += 1
+                if received % 64 == 0:
+                    await _send(ws, p.Ack(received=received))
+                if received > 2000:
+                    break
+        assert received > 2000  # more than was sent before the pause: the generations went on
         await ws.close()
 
     run(main())
 
 
-@pytest.mark.skip(reason=RESUME_PENDING)
 def test_resume_lands_on_the_same_replica(cluster: Cluster) -> None:
-    """Design: ready carries a resume token; a client that loses its socket reconnects offering
-    rtws.replica.<id> and sends hello {resume}; the router pins it to that replica, which replays the
-    unacknowledged frames, so the text is complete and not duplicated."""
+    """A dropped socket: the Python client reconnects offering rtws.replica.<id>, the router pins it to that
+    replica, which replays the unacknowledged frames: the text is complete and not duplicated. Offered to the
+    other replica, the resume gets the documented resume_failed error and a fresh session."""
     async def main() -> None:
-        ws, ready = await _session(cluster.ws)
-        token = getattr(ready, "resume", None)
-        assert token, "ready.resume"
-        await _send(ws, p.Generate(id="r", prompt="ROMEO:", max_tokens=60, seed=5))
-        parts = []
-        while len(parts) < 5:
-            f = _decode(await ws.recv())
-            if isinstance(f, p.Delta):
-                parts.append(f.text)
-        ws.transport.abort()
-        ws2, ready2 = await _session(cluster.ws, [p.SUBPROTOCOL_MSGPACK, f"rtws.replica.{ready.replica}"])
-        assert ready2.replica == ready.replica
-        await _send(ws2, p.Hello(resume=token))
-        while True:
-            f = _decode(await ws2.recv())
-            if isinstance(f, p.Delta) and f.id == "r":
-                parts.append(f.text)
-            elif isinstance(f, p.Done) and f.id == "r":
+        client = await Client.connect(cluster.ws, open_timeout=30 * UNIT)
+        assert client.ready is not None and client.ready.replica and client.ready.resume_token
+        replica, token = client.ready.replica, client.ready.resume_token
+        stream = await client.generate("ROMEO:", max_tokens=120, seed=5)
+        parts = 0
+        async for _ in stream:
+            parts += 1
+            if parts == 10:
+                client.ws.transport.abort()  # an unclean drop: the server holds the session
                 break
-        full = post(cluster.http, "/infer", {"prompt": "ROMEO:", "max_tokens": 60, "seed": 5, "stream": False},
-                    timeout=60 * UNIT).json()["text"]
-        assert "".join(parts) == full
-        await ws2.close()
+        result = await asyncio.wait_for(stream.result(), 60 * UNIT)
+        assert client.resumes == 1 and client.ready.replica == replica and client.ready.resumed
+        full = (await asyncio.to_thread(post, cluster.http, "/infer",
+                                        {"prompt": "ROMEO:", "max_tokens": 120, "seed": 5, "stream": False},
+                                        None, 60 * UNIT)).json()
+        assert result.text == full["text"] and result.completion_tokens == 120
+        await client.close()
+
+        # The same kind of resume sent to the other replica: it does not hold the session.
+        for _ in range(12):
+            ws, ready = await _session(cluster.ws)
+            await ws.close()
+            if ready.replica != replica:
+                foreign = ready.replica
+                break
+        else:
+            raise AssertionError("no second replica")
+        ws = await connect(cluster.ws, subprotocols=[p.SUBPROTOCOL_MSGPACK, f"rtws.replica.{foreign}"],
+                           compression=None, open_timeout=30 * UNIT)
+        await _send(ws, p.Hello(resume=token, received=0))
+        frames = [_decode(await asyncio.wait_for(ws.recv(), 30 * UNIT)) for _ in range(2)]
+        errors = [f for f in frames if isinstance(f, p.Error)]
+        readies = [f for f in frames if isinstance(f, p.Ready)]
+        assert errors and errors[0].code == "resume_failed", frames
+        assert readies and readies[0].replica == foreign and not readies[0].resumed
+        await ws.close()
 
     run(main())
 
