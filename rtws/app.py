@@ -28,6 +28,7 @@ from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
 from .session import Session, SessionLimits
 from .session_store import SessionStore
+from .wslimits import CLOSE_TOO_BIG, frame_too_big
 
 log = logging.getLogger("rtws.app")
 
@@ -84,6 +85,7 @@ class App:
             resume_window_s=config.resume_window_s,
             max_control_bytes=config.max_control_bytes,
             chars_per_token=config.prompt_chars_per_token,
+            replica=config.replica_id,
         )
         self.quota = ClientQuota(config.max_connections_per_client, config.max_generations_per_client)
         self.num_preauth = 0  # WebSockets waiting for hello {token}: their own budget
@@ -127,6 +129,8 @@ class App:
             return
         await send({"type": "lifespan.startup.complete"})
         await receive()
+        if not self.draining:  # a host that never called drain() (Ray Serve's replica shutdown, another server)
+            await self.drain()
         await self.shutdown()
         await send({"type": "lifespan.shutdown.complete"})
 
@@ -462,7 +466,12 @@ class App:
                 msg = await receive()
                 if msg["type"] == "websocket.receive":
                     data = msg.get("bytes")
-                    conn.session.on_frame(data if data is not None else msg.get("text", ""))
+                    frame = data if data is not None else msg.get("text", "")
+                    if frame_too_big(frame, self.config.max_frame_bytes):  # a proxy may allow more (Ray: 16 MiB)
+                        self.hooks.rejected("frame_too_big")
+                        await self._close(conn, CLOSE_TOO_BIG, "frame too big")
+                        break
+                    conn.session.on_frame(frame)
                     handled += 1
                     if handled % 32 == 0:
                         # receive() returns without suspending while frames are queued: let other sockets,
@@ -700,6 +709,10 @@ def _force_close(send: Send, code: int, reason: str, abort_after: float = 2.0) -
     transport = getattr(proto, "transport", None)
     conn = getattr(proto, "conn", None)
     if transport is None:
+        # Not uvicorn (Ray Serve's replica): a close message is all ASGI offers. Such hosts queue sends without
+        # blocking, so it goes out at once; a host whose send blocks leaves the task waiting until it drains.
+        task = asyncio.ensure_future(send({"type": "websocket.close", "code": code, "reason": reason}))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return
     try:
         if conn is not None and not getattr(proto, "close_sent", True):

@@ -140,6 +140,8 @@ class ServerConfig:
     log_format: str = field(default="auto", metadata={
         "help": "auto (readable lines on a TTY, JSON lines otherwise), text or json"})
     access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
+    replica_id: str | None = field(default=None, metadata={
+        "help": "name of this server announced in ready.replica and rtws_replica_info (rtws.ray sets one per replica)"})
 
     def __post_init__(self) -> None:
         _validate(self)

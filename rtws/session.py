@@ -116,6 +116,7 @@ class SessionLimits:
     error_burst: int = 256
     error_rate: float = 64.0
     chars_per_token: int = 32  # refuse prompts longer than max_prompt_tokens x this before tokenizing
+    replica: str | None = None  # announced as ready.replica
 
 
 @dataclass(slots=True, eq=False)
@@ -244,7 +245,8 @@ class Session:
     def _ready(self, resumed: bool = False, live: list[GenId] | None = None, replay: int = 0) -> Ready:
         token = self.store.issue(self, self.key) if self.store is not None else None
         return Ready(session=self.id, models=self.models.names(), limits=self._limits_frame(),
-                     resume_token=token, resumed=resumed, live=live, replay=replay)
+                     resume_token=token, resumed=resumed, live=live, replay=replay,
+                     replica=self.limits.replica)
 
     def _limits_frame(self) -> Limits:
         default = self.models.get(None)
