@@ -39,3 +39,10 @@ class RateLimiter:
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
         return wait
+
+    def peek(self, key: str) -> tuple[float, float]:
+        """``(tokens left now, seconds until the bucket is full again)`` for ``key``, taking nothing."""
+        now = self._clock()
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        return tokens, (self.burst - tokens) / self.rate
