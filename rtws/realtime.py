@@ -299,10 +299,12 @@ class RealtimeConnection:
         # msgspec names the path: "Expected `str`, got `int` - at `$.item.role`"
         text = str(exc)
         param = text.rpartition("at `$.")[2].rstrip("`") if "at `$." in text else None
+        code = "invalid_value"
         if text.startswith("Object missing required field"):
+            code = "missing_required_parameter"
             name = text.split("`")[1] if "`" in text else None
             param = f"{param}.{name}" if param and name else name
-        return RealtimeError("invalid_value", f"{short}: {text}", param)
+        return RealtimeError(code, f"{short}: {text}", param)
 
     def _dispatch(self, event: ev.ClientEvent) -> None:
         if isinstance(event, ev.ResponseCreate):
