@@ -26,6 +26,7 @@ from .limits import RateLimiter
 from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
 from .session import Session, SessionLimits
+from .session_store import SessionStore
 
 log = logging.getLogger("rtws.app")
 
@@ -43,6 +44,7 @@ class Connection:
     closing: bool = False
     writer: asyncio.Task[None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    moved: bool = False  # its session was resumed on another socket: leave the session alone at the end
 
 
 class App:
@@ -68,7 +70,11 @@ class App:
             low_watermark=config.low_watermark,
             request_timeout=config.request_timeout,
             api_keys=frozenset(config.api_keys),
+            max_conversations=config.max_conversations_per_session,
+            max_conversation_generations=config.max_generations_per_conversation,
+            resume_window_s=config.resume_window_s,
         )
+        self.sessions = SessionStore(config.resume_window_s)  # resume tokens and sessions held without a socket
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/healthz"): self._healthz,
             ("GET", "/readyz"): self._readyz,
@@ -118,6 +124,7 @@ class App:
             self.registry.add(served)
         for hook in self.on_startup:
             await hook()
+        self.sessions.hooks = self.hooks
         self._watchdog = loop.create_task(self._watch())
         self.started = True
         log.info("server ready", extra={"event": "ready", "models": self.registry.names()})
@@ -148,6 +155,7 @@ class App:
             await hook()
         for conn in list(self.connections):
             conn.session.close()
+        self.sessions.close_all()
         for served in self.registry.models():
             stop = getattr(served, "stop", None)
             if stop is not None:
@@ -168,6 +176,7 @@ class App:
         for conn in self.connections:
             conn.session.draining = True
         deadline = time.monotonic() + timeout
+        self.sessions.drain(deadline)
         while self.live_generations() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         cancelled = 0
@@ -177,6 +186,8 @@ class App:
         for conn in list(self.connections):
             await conn.session.flush(2.0)
             await self._close(conn, 1001, "server shutting down")
+        cancelled += sum(len(s.live) for s in self.sessions.held())
+        self.sessions.close_all()
         log.info("drained", extra={"event": "drain_done", "cancelled": cancelled})
 
     # ------------------------------------------------------------------ HTTP
@@ -307,10 +318,16 @@ class App:
             if conn is not None:
                 asyncio.get_running_loop().create_task(self._close(conn, code, reason, flush=True))
 
+        def on_resume(fresh: Session, frame: protocol.Hello) -> protocol.Error | None:
+            assert conn is not None
+            return self._resume(conn, fresh, frame, send_frame, policy_close, on_resume)
+
         session = Session(send_frame, codec, self.registry, self.session_limits, client=client_address(scope),
                           authenticated=authenticated, rate_limiter=self.rate_limiter, hooks=self.hooks,
-                          on_policy_close=policy_close)
+                          on_policy_close=policy_close, store=self.sessions, on_resume=on_resume)
         session.rate_key = rate_key
+        if self.config.auth_enabled and token is not None:
+            session.key = key_id(token)
         session.draining = self.draining
         conn = Connection(session=session, send=send, opened=time.monotonic())
         self.connections.add(conn)
@@ -318,20 +335,57 @@ class App:
         conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))
         if authenticated:
             session.start()
+        code = 1006
         try:
             while True:
                 msg = await receive()
                 if msg["type"] == "websocket.receive":
                     data = msg.get("bytes")
-                    session.on_frame(data if data is not None else msg.get("text", ""))
+                    conn.session.on_frame(data if data is not None else msg.get("text", ""))
                 elif msg["type"] == "websocket.disconnect":
+                    code = msg.get("code", 1005)
                     break
         finally:
-            session.close()
             if conn.writer is not None:
                 conn.writer.cancel()
+            # Resume: an acking session whose socket dropped uncleanly (not a client 1000, not a close we
+            # sent) is held for resume_window_s; everything else ends now, as in protocol v1.
+            if not conn.moved:
+                s = conn.session
+                if (code != 1000 and not conn.closing and not self.draining and s.resumable
+                        and self.sessions.hold(s)):
+                    s.detach()
+                else:
+                    s.close()
             self.connections.discard(conn)
             self.hooks_connection(-1)
+
+    def _resume(self, conn: Connection, fresh: Session, frame: protocol.Hello,
+                send_frame: Callable[[bytes | str], Awaitable[None]], policy_close: Callable[[int, str], None],
+                on_resume: Callable[[Session, protocol.Hello], protocol.Error | None]) -> protocol.Error | None:
+        """``hello {resume}`` on ``conn``: move the held session onto this socket, or say why not."""
+        assert frame.resume is not None
+        received = frame.received or 0
+        claim = self.sessions.claim(frame.resume, fresh.key, received, fresh.codec.name)
+        if claim.session is None:
+            return protocol.Error(code="resume_failed", reason=claim.public_reason,
+                                  message=f"cannot resume ({claim.public_reason}); this is a fresh session")
+        held: Session = claim.session
+        for other in list(self.connections):  # still attached to a half-open socket: take it over
+            if other.session is held and other is not conn:
+                other.moved = True
+                if other.writer is not None:
+                    other.writer.cancel()
+                held.detach()
+                _force_close(other.send, 4001, "session resumed on another connection")
+        if conn.writer is not None:
+            conn.writer.cancel()
+        fresh.close()
+        conn.session = held
+        frames, nbytes = held.attach(send_frame, received, on_policy_close=policy_close, on_resume=on_resume)
+        conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))
+        self.sessions.resumed(held, frames, nbytes, claim.held_s)
+        return None
 
     def hooks_connection(self, delta: int) -> None:
         self.hooks.connection(delta)
@@ -342,8 +396,10 @@ class App:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # The socket failed under us (reset, closed): the receive loop sees the disconnect.
-            conn.session.close()
+            # The socket failed under us (reset, closed): the receive loop sees the disconnect
+            # (and holds the session for resume when it can).
+            if not conn.session.resumable:
+                conn.session.close()
 
     async def _close(self, conn: Connection, code: int, reason: str, flush: bool = False) -> None:
         """Close one socket with ``code``. Idempotent."""
@@ -367,6 +423,7 @@ class App:
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
+            self.sessions.expire(now)
             for conn in list(self.connections):
                 s = conn.session
                 if conn.closing:

@@ -72,6 +72,12 @@ class ServerConfig:
         "help": "generations per client per minute (token bucket; default: unlimited)"})
     rate_limit_burst: int | None = field(default=None, metadata={
         "help": "token bucket size (default: rate_limit_per_minute / 6, at least 1)"})
+    resume_window_s: float = field(default=30.0, metadata={
+        "help": "hold an acking session this long after its socket drops uncleanly, for resume (0: off)"})
+    max_conversations_per_session: int = field(default=16, metadata={
+        "help": "server-held conversations per session, at most"})
+    max_generations_per_conversation: int = field(default=1, metadata={
+        "help": "generations running at once on one conversation, at most"})
     # --- security
     api_keys: tuple[str, ...] = field(default=(), metadata={
         "help": "API keys (comma-separated in RTWS_API_KEYS); empty: auth off"})
@@ -181,7 +187,8 @@ def _validate(c: ServerConfig) -> None:
             need(isinstance(v, tuple) and all(isinstance(x, str) for x in v), f.name, "must be a tuple of strings")
     need(0 <= c.port <= 65535, "port", "must be in 0..65535")
     for name in ("num_slots", "prefill_budget", "max_connections", "max_generations_per_session",
-                 "max_tokens_limit", "max_frame_bytes", "send_high_watermark"):
+                 "max_tokens_limit", "max_frame_bytes", "send_high_watermark", "max_conversations_per_session",
+                 "max_generations_per_conversation"):
         need(getattr(c, name) >= 1, name, "must be >= 1")
     need(c.transport_high_water >= 1024, "transport_high_water", "must be >= 1024")
     for name in ("torch_threads", "socket_send_buffer", "max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
@@ -193,6 +200,7 @@ def _validate(c: ServerConfig) -> None:
         v = getattr(c, name)
         need(v is None or v > 0, name, "must be > 0")
     need(c.max_batch_wait_ms >= 0, "max_batch_wait_ms", "must be >= 0")
+    need(c.resume_window_s >= 0, "resume_window_s", "must be >= 0")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
          "must be auto, cpu or cuda[:N]")
     need(c.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",

@@ -40,11 +40,18 @@ class ErrorCode(str, enum.Enum):
     UNAUTHORIZED = "unauthorized"
     OVERLOADED = "overloaded"
     INTERNAL = "internal"
+    # sessions that outlive a socket (docs/protocol.md, "Resume" and "Conversations")
+    RESUME_FAILED = "resume_failed"
+    UNKNOWN_CONVERSATION = "unknown_conversation"
+    TOO_MANY_CONVERSATIONS = "too_many_conversations"
+    CONVERSATION_BUSY = "conversation_busy"
 
 
 FinishReason: TypeAlias = Literal["stop", "length", "cancelled", "error", "timeout"]
 Priority: TypeAlias = Literal["high", "normal", "low"]
 GenId: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)] | int
+ConversationId: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+FrameCount: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
 # --------------------------------------------------------------------------- client frames
 
@@ -57,9 +64,13 @@ class Message(msgspec.Struct, frozen=True):
     name: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
-class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True):
+class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True, omit_defaults=True):
+    """``token`` authenticates; ``resume`` (a ``ready.resume_token``) with ``received`` (the number of
+    frames the client got from that session, ``ready`` frames not counted) reattaches a held session."""
+
     token: str | None = None
-    resume: str | None = None
+    resume: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    received: FrameCount | None = None
 
 
 class Generate(msgspec.Struct, tag="generate", tag_field="type", frozen=True):
@@ -77,23 +88,50 @@ class Generate(msgspec.Struct, tag="generate", tag_field="type", frozen=True):
         msgspec.Meta(max_length=MAX_STOP_STRINGS),
     ] = []
     priority: Priority = "normal"
+    conversation: ConversationId | None = None
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field="type", frozen=True):
     id: GenId
 
 
-ClientFrame: TypeAlias = Hello | Generate | Cancel
-CLIENT_TYPES: Final = frozenset({"hello", "generate", "cancel"})
+class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True):
+    """The client has received ``received`` frames of this session (``ready`` not counted). Cumulative.
+
+    The first ``ack`` turns the acknowledgement window on for the session (send ``ack {received: 0}``
+    right after ``ready``); only acking sessions are held for resume.
+    """
+
+    received: FrameCount
+
+
+class Forget(msgspec.Struct, tag="forget", tag_field="type", frozen=True):
+    """Delete one server-held conversation (its live generations are cancelled)."""
+
+    conversation: ConversationId
+
+
+class History(msgspec.Struct, tag="history", tag_field="type", frozen=True):
+    """Ask for one conversation's turns; answered by a ``conversation`` frame."""
+
+    conversation: ConversationId
+
+
+ClientFrame: TypeAlias = Hello | Generate | Cancel | Ack | Forget | History
+CLIENT_TYPES: Final = frozenset({"hello", "generate", "cancel", "ack", "forget", "history"})
 
 # --------------------------------------------------------------------------- server frames
 
 
-class Limits(msgspec.Struct, frozen=True):
+class Limits(msgspec.Struct, frozen=True, omit_defaults=True):
     max_generations: int
     max_tokens: int
     max_prompt_tokens: int
     max_frame_bytes: int
+    window: int | None = None  # acknowledgement window, bytes sent but not acked
+    resume_window_s: float | None = None  # how long a session is held after an unclean disconnect
+    max_conversations: int | None = None
+    max_conversation_generations: int | None = None
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -101,10 +139,13 @@ class Usage(msgspec.Struct, frozen=True):
     completion_tokens: int
 
 
-class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True):
+class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True, omit_defaults=True):
     session: str
     models: list[str]
     limits: Limits
+    resume_token: str | None = None  # present when resume is on; a new one in every ready
+    resumed: bool = False  # this ready reattached a held session
+    live: list[GenId] | None = None  # on resume: generations whose done the client has not had yet
 
 
 class Delta(msgspec.Struct, tag="delta", tag_field="type", frozen=True, array_like=False):
@@ -114,10 +155,11 @@ class Delta(msgspec.Struct, tag="delta", tag_field="type", frozen=True, array_li
     tokens: int
 
 
-class Done(msgspec.Struct, tag="done", tag_field="type", frozen=True):
+class Done(msgspec.Struct, tag="done", tag_field="type", frozen=True, omit_defaults=True):
     id: GenId
     reason: FinishReason
     usage: Usage
+    dropped: int = 0  # conversation turns dropped from the front to fit this prompt in the context
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True, omit_defaults=True):
@@ -125,10 +167,28 @@ class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True, omit_def
     message: str
     id: GenId | None = None
     retry_after: float | None = None
+    reason: str | None = None  # resume_failed: unknown, expired, gap, off, not_first
 
 
-ServerFrame: TypeAlias = Ready | Delta | Done | Error
-AnyFrame: TypeAlias = Hello | Generate | Cancel | Ready | Delta | Done | Error
+class ConversationItem(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: str
+    role: str
+    content: str
+    name: str | None = None
+    truncated: bool = False  # an assistant reply cut short (cancelled, timeout, error), kept as delivered
+
+
+class ConversationFrame(msgspec.Struct, tag="conversation", tag_field="type", frozen=True):
+    """Answer to ``history``: the turns the server holds, oldest first; ``dropped`` counts turns dropped so far."""
+
+    id: str
+    items: list[ConversationItem]
+    dropped: int = 0
+
+
+ServerFrame: TypeAlias = Ready | Delta | Done | Error | ConversationFrame
+AnyFrame: TypeAlias = (Hello | Generate | Cancel | Ack | Forget | History | Ready | Delta | Done | Error
+                       | ConversationFrame)
 
 
 class ProtocolError(Exception):
@@ -234,7 +294,7 @@ def _check_generate(frame: Generate) -> None:
     """Cross-field checks msgspec constraints cannot express."""
     if (frame.prompt is None) == (frame.messages is None):
         raise ProtocolError(ErrorCode.INVALID_PARAMS, "exactly one of 'prompt' or 'messages' is required", frame.id)
-    if frame.messages is not None and not frame.messages:
+    if frame.messages is not None and not frame.messages and frame.conversation is None:
         raise ProtocolError(ErrorCode.INVALID_PARAMS, "'messages' must not be empty", frame.id)
     if not math.isfinite(frame.temperature) or not math.isfinite(frame.top_p):
         raise ProtocolError(ErrorCode.INVALID_PARAMS, "temperature and top_p must be finite", frame.id)
