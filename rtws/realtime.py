@@ -40,6 +40,8 @@ import msgspec
 from . import protocol
 from . import realtime_events as ev
 from .auth import key_id, key_ok
+from .conversations import Conversation, ConversationError
+from .conversations import Item as StoredItem
 from .http import Receive, Scope, Send, bearer_token, client_address, header
 from .protocol import Cancel, Delta, Done, Error, Generate, Message, ProtocolError, Ready
 
@@ -78,93 +80,69 @@ class RealtimeError(Exception):
         self.type = type
 
 
-@dataclass(slots=True)
-class Part:
-    type: str  # input_text (user, system) or output_text (assistant)
-    text: str
+def part_type(role: str) -> str:
+    """The Realtime content type of a stored item's text: ``output_text`` for the assistant, else ``input_text``."""
+    return "output_text" if role == "assistant" else "input_text"
 
 
-@dataclass(slots=True, eq=False)
-class Item:
-    """One conversation item as the Realtime API shows it: a message with text parts."""
+class ConversationView:
+    """The Realtime view of one server-held conversation (:class:`rtws.conversations.Conversation`).
 
-    id: str
-    role: str
-    parts: list[Part]
-    status: str = "completed"
+    The items live in the session's conversation store; this adds what the
+    Realtime API shows on top (``in_progress`` status of the reply being
+    generated, ``incomplete`` for replies cut short or truncated, content
+    part types) and its bounds (items, characters: nothing is dropped silently).
+    """
+
+    def __init__(self, conv: Conversation, max_items: int = MAX_ITEMS, max_chars: int = MAX_CONVERSATION_CHARS) -> None:
+        self.conv = conv
+        self.max_items = min(max_items, conv.max_items)
+        self.max_chars = max_chars
+        self.in_progress: set[str] = set()
 
     @property
-    def text(self) -> str:
-        return "\n".join(p.text for p in self.parts)
+    def id(self) -> str:
+        return self.conv.id
 
-    def out(self) -> ev.ItemOut:
-        return ev.ItemOut(id=self.id, role=self.role, status=self.status,
-                          content=[ev.ContentOut(type=p.type, text=p.text) for p in self.parts])
+    def get(self, item_id: str, param: str = "item_id") -> StoredItem:
+        try:
+            return self.conv.get(item_id)
+        except ConversationError:
+            raise RealtimeError("item_not_found", f"no item {item_id[:64]!r} in the conversation", param) from None
 
+    def out(self, item: StoredItem) -> ev.ItemOut:
+        status = "in_progress" if item.id in self.in_progress else "incomplete" if item.truncated else "completed"
+        content = [] if item.id in self.in_progress else [ev.ContentOut(type=part_type(item.role), text=item.content)]
+        return ev.ItemOut(id=item.id, role=item.role, status=status, content=content)
 
-class Conversation:
-    """The ordered items of one Realtime conversation, with an id index. Bounded (items and characters)."""
-
-    def __init__(self, id: str, max_items: int = MAX_ITEMS, max_chars: int = MAX_CONVERSATION_CHARS) -> None:
-        self.id = id
-        self.items: list[Item] = []
-        self.by_id: dict[str, Item] = {}
-        self.max_items = max_items
-        self.max_chars = max_chars
-        self.chars = 0
-
-    def get(self, item_id: str, param: str = "item_id") -> Item:
-        item = self.by_id.get(item_id)
-        if item is None:
-            raise RealtimeError("item_not_found", f"no item {item_id[:64]!r} in the conversation", param)
-        return item
-
-    def insert(self, item: Item, previous_item_id: str | None) -> str | None:
-        """Place ``item`` after ``previous_item_id`` (``"root"``: first; None: last). Returns its predecessor id."""
-        if item.id in self.by_id:
-            raise RealtimeError("duplicate_item_id", f"item id {item.id!r} is already in the conversation", "item.id")
-        if len(self.items) >= self.max_items:
+    def insert(self, role: str, text: str, item_id: str | None, previous_item_id: str | None) -> StoredItem:
+        """Add an item after ``previous_item_id`` (``"root"``: first; None: last)."""
+        if item_id is not None and any(it.id == item_id for it in self.conv.items):
+            raise RealtimeError("duplicate_item_id", f"item id {item_id!r} is already in the conversation", "item.id")
+        if len(self.conv.items) >= self.max_items:
             raise RealtimeError("conversation_full", f"at most {self.max_items} items per conversation")
-        size = sum(len(p.text) for p in item.parts)
-        if self.chars + size > self.max_chars:
+        if sum(len(it.content) for it in self.conv.items) + len(text) > self.max_chars:
             raise RealtimeError("conversation_full", f"at most {self.max_chars} characters per conversation")
-        if previous_item_id is None:
-            pos = len(self.items)
-        elif previous_item_id == "root":
-            pos = 0
-        else:
-            pos = self.items.index(self.get(previous_item_id, "previous_item_id")) + 1
-        self.items.insert(pos, item)
-        self.by_id[item.id] = item
-        self.chars += size
-        return self.items[pos - 1].id if pos > 0 else None
+        after = None if previous_item_id is None else "" if previous_item_id == "root" else previous_item_id
+        if after:
+            self.get(after, "previous_item_id")
+        return self.conv.add(role, text, after=after, item_id=item_id)
 
-    def previous_id(self, item: Item) -> str | None:
-        pos = self.items.index(item)
-        return self.items[pos - 1].id if pos > 0 else None
-
-    def delete(self, item_id: str) -> None:
-        item = self.get(item_id)
-        self.items.remove(item)
-        del self.by_id[item_id]
-        self.chars -= sum(len(p.text) for p in item.parts)
-
-    def set_text(self, item: Item, content_index: int, text: str) -> None:
-        part = item.parts[content_index]
-        self.chars += len(text) - len(part.text)
-        part.text = text
+    def previous_id(self, item: StoredItem) -> str | None:
+        pos = self.conv.index(item.id)
+        return self.conv.items[pos - 1].id if pos > 0 else None
 
     def messages(self) -> list[Message]:
-        return [Message(role=i.role, content=i.text) for i in self.items if i.status != "in_progress"]
+        return [Message(role=it.role, content=it.content) for it in self.conv.items if it.id not in self.in_progress]
 
 
 @dataclass(slots=True, eq=False)
 class Response:
-    """A live response: what its closing events need."""
+    """A live response: what its closing events need. ``item`` is in the conversation unless out of band."""
 
     id: str
-    item: Item
-    conversation: Conversation | None
+    item: StoredItem
+    conversation: ConversationView | None
     max_output_tokens: int | str
     metadata: dict[str, str] | None
     text: list[str] = field(default_factory=list)
@@ -210,7 +188,7 @@ class RealtimeConnection:
         self.rate_limit = rate_limit
         self.codec = RealtimeCodec(self)
         self.session: Session | None = None
-        self.conversation = Conversation("conv_" + secrets.token_hex(12))
+        self._conversation: ConversationView | None = None
         self.responses: dict[str, Response] = {}
         self.active: Response | None = None  # the in-conversation response, at most one
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -221,7 +199,14 @@ class RealtimeConnection:
         self._raw = msgspec.json.Decoder()
 
     def attach(self, session: Session) -> None:
+        """Bind to the session; the Realtime conversation is one conversation of its store."""
         self.session = session
+        self._conversation = ConversationView(session.conversations.get_or_create("conv_" + secrets.token_hex(12)))
+
+    @property
+    def conversation(self) -> ConversationView:
+        assert self._conversation is not None, "attach() first"
+        return self._conversation
 
     # ------------------------------------------------------------------ ids and output
 
@@ -316,8 +301,8 @@ class RealtimeConnection:
         elif isinstance(event, ev.SessionUpdate):
             self._session_update(event)
         elif isinstance(event, ev.ItemRetrieve):
-            item = self.conversation.get(event.item_id)
-            self._emit(ev.ItemRetrieved(event_id=self._eid(), item=item.out()))
+            conv = self.conversation
+            self._emit(ev.ItemRetrieved(event_id=self._eid(), item=conv.out(conv.get(event.item_id))))
         elif isinstance(event, ev.ItemDelete):
             self._item_delete(event)
         elif isinstance(event, ev.ItemTruncate):
@@ -359,36 +344,37 @@ class RealtimeConnection:
             raise RealtimeError("invalid_value", f"max_output_tokens must be <= {self.max_tokens_limit}", param)
 
     def _item_create(self, event: ev.ItemCreate) -> None:
-        item = _make_item(event.item, "item", self._new_item_id)
-        prev = self.conversation.insert(item, event.previous_item_id)
-        out = item.out()
+        role, text = _message(event.item, "item")
+        conv = self.conversation
+        item = conv.insert(role, text, event.item.id, event.previous_item_id)
+        prev = conv.previous_id(item)
+        out = conv.out(item)
         self._emit(ev.ItemAdded(event_id=self._eid(), previous_item_id=prev, item=out),
                    ev.ItemDone(event_id=self._eid(), previous_item_id=prev, item=out))
 
-    def _new_item_id(self) -> str:
-        return "item_" + secrets.token_hex(10)
-
     def _item_delete(self, event: ev.ItemDelete) -> None:
-        item = self.conversation.get(event.item_id)
-        if item.status == "in_progress":
+        conv = self.conversation
+        item = conv.get(event.item_id)
+        if item.id in conv.in_progress:
             raise RealtimeError("item_in_progress", "cancel the response before deleting its item", "item_id")
-        self.conversation.delete(item.id)
+        conv.conv.delete(item.id)
         self._emit(ev.ItemDeleted(event_id=self._eid(), item_id=item.id))
 
     def _item_truncate(self, event: ev.ItemTruncate) -> None:
-        item = self.conversation.get(event.item_id)
+        conv = self.conversation
+        item = conv.get(event.item_id)
         if item.role != "assistant":
             raise RealtimeError("invalid_value", "only assistant items can be truncated", "item_id")
-        if item.status == "in_progress":
+        if item.id in conv.in_progress:
             raise RealtimeError("item_in_progress", "cancel the response before truncating its item", "item_id")
-        if event.content_index >= len(item.parts):
-            raise RealtimeError("invalid_value", f"item has {len(item.parts)} content part(s)", "content_index")
-        text = item.parts[event.content_index].text
+        if event.content_index != 0:
+            raise RealtimeError("invalid_value", "a text item has one content part (index 0)", "content_index")
+        text = item.content
         # Text has no playback position: audio_end_ms counts characters of the text kept.
         if event.audio_end_ms > len(text):
             raise RealtimeError("invalid_value", f"audio_end_ms ({event.audio_end_ms}) is past the end of the "
                                 f"text ({len(text)} characters)", "audio_end_ms")
-        self.conversation.set_text(item, event.content_index, text[:event.audio_end_ms])
+        conv.conv.truncate(item.id, text[:event.audio_end_ms])
         self._emit(ev.ItemTruncated(event_id=self._eid(), item_id=item.id, content_index=event.content_index,
                                     audio_end_ms=event.audio_end_ms))
 
@@ -413,6 +399,9 @@ class RealtimeConnection:
             raise RealtimeError("conversation_already_has_active_response",
                                 f"response {self.active.id} is in progress in this conversation; cancel it or "
                                 "wait for response.done (out-of-band responses, conversation 'none', may overlap)")
+        if in_conversation and len(self.conversation.conv.items) >= self.conversation.max_items:
+            raise RealtimeError("conversation_full", f"at most {self.conversation.max_items} items per conversation: "
+                                "delete some before the reply is added")
         instructions = r.instructions if r.instructions is not None else c.instructions
         messages = [Message(role="system", content=instructions)] if instructions else []
         if r.input is not None:
@@ -422,10 +411,12 @@ class RealtimeConnection:
                     if given.id is None:
                         raise RealtimeError("missing_required_parameter", "item_reference needs an id", param)
                     ref = self.conversation.get(given.id, param + ".id")
-                    messages.append(Message(role=ref.role, content=ref.text))
+                    if ref.id in self.conversation.in_progress:
+                        raise RealtimeError("item_in_progress", "that item is still being generated", param + ".id")
+                    messages.append(Message(role=ref.role, content=ref.content))
                 else:
-                    made = _make_item(given, param, self._new_item_id)
-                    messages.append(Message(role=made.role, content=made.text))
+                    role, text = _message(given, param)
+                    messages.append(Message(role=role, content=text))
         elif in_conversation:
             messages += self.conversation.messages()
         else:
@@ -450,18 +441,20 @@ class RealtimeConnection:
             self._creating = None
         if rid not in session.live:
             return  # refused by the session (rate limit): the error event is queued
-        item = Item(id=self._new_item_id(), role="assistant", parts=[], status="in_progress")
         conv = self.conversation if in_conversation else None
-        resp = Response(id=rid, item=item, conversation=conv, max_output_tokens=limit, metadata=r.metadata)
-        self.responses[rid] = resp
         prev: str | None = None
         if conv is not None:
-            # The conversation's limits were checked before the engine call: an assistant item costs no text yet.
-            prev = conv.items[-1].id if conv.items else None
-            conv.items.append(item)
-            conv.by_id[item.id] = item
+            # Placed now, filled with the delivered text at done (its limits were checked above: no text yet).
+            item = conv.conv.add("assistant", "")
+            conv.in_progress.add(item.id)
+            prev = conv.previous_id(item)
+        else:
+            item = StoredItem(id=f"item_{rid[5:]}", role="assistant", content="")
+        resp = Response(id=rid, item=item, conversation=conv, max_output_tokens=limit, metadata=r.metadata)
+        self.responses[rid] = resp
+        if conv is not None:
             self.active = resp
-        out = item.out()
+        out = _out(conv, item, in_progress=True)
         events: list[Any] = [
             ev.ResponseCreated(event_id=self._eid(), response=self._response_out(resp, "in_progress")),
             ev.OutputItemAdded(event_id=self._eid(), response_id=rid, output_index=0, item=out)]
@@ -480,7 +473,8 @@ class RealtimeConnection:
         return ev.ResponseOut(
             id=resp.id, status=status, status_details=details,
             conversation_id=resp.conversation.id if resp.conversation is not None else None,
-            output=[resp.item.out()] if status != "in_progress" else [], max_output_tokens=resp.max_output_tokens,
+            output=[_out(resp.conversation, resp.item)] if status != "in_progress" else [],
+            max_output_tokens=resp.max_output_tokens,
             metadata=resp.metadata, usage=usage)
 
     def _response_cancel(self, event: ev.ResponseCancel) -> None:
@@ -525,18 +519,6 @@ class RealtimeConnection:
         resp = self.responses.pop(str(frame.id), None)
         if resp is None:
             return b""
-        self._recent[resp.id] = None
-        if len(self._recent) > _RECENT_RESPONSES:
-            self._recent.popitem(last=False)
-        text = "".join(resp.text)
-        item = resp.item
-        item.parts = [Part(type="output_text", text=text)]
-        status, reason = _STATUS_FOR_REASON.get(frame.reason, ("failed", None))
-        item.status = "completed" if status == "completed" else "incomplete"
-        error = None
-        if status == "failed":
-            error = ev.StatusError(type="server_error", code=frame.reason)
-        details = ev.StatusDetails(type=status, reason=reason, error=error)
         u = frame.usage
         cached = int(getattr(u, "cached_tokens", 0) or 0)
         usage = ev.UsageOut(
@@ -544,24 +526,41 @@ class RealtimeConnection:
             output_tokens=u.completion_tokens,
             input_token_details=ev.InputTokenDetails(cached_tokens=cached, text_tokens=u.prompt_tokens),
             output_token_details=ev.OutputTokenDetails(text_tokens=u.completion_tokens))
-        out = item.out()
+        return self._join(self._close_response(resp, frame.reason, usage))
+
+    def _close_response(self, resp: Response, reason: str, usage: ev.UsageOut | None,
+                        error: ev.StatusError | None = None) -> list[Any]:
+        """The closing events of ``resp`` (popped from the table by the caller); fills its conversation item."""
+        self._recent[resp.id] = None
+        if len(self._recent) > _RECENT_RESPONSES:
+            self._recent.popitem(last=False)
+        text = "".join(resp.text)
+        item = resp.item
+        status, why = _STATUS_FOR_REASON.get(reason, ("failed", None))
+        if status == "failed" and error is None:
+            error = ev.StatusError(type="server_error", code=reason)
+        details = ev.StatusDetails(type=status, reason=why, error=error)
+        conv = resp.conversation
+        # The reply as delivered; cut short (cancelled, failed) it is kept and marked truncated.
+        item.content = text
+        item.truncated = status in ("cancelled", "failed")
+        if conv is not None:
+            conv.in_progress.discard(item.id)
+            if self.active is resp:
+                self.active = None
         rid, iid = resp.id, item.id
+        out = _out(conv, item)
         events: list[Any] = [
             ev.TextDone(event_id=self._eid(), response_id=rid, item_id=iid, output_index=0, content_index=0,
                         text=text),
             ev.ContentPartDone(event_id=self._eid(), response_id=rid, item_id=iid, output_index=0,
                                content_index=0, part=ev.PartOut(text=text)),
             ev.OutputItemDone(event_id=self._eid(), response_id=rid, output_index=0, item=out)]
-        conv = resp.conversation
-        if conv is not None:
-            conv.chars += len(text)
-            if self.active is resp:
-                self.active = None
-            if item.id in conv.by_id:
-                events.append(ev.ItemDone(event_id=self._eid(), previous_item_id=conv.previous_id(item), item=out))
+        if conv is not None and any(it is item for it in conv.conv.items):
+            events.append(ev.ItemDone(event_id=self._eid(), previous_item_id=conv.previous_id(item), item=out))
         events.append(ev.ResponseDone(event_id=self._eid(),
                                       response=self._response_out(resp, status, details, usage)))
-        return self._join(events)
+        return events
 
     def _native_error(self, frame: Error) -> bytes:
         event_id = None
@@ -571,9 +570,26 @@ class RealtimeConnection:
         if frame.retry_after is not None:
             message = f"{message} (retry_after {frame.retry_after} s)"
         code = frame.code
-        return self._encode(ev.ErrorEvent(event_id=self._eid(), error=ev.ErrorBody(
+        err = ev.ErrorEvent(event_id=self._eid(), error=ev.ErrorBody(
             type=_ERROR_TYPE_FOR_CODE.get(code, "invalid_request_error"), code=code, message=message,
-            event_id=event_id)))
+            event_id=event_id))
+        # A response already announced that the session refuses late (its prompt failed to tokenize, say)
+        # gets no native done: close it here, failed.
+        resp = self.responses.pop(str(frame.id), None) if frame.id is not None else None
+        if resp is None:
+            return self._encode(err)
+        return self._join([err, *self._close_response(resp, "error", None, ev.StatusError(type=err.error.type,
+                                                                                            code=code))])
+
+
+def _out(conv: ConversationView | None, item: StoredItem, in_progress: bool = False) -> ev.ItemOut:
+    """An item as the Realtime API shows it (an out-of-band reply is in no conversation)."""
+    if conv is not None:
+        return conv.out(item)
+    if in_progress:
+        return ev.ItemOut(id=item.id, role=item.role, status="in_progress", content=[])
+    return ev.ItemOut(id=item.id, role=item.role, status="incomplete" if item.truncated else "completed",
+                      content=[ev.ContentOut(type=part_type(item.role), text=item.content)])
 
 
 def _check_modalities(mods: list[str] | None, param: str) -> None:
@@ -595,8 +611,8 @@ _PART_TYPES: Final = {"user": ("input_text", "text"), "system": ("input_text", "
                       "assistant": ("output_text", "text")}
 
 
-def _make_item(item: ev.ItemIn, param: str, new_id: Callable[[], str]) -> Item:
-    """A client ``message`` item -> :class:`Item`. Raises :class:`RealtimeError` naming the field."""
+def _message(item: ev.ItemIn, param: str) -> tuple[str, str]:
+    """A client ``message`` item -> ``(role, text)`` (text parts joined by newlines). Raises naming the field."""
     if item.type != "message":
         code = "audio_not_supported" if "audio" in item.type else "unsupported_item_type"
         raise RealtimeError(code, f"item type {item.type[:64]!r} is not supported (only 'message')",
@@ -606,7 +622,7 @@ def _make_item(item: ev.ItemIn, param: str, new_id: Callable[[], str]) -> Item:
     if item.content is None:
         raise RealtimeError("missing_required_parameter", "a message item needs 'content'", param + ".content")
     allowed = _PART_TYPES[item.role]
-    parts: list[Part] = []
+    texts: list[str] = []
     for i, part in enumerate(item.content):
         where = f"{param}.content[{i}]"
         if "audio" in part.type or part.audio is not None:
@@ -617,8 +633,8 @@ def _make_item(item: ev.ItemIn, param: str, new_id: Callable[[], str]) -> Item:
                                 f"{list(allowed)}, not {part.type[:32]!r}", where + ".type")
         if part.text is None:
             raise RealtimeError("missing_required_parameter", "a text part needs 'text'", where + ".text")
-        parts.append(Part(type=allowed[0], text=part.text))
-    return Item(id=item.id or new_id(), role=item.role, parts=parts)
+        texts.append(part.text)
+    return item.role, "\n".join(texts)
 
 
 # --------------------------------------------------------------------------- ASGI edge
