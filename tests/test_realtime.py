@@ -611,3 +611,15 @@ def test_decoding_never_raises_on_junk(srv: RunningServer) -> None:
         await ws.close()
 
     run(main())
+
+
+def test_the_docs_example_runs(srv: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/realtime.md's SDK example, verbatim but for the address, key and model name."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "realtime.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 22
+    code = (code.replace("http://127.0.0.1:8000", srv.http).replace("ws://127.0.0.1:8000", f"ws://127.0.0.1:{srv.port}")
+            .replace('"sk-..."', repr(KEY)).replace('model="shakespeare"', 'model="tiny"'))
+    exec(compile(code, "docs/realtime.md", "exec"), {"__name__": "__doc_example__"})
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].split()[0] in ("completed", "incomplete"), out
