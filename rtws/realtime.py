@@ -182,10 +182,16 @@ class RealtimeConnection:
     """One Realtime connection's state, on top of one :class:`Session`. Create, then :meth:`attach`."""
 
     def __init__(self, config: SessionConfig, max_tokens_limit: int,
-                 rate_limit: Callable[[], ev.RateLimit | None] | None = None) -> None:
+                 rate_limit: Callable[[], ev.RateLimit | None] | None = None, *, max_queued: int = 4 << 20,
+                 on_overflow: Callable[[int, str], None] | None = None) -> None:
         self.config = config
         self.max_tokens_limit = max_tokens_limit
         self.rate_limit = rate_limit
+        # Events a client asks for (item echoes, retrieves, errors) are bounded too: a client that asks
+        # faster than it reads is closed (1008) once this many bytes wait to be sent.
+        self.max_queued = max_queued
+        self.on_overflow = on_overflow
+        self.overflowed = False
         self.codec = RealtimeCodec(self)
         self.session: Session | None = None
         self._conversation: ConversationView | None = None
@@ -216,8 +222,18 @@ class RealtimeConnection:
 
     def _emit(self, *events: Any) -> None:
         """Queue events ahead of pending deltas (one control frame)."""
-        assert self.session is not None
-        self.session.queue(events)
+        session = self.session
+        assert session is not None
+        if self.overflowed:
+            return
+        session.queue(events)
+        if session.buffered > self.max_queued:
+            self.overflowed = True
+            log.warning("realtime client not reading its events", extra={
+                "event": "realtime_overflow", "session": session.id, "buffered": session.buffered})
+            session.hooks.rejected("realtime_overflow")
+            if self.on_overflow is not None:
+                self.on_overflow(1008, "too many unread events")
 
     def _join(self, events: tuple[Any, ...] | list[Any]) -> bytes:
         return b"\n".join(self._encode(e) for e in events)
@@ -257,6 +273,11 @@ class RealtimeConnection:
             self._error(err, event_id if event_id is not None else self._raw_event_id(data))
         except ProtocolError as exc:
             self._error(RealtimeError(exc.code.value, exc.message), event_id)
+        except Exception:
+            # A bug, not bad input: log the cause, answer `internal`, keep the connection and its responses.
+            log.exception("realtime event handling failed", extra={"event": "frame_error", "session": session.id})
+            self._error(RealtimeError("internal", "internal error handling the event", type="server_error"),
+                        event_id)
 
     def _raw_event_id(self, data: bytes | str) -> str | None:
         try:
@@ -716,8 +737,11 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         if conn is not None:
             asyncio.get_running_loop().create_task(app._close(conn, code, reason, flush=True))
 
-    rt = RealtimeConnection(SessionConfig(model=model_name or served.name), app.session_limits.max_tokens,
-                            rate_limit_probe(app, rate_key))
+    limits = app.session_limits
+    rt = RealtimeConnection(SessionConfig(model=model_name or served.name), limits.max_tokens,
+                            rate_limit_probe(app, rate_key),
+                            max_queued=4 * limits.high_watermark + 4 * limits.max_frame_bytes,
+                            on_overflow=policy_close)
     session = Session(send_events, rt.codec, app.registry, app.session_limits, client=client_address(scope),
                       authenticated=True, rate_limiter=app.rate_limiter, hooks=app.hooks,
                       on_policy_close=policy_close, transport="realtime")

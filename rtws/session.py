@@ -644,7 +644,8 @@ class Session:
         now = time.monotonic()
         self.hooks.generation_finished(GenerationRecord(
             id=gen.id, request_id=gen.rid, model=gen.model.name, version=str(getattr(gen.model, "version", "")),
-            client=self.client, session=self.id, transport=self.transport, reason=reason, prompt_tokens=gen.prompt_tokens,
+            client=self.client, session=self.id, transport=self.transport, reason=reason,
+            prompt_tokens=gen.prompt_tokens,
             completion_tokens=gen.sent_tokens,
             ttft_s=None if gen.first_sent is None else round(gen.first_sent - gen.started, 6),
             total_s=round(now - gen.started, 6), queue_s=gen.queue_s))

@@ -623,3 +623,40 @@ def test_the_docs_example_runs(srv: RunningServer, capsys: pytest.CaptureFixture
     exec(compile(code, "docs/realtime.md", "exec"), {"__name__": "__doc_example__"})
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].split()[0] in ("completed", "incomplete"), out
+
+
+def test_a_client_that_asks_faster_than_it_reads_is_closed(server_factory: ServerFactory,
+                                                          tiny_llama_dir: Path) -> None:
+    """Item echoes and retrieves are bounded like deltas: unread events past the cap close the socket (1008)."""
+    import socket
+
+    from websockets.exceptions import ConnectionClosed
+
+    srv = server_factory(tiny_llama_dir, model_name="tiny", send_high_watermark=4096, max_frame_bytes=65536,
+                         transport_high_water=4096, socket_send_buffer=8192)
+
+    async def main() -> tuple[int | None, int]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        sock.setblocking(False)
+        ws = await connect(f"ws://127.0.0.1:{srv.port}/v1/realtime", sock=sock, max_queue=1)
+        assert parse(await ws.recv()).type == "session.created"
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": user("x" * 60_000, id="big")}))
+        ws.transport.pause_reading()
+        for _ in range(100):  # 6 MB of retrieved items asked for, none read
+            await ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": "big"}))
+        deadline = time.monotonic() + 30 * UNIT
+        while srv.app.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        left = len(srv.app.connections)
+        ws.transport.resume_reading()
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 5 * UNIT)
+        except (ConnectionClosed, asyncio.TimeoutError):
+            pass
+        return ws.close_code, left
+
+    code, left = run(main())
+    assert left == 0 and code in (1008, 1006)
