@@ -131,6 +131,32 @@ async def run_realtime(port: int, qs: list[str], max_tokens: int) -> list[Stream
     return streams
 
 
+def encode_cost(n: int = 100_000) -> tuple[float, float]:
+    """Seconds per delta frame, in this process: the native msgpack encode vs the Realtime translation + split."""
+    from rtws import protocol as p
+    from rtws.conversations import Item
+    from rtws.realtime import RealtimeConnection, Response, SessionConfig
+
+    rt = RealtimeConnection(SessionConfig(model="m"), 100)
+    rid = "resp_" + "ab" * 10
+    resp = Response(id=rid, item=Item(id="item_1", role="assistant", content=""), conversation=None,
+                    max_output_tokens=100, metadata=None)
+    rt.responses[rid] = resp
+    frame = p.Delta(id=rid, seq=1, text=" the", tokens=1)
+    enc = p.MSGPACK.encode
+    t0 = time.perf_counter()
+    for _ in range(n):
+        enc(frame)
+    native = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    for i in range(n):
+        for line in rt.translate(frame).split(b"\n"):
+            line.decode()
+        if i % 1000 == 0:
+            resp.text.clear()
+    return native, (time.perf_counter() - t0) / n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(ap, default_concurrency=8)
@@ -180,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# realtime / ws: server CPU per token {cpu_b / cpu_a:.2f}x; first delta p50 "
           f"{percentile(b['ttft'], 50) / percentile(a['ttft'], 50):.2f}x; gap p50 "
           f"{percentile(b['gaps'], 50) / percentile(a['gaps'], 50):.2f}x")
+    native, translated = encode_cost()
+    print(f"# per delta frame, in-process: msgpack encode {native * 1e6:.2f} us, Realtime event (translate + "
+          f"split + str) {translated * 1e6:.2f} us")
     print(f"# same greedy text on both transports for all {args.streams} streams: {same}")
     return 0 if same else 1
 
