@@ -145,7 +145,8 @@ class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True, omit_def
     limits: Limits
     resume_token: str | None = None  # present when resume is on; a new one in every ready
     resumed: bool = False  # this ready reattached a held session
-    live: list[GenId] | None = None  # on resume: generations whose done the client has not had yet
+    replay: int = 0  # on resume: this many retained frames follow at once, numbered from hello.received + 1
+    live: list[GenId] | None = None  # on resume: generations running or with a done not yet written
 
 
 class Delta(msgspec.Struct, tag="delta", tag_field="type", frozen=True, array_like=False):
@@ -167,7 +168,8 @@ class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True, omit_def
     message: str
     id: GenId | None = None
     retry_after: float | None = None
-    reason: str | None = None  # resume_failed: unknown, expired, gap, off, not_first
+    reason: str | None = None  # resume_failed: unknown, expired, resumed, gap, codec, off, not_first, draining
+    conversation: str | None = None  # errors about one conversation (forget, history)
 
 
 class ConversationItem(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -209,10 +209,10 @@ class Session:
         self.started = True
         self._queue_first(self._ready())
 
-    def _ready(self, resumed: bool = False, live: list[GenId] | None = None) -> Ready:
+    def _ready(self, resumed: bool = False, live: list[GenId] | None = None, replay: int = 0) -> Ready:
         token = self.store.issue(self, self.key) if self.store is not None else None
         return Ready(session=self.id, models=self.models.names(), limits=self._limits_frame(),
-                     resume_token=token, resumed=resumed, live=live)
+                     resume_token=token, resumed=resumed, live=live, replay=replay)
 
     def _limits_frame(self) -> Limits:
         default = self.models.get(None)
@@ -247,7 +247,8 @@ class Session:
                 self._history(frame.conversation)
         except ConversationError as exc:  # forget / history
             self.hooks.rejected(exc.code)
-            self._queue_control(Error(code=exc.code, message=exc.message))
+            cid = frame.conversation if isinstance(frame, (Forget, History)) else None
+            self._queue_control(Error(code=exc.code, message=exc.message, conversation=cid))
         except ProtocolError as exc:
             self.hooks.rejected(exc.code.value)
             self._queue_control(exc.to_frame())
@@ -439,7 +440,7 @@ class Session:
         retained = self._retained
         while retained and retained[0].n <= received:
             self.unacked -= len(retained.popleft().data)
-        if self.paused and self.held <= self.limits.low_watermark:
+        if self.paused and self.held <= self._resume_below:
             self._set_paused(False)
 
     @property
@@ -486,12 +487,9 @@ class Session:
         for gid, p in self._pending.items():
             if p.done is not None:
                 live[gid] = None
-        for f in self._retained:
-            if f.done is not None:
-                live[f.done] = None
         self.attached = True
         self.last_activity = time.monotonic()
-        self._queue_first(self._ready(resumed=True, live=list(live)))
+        self._queue_first(self._ready(resumed=True, live=list(live), replay=len(self._replay)))
         return len(self._replay), sum(len(d) for d in self._replay)
 
     def _remember(self, gid: GenId) -> None:
@@ -627,8 +625,15 @@ class Session:
                     await self._write(done)
                 self._after_write()
 
+    @property
+    def _resume_below(self) -> int:
+        # An acking client acks at least every window/8 bytes (and at every done); resuming at window/4 or
+        # more means a paused session always gets the ack that wakes it: no window deadlock.
+        lim = self.limits
+        return max(lim.low_watermark, lim.high_watermark // 4) if self.acking else lim.low_watermark
+
     def _after_write(self) -> None:
-        if self.paused and self.held <= self.limits.low_watermark:
+        if self.paused and self.held <= self._resume_below:
             self._set_paused(False)
         if self.acking and self.unacked > self.limits.retained_cap and self._on_policy_close is not None:
             self._on_policy_close(1008, "acknowledgement window exceeded")
