@@ -506,15 +506,21 @@ def test_metrics_and_log_line_say_transport_realtime(srv: RunningServer) -> None
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
-    async def main() -> str:
+    def scrape() -> str:
+        req = urllib.request.Request(srv.http + "/metrics", headers=AUTH)
+        with urllib.request.urlopen(req) as r:
+            return str(r.read().decode())
+
+    async def main() -> tuple[str, str]:
         ws = await open_raw(srv)
         events = await send_recv(ws, {"type": "response.create", "response": {
             "conversation": "none", "input": [user("Hi")], "max_output_tokens": 4}}, "response.done")
+        during = await asyncio.get_running_loop().run_in_executor(None, scrape)
         await ws.close()
-        return str(events[-1].response.id)
+        return str(events[-1].response.id), during
 
     try:
-        rid = run(main())
+        rid, during = run(main())
         deadline = time.monotonic() + 5 * UNIT
         while rid not in stream.getvalue() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -523,10 +529,11 @@ def test_metrics_and_log_line_say_transport_realtime(srv: RunningServer) -> None
         logger.setLevel(level)
     lines = [json.loads(x) for x in stream.getvalue().splitlines() if rid in x]
     assert len(lines) == 1 and lines[0]["transport"] == "realtime" and lines[0]["id"] == rid
-    req = urllib.request.Request(srv.http + "/metrics", headers=AUTH)
-    with urllib.request.urlopen(req) as r:
-        metrics = r.read().decode()
+    assert 'rtws_connections{transport="realtime"} 1.0' in during
+    metrics = scrape()
     assert 'rtws_generations_started_total{model="tiny",transport="realtime"}' in metrics
+    finished = [ln for ln in metrics.splitlines() if ln.startswith("rtws_generations_total{")]
+    assert any('transport="realtime"' in ln and not ln.endswith(" 0.0") for ln in finished), finished
 
 
 def test_rate_limits_updated_and_rate_limited_error(server_factory: ServerFactory, tiny_llama_dir: Path) -> None:
