@@ -6,9 +6,11 @@ buffer, backpressure, cancel, metrics and log line, with
 ``transport="realtime"``); this module adds:
 
 - :class:`RealtimeConnection`, which parses client events, keeps the
-  Realtime view of the conversation (item ids, roles, order) and the
   per-response state, and turns ``response.create`` / ``response.cancel``
-  into the session's ``generate`` / ``cancel``;
+  into the session's ``generate`` / ``cancel``; the conversation itself is
+  one conversation of the session's store (:mod:`rtws.conversations`, the
+  one behind ``generate {conversation}``), seen through
+  :class:`ConversationView`;
 - :class:`RealtimeCodec`, the session's codec for this transport: it turns
   the session's native server frames (``ready``, ``delta``, ``done``,
   ``error``) into the Realtime event sequence, one JSON event per line; the
@@ -126,7 +128,14 @@ class ConversationView:
         after = None if previous_item_id is None else "" if previous_item_id == "root" else previous_item_id
         if after:
             self.get(after, "previous_item_id")
-        return self.conv.add(role, text, after=after, item_id=item_id)
+        return self.conv.add(role, text, after=after, item_id=item_id or self.fresh_id())
+
+    def fresh_id(self) -> str:
+        """A new ``item_<n>`` that no client-chosen id already took."""
+        while True:
+            item_id = self.conv.new_id()
+            if not any(it.id == item_id for it in self.conv.items):
+                return item_id
 
     def previous_id(self, item: StoredItem) -> str | None:
         pos = self.conv.index(item.id)
@@ -242,7 +251,8 @@ class RealtimeConnection:
         if self.session is not None:
             self.session.hooks.rejected(err.code)
         self._emit(ev.ErrorEvent(event_id=self._eid(), error=ev.ErrorBody(
-            type=err.type, code=err.code, message=err.message, param=err.param, event_id=event_id)))
+            type=err.type, code=err.code, message=err.message, param=err.param,
+            event_id=event_id[:128] if event_id is not None else None)))
 
     def session_out(self) -> ev.SessionOut:
         c = self.config
@@ -466,7 +476,7 @@ class RealtimeConnection:
         prev: str | None = None
         if conv is not None:
             # Placed now, filled with the delivered text at done (its limits were checked above: no text yet).
-            item = conv.conv.add("assistant", "")
+            item = conv.conv.add("assistant", "", item_id=conv.fresh_id())
             conv.in_progress.add(item.id)
             prev = conv.previous_id(item)
         else:
