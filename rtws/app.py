@@ -13,6 +13,7 @@ import mimetypes
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from .auth import key_id, key_ok
 from .config import ServerConfig
 from .hooks import Hooks
 from .http import Receive, Scope, Send, bearer_token, client_address, header, send_bytes, send_error, send_json
-from .limits import RateLimiter
+from .limits import ClientQuota, RateLimiter
 from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
 from .session import Session, SessionLimits
@@ -44,6 +45,12 @@ class Connection:
     closing: bool = False
     writer: asyncio.Task[None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    preauth: bool = False  # counted in App.num_preauth (not yet in max_connections)
+    quota_key: str | None = None  # counted in the ClientQuota's connections under this key
+    # the watchdog's throughput window: when it began, and the session's counters then
+    win_start: float = 0.0
+    win_bytes: int = 0
+    win_blocked: float = 0.0
     moved: bool = False  # its session was resumed on another socket: leave the session alone at the end
 
 
@@ -73,7 +80,16 @@ class App:
             max_conversations=config.max_conversations_per_session,
             max_conversation_generations=config.max_generations_per_conversation,
             resume_window_s=config.resume_window_s,
+            max_control_bytes=config.max_control_bytes,
+            chars_per_token=config.prompt_chars_per_token,
         )
+        self.quota = ClientQuota(config.max_connections_per_client, config.max_generations_per_client)
+        self.num_preauth = 0  # WebSockets waiting for hello {token}: their own budget
+        self.num_admitting = 0  # HTTP requests past the capacity check, tokenizing
+        # Tokenizing and chat templates run here, never on the event loop. One worker keeps frames in order.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtws-tokenize")
+        self._tasks: set[asyncio.Task[Any]] = set()  # closes started by the watchdog (never awaited inline)
+        self._log_budget = _LogBudget()
         self.sessions = SessionStore(config.resume_window_s)  # resume tokens and sessions held without a socket
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/healthz"): self._healthz,
@@ -147,6 +163,16 @@ class App:
             served.warm = True
         return served
 
+    def offload(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run a blocking ``fn`` (tokenizing, chat templates) in the tokenizer thread; await the result on the loop."""
+        return asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn)
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Run ``coro`` as a task the app keeps a reference to (so it is not collected mid-flight)."""
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def shutdown(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -160,6 +186,7 @@ class App:
             stop = getattr(served, "stop", None)
             if stop is not None:
                 await asyncio.get_running_loop().run_in_executor(None, stop)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.started = False
         log.info("server stopped", extra={"event": "stopped"})
 
@@ -183,9 +210,29 @@ class App:
         for conn in list(self.connections):
             cancelled += len(conn.session.live)
             conn.session.cancel_all("cancelled")
-        for conn in list(self.connections):
-            await conn.session.flush(2.0)
-            await self._close(conn, 1001, "server shutting down")
+        # Flush every socket at once under one deadline (a stalled reader costs the grace once, not per socket),
+        # then close them all; whatever is still blocked is force-closed.
+        grace = min(2.0, max(0.25, timeout / 2))
+        conns = list(self.connections)
+
+        closed_cleanly: set[Connection] = set()
+
+        async def flush_and_close(conn: Connection) -> None:
+            await conn.session.flush(grace)
+            if await self._close(conn, 1001, "server shutting down", deadline=0.5):
+                closed_cleanly.add(conn)
+
+        if conns:
+            try:
+                async with asyncio.timeout(grace + 1.0):
+                    await asyncio.gather(*(flush_and_close(c) for c in conns), return_exceptions=True)
+            except TimeoutError:
+                pass
+            for conn in conns:
+                if conn not in closed_cleanly and conn in self.connections:
+                    conn.closing = True
+                    conn.session.close()
+                    _force_close(conn.send, 1001, "server shutting down", abort_after=0.0)
         cancelled += sum(len(s.live) for s in self.sessions.held())
         self.sessions.close_all()
         log.info("drained", extra={"event": "drain_done", "cancelled": cancelled})
@@ -200,18 +247,26 @@ class App:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
+        refusal = self.check_host_and_origin(scope, state_changing=method not in ("GET", "HEAD", "OPTIONS"))
+        if refusal is not None:
+            self.hooks.rejected(refusal[0])
+            await send_error(send, "forbidden" if refusal[0] == "origin" else "bad_host", refusal[1],
+                             403 if refusal[0] == "origin" else 421, [(b"connection", b"close")])
+            return
         handler = self.routes.get((method, path))
         if handler is None:
             for m, prefix, h in self.prefix_routes:
                 if m == method and path.startswith(prefix):
                     handler = h
                     break
-        if handler is None and method in ("GET", "HEAD"):
+        known = handler is None and any(p == path for (_, p) in self.routes)
+        if handler is None and not known and method in ("GET", "HEAD"):
             handler = self._static
         if handler is None:
-            known = any(p == path for (_, p) in self.routes)
+            allow = ", ".join(sorted({m for (m, p) in self.routes if p == path}))
             await send_error(send, "method_not_allowed" if known else "not_found",
-                             f"{method} {path} is not allowed" if known else f"no route for {path}")
+                             f"{method} {path} is not allowed" if known else f"no route for {path}",
+                             headers=[(b"allow", allow.encode())] if known else None)
             return
         try:
             await handler(scope, receive, send)
@@ -234,8 +289,14 @@ class App:
 
     async def _static(self, scope: Scope, receive: Receive, send: Send) -> None:
         rel = scope["path"].lstrip("/") or "index.html"
-        target = (STATIC_DIR / rel).resolve()
-        if STATIC_DIR.resolve() not in target.parents or not target.is_file():
+        try:
+            if "\x00" in rel:
+                raise ValueError("NUL in path")
+            target = (STATIC_DIR / rel).resolve()
+            found = STATIC_DIR.resolve() in target.parents and target.is_file()
+        except (ValueError, OSError):  # NUL bytes, names too long, odd encodings: not a file we serve
+            found = False
+        if not found:
             await send_error(send, "not_found", f"no route for {scope['path']}")
             return
         ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
@@ -250,18 +311,38 @@ class App:
         return token is not None and key_ok(token, frozenset(self.config.api_keys))
 
     def client_key(self, scope: Scope) -> str:
+        """The client's *verified* identity (rate limits, quotas): its API key's id when auth is on and the key
+        is valid, else its address (uvicorn rewrites it from X-Forwarded-For only for ``forwarded_allow_ips``)."""
         token = bearer_token(scope)
-        if token:
+        if token and self.config.auth_enabled and key_ok(token, frozenset(self.config.api_keys)):
             return "key:" + key_id(token)
         return "addr:" + client_address(scope)
 
+    def check_host_and_origin(self, scope: Scope, state_changing: bool) -> tuple[str, str] | None:
+        """(metric, message) when the request must be refused: a Host not in ``allowed_hosts`` (DNS rebinding),
+        or, for a state-changing request or a WebSocket, an Origin not in ``allowed_origins``."""
+        cfg = self.config
+        if cfg.allowed_hosts:
+            host = (header(scope, b"host") or "").strip().lower()
+            bare = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if host not in cfg.allowed_hosts and bare not in cfg.allowed_hosts:
+                return "host", "Host header not allowed"
+        if state_changing and cfg.allowed_origins:
+            origin = header(scope, b"origin")
+            if origin is not None and origin not in cfg.allowed_origins:
+                return "origin", "origin not allowed"
+        return None
+
     @property
     def at_capacity(self) -> bool:
-        return len(self.connections) + self.num_http_streams >= self.config.max_connections
+        authenticated = len(self.connections) - self.num_preauth
+        return authenticated + self.num_http_streams + self.num_admitting >= self.config.max_connections
 
     # ------------------------------------------------------------------ WebSocket
 
     async def _reject_ws(self, send: Send, status: int, code: str, message: str) -> None:
+        if self._log_budget.take():
+            log.info("WebSocket upgrade refused", extra={"event": "ws_refused", "status": status, "code": code})
         body = protocol.JSON.encode(protocol.Error(code=code, message=message))
         await send({"type": "websocket.http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json")]})
@@ -280,14 +361,10 @@ class App:
         if self.draining:
             await self._reject_ws(send, 503, "overloaded", "server is draining")
             return
-        if self.at_capacity:
-            self.hooks.rejected("max_connections")
-            await self._reject_ws(send, 503, "overloaded", "too many connections")
-            return
-        origin = header(scope, b"origin")
-        if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
-            self.hooks.rejected("origin")
-            await self._reject_ws(send, 403, "unauthorized", "origin not allowed")
+        refusal = self.check_host_and_origin(scope, state_changing=True)
+        if refusal is not None:
+            self.hooks.rejected(refusal[0])
+            await self._reject_ws(send, 403 if refusal[0] == "origin" else 421, "unauthorized", refusal[1])
             return
         authenticated = not self.config.auth_enabled
         rate_key = "addr:" + client_address(scope)
@@ -298,8 +375,23 @@ class App:
                 await self._reject_ws(send, 401, "unauthorized", "invalid API key")
                 return
             authenticated = True
-        if token:
-            rate_key = "key:" + key_id(token)
+            rate_key = "key:" + key_id(token)  # verified: only then does a token name the client
+        if authenticated and self.at_capacity:
+            self.hooks.rejected("max_connections")
+            await self._reject_ws(send, 503, "overloaded", "too many connections")
+            return
+        if not authenticated and self.num_preauth >= self.config.max_preauth_connections:
+            self.hooks.rejected("max_preauth_connections")
+            await self._reject_ws(send, 503, "overloaded", "too many connections waiting to authenticate")
+            return
+        quota_key: str | None = None
+        if authenticated and self.quota.max_connections is not None:
+            over = self.quota.open_connection(rate_key)
+            if over is not None:
+                self.hooks.rejected("max_connections_per_client")
+                await self._reject_ws(send, 429, "overloaded", over)
+                return
+            quota_key = rate_key
         subprotocol = protocol.choose_subprotocol(scope.get("subprotocols", []))
         codec = protocol.codec_for(subprotocol)
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
@@ -316,7 +408,26 @@ class App:
 
         def policy_close(code: int, reason: str) -> None:
             if conn is not None:
-                asyncio.get_running_loop().create_task(self._close(conn, code, reason, flush=True))
+                self.spawn(self._close(conn, code, reason, flush=True))
+
+        def on_authenticated(s: Session) -> str | None:
+            # hello {token} succeeded: move from the pre-auth budget into max_connections and the client's quota
+            assert conn is not None
+            if self.draining:
+                return "server is draining"
+            if conn.preauth and not self._fits_after_preauth():
+                self.hooks.rejected("max_connections")
+                return "too many connections"
+            if self.quota.max_connections is not None:
+                over = self.quota.open_connection(s.rate_key)
+                if over is not None:
+                    self.hooks.rejected("max_connections_per_client")
+                    return over
+                conn.quota_key = s.rate_key
+            if conn.preauth:
+                conn.preauth = False
+                self.num_preauth -= 1
+            return None
 
         def on_resume(fresh: Session, frame: protocol.Hello) -> protocol.Error | None:
             assert conn is not None
@@ -324,12 +435,18 @@ class App:
 
         session = Session(send_frame, codec, self.registry, self.session_limits, client=client_address(scope),
                           authenticated=authenticated, rate_limiter=self.rate_limiter, hooks=self.hooks,
-                          on_policy_close=policy_close, store=self.sessions, on_resume=on_resume)
+                          on_policy_close=policy_close, offload=self.offload,
+                          quota=self.quota if self.quota.max_generations is not None else None,
+                          on_authenticated=on_authenticated, store=self.sessions, on_resume=on_resume)
         session.rate_key = rate_key
         if self.config.auth_enabled and token is not None:
             session.key = key_id(token)
         session.draining = self.draining
-        conn = Connection(session=session, send=send, opened=time.monotonic())
+        now = time.monotonic()
+        conn = Connection(session=session, send=send, opened=now, preauth=not authenticated, quota_key=quota_key,
+                          win_start=now)
+        if conn.preauth:
+            self.num_preauth += 1
         self.connections.add(conn)
         self.hooks_connection(+1)
         conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))
@@ -358,6 +475,12 @@ class App:
                 else:
                     s.close()
             self.connections.discard(conn)
+            if conn.preauth:
+                conn.preauth = False
+                self.num_preauth -= 1
+            if conn.quota_key is not None:
+                self.quota.close_connection(conn.quota_key)
+                conn.quota_key = None
             self.hooks_connection(-1)
 
     def _resume(self, conn: Connection, fresh: Session, frame: protocol.Hello,
@@ -387,6 +510,11 @@ class App:
         self.sessions.resumed(held, frames, nbytes, claim.held_s)
         return None
 
+    def _fits_after_preauth(self) -> bool:
+        """Whether one pre-auth socket, once authenticated, still fits in ``max_connections``."""
+        authenticated = len(self.connections) - self.num_preauth
+        return authenticated + self.num_http_streams + self.num_admitting < self.config.max_connections
+
     def hooks_connection(self, delta: int) -> None:
         self.hooks.connection(delta)
 
@@ -401,43 +529,87 @@ class App:
             if not conn.session.resumable:
                 conn.session.close()
 
-    async def _close(self, conn: Connection, code: int, reason: str, flush: bool = False) -> None:
-        """Close one socket with ``code``. Idempotent."""
+    async def _close(self, conn: Connection, code: int, reason: str, flush: bool = False,
+                     deadline: float = 1.0) -> bool:
+        """Close one socket with ``code``, within ``deadline`` seconds (plus 1 s when ``flush``). Idempotent.
+
+        True when the close frame was handed to the transport normally (False: force-closed, or already closing).
+
+        Never waits on a socket that does not drain: a blocked writer, a paused transport (the peer stopped
+        reading, e.g. after a ping flood) or a close frame that cannot be sent in time means a force-close.
+        """
         if conn.closing:
-            return
+            return False
         conn.closing = True
         if flush:
             await conn.session.flush(1.0)
         conn.session.close()
-        if conn.session.send_started is not None:
+        if conn.session.send_started is not None or not _writable(conn.send):
             _force_close(conn.send, code, reason)  # the writer is stuck on a full socket
-            return
+            return False
         try:
-            await conn.send({"type": "websocket.close", "code": code, "reason": reason})
-        except Exception:
+            async with asyncio.timeout(deadline):
+                await conn.send({"type": "websocket.close", "code": code, "reason": reason})
+        except Exception:  # includes TimeoutError: the transport paused under us
             _force_close(conn.send, code, reason)
+            return False
+        return True
+
+    def _close_soon(self, conn: Connection, code: int, reason: str) -> None:
+        """Start closing ``conn`` without waiting for it: the watchdog must never block on one socket."""
+        if not conn.closing:
+            self.spawn(self._close(conn, code, reason))
 
     async def _watch(self) -> None:
-        """Once per tick: close stalled readers, unauthenticated and idle sessions."""
-        cfg = self.config
+        """Once per tick: close stalled readers, unauthenticated and idle sessions. Never awaits a socket."""
         while True:
             await asyncio.sleep(0.1)
-            now = time.monotonic()
-            self.sessions.expire(now)
-            for conn in list(self.connections):
-                s = conn.session
-                if conn.closing:
-                    continue
-                if s.send_started is not None and now - s.send_started > cfg.stall_timeout_s:
-                    log.warning("closing stalled reader", extra={"event": "stalled", "session": s.id,
-                                                                 "client": s.client, "buffered": s.buffered})
+            try:
+                self._watch_once(time.monotonic())
+            except Exception:  # a bug here must not end the watchdog for every connection
+                log.exception("watchdog tick failed", extra={"event": "watchdog_error"})
+
+    def _watch_once(self, now: float) -> None:
+        cfg = self.config
+        self.sessions.expire(now)
+        window = cfg.stall_timeout_s
+        for conn in list(self.connections):
+            s = conn.session
+            if conn.closing:
+                continue
+            if _buffered(conn.send) > cfg.max_transport_buffer:
+                log.warning("closing socket over its transport buffer", extra={
+                    "event": "transport_buffer", "session": s.id, "client": s.client})
+                self.hooks.rejected("transport_buffer")
+                conn.closing = True
+                s.close()
+                _force_close(conn.send, 1008, "send buffer full", abort_after=0.0)
+                continue
+            if s.send_started is not None and now - s.send_started > cfg.stall_timeout_s:
+                log.warning("closing stalled reader", extra={"event": "stalled", "session": s.id,
+                                                             "client": s.client, "buffered": s.buffered})
+                self.hooks.rejected("stalled")
+                self._close_soon(conn, 1008, "reader stalled")
+                continue
+            if now - conn.win_start >= window:
+                # Throughput over the window: blocked on the reader for most of it, yet little taken.
+                blocked = s.blocked_s - conn.win_blocked
+                if s.send_started is not None:
+                    blocked += now - max(s.send_started, conn.win_start)
+                sent = s.bytes_sent - conn.win_bytes
+                conn.win_start, conn.win_bytes, conn.win_blocked = now, s.bytes_sent, s.blocked_s
+                if blocked >= window / 2 and sent < cfg.stall_min_bytes_per_s * window:
+                    log.warning("closing slow reader", extra={"event": "stalled", "session": s.id,
+                                                              "client": s.client, "bytes": sent,
+                                                              "blocked_s": round(blocked, 3)})
                     self.hooks.rejected("stalled")
-                    await self._close(conn, 1008, "reader stalled")
-                elif not s.authenticated and now - conn.opened > 10.0:
-                    await self._close(conn, 1008, "authentication timeout")
-                elif (cfg.idle_timeout_s is not None and s.idle
-                      and now - s.last_activity > cfg.idle_timeout_s):
-                    await self._close(conn, 1000, "idle timeout")
+                    self._close_soon(conn, 1008, "reader too slow")
+                    continue
+            if not s.authenticated and now - conn.opened > cfg.auth_timeout_s:
+                self._close_soon(conn, 1008, "authentication timeout")
+            elif (cfg.idle_timeout_s is not None and s.idle
+                  and now - s.last_activity > cfg.idle_timeout_s):
+                self._close_soon(conn, 1000, "idle timeout")
 
 
 def _tune_socket(send: Send, high_water: int, sndbuf: int | None) -> None:
@@ -458,7 +630,45 @@ def _tune_socket(send: Send, high_water: int, sndbuf: int | None) -> None:
         log.debug("socket tuning failed: %r", exc)
 
 
-def _force_close(send: Send, code: int, reason: str) -> None:
+class _LogBudget:
+    """At most ``burst`` log lines, refilled at ``per_s``: refused upgrades cannot flood the log."""
+
+    def __init__(self, per_s: float = 1.0, burst: int = 10) -> None:
+        self.per_s, self.burst = per_s, float(burst)
+        self.tokens, self.at = float(burst), time.monotonic()
+        self.dropped = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.dropped += 1
+        return False
+
+
+def _transport(send: Send) -> Any:
+    return getattr(getattr(send, "__self__", None), "transport", None)
+
+
+def _writable(send: Send) -> bool:
+    """False when uvicorn's protocol has paused writing (its transport is above the high-water mark)."""
+    ev = getattr(getattr(send, "__self__", None), "writable", None)
+    return bool(ev.is_set()) if ev is not None else True
+
+
+def _buffered(send: Send) -> int:
+    """Bytes the socket's transport holds unsent (0 when unknown)."""
+    transport = _transport(send)
+    try:
+        return int(transport.get_write_buffer_size()) if transport is not None else 0
+    except (AttributeError, RuntimeError, ValueError):
+        return 0
+
+
+def _force_close(send: Send, code: int, reason: str, abort_after: float = 2.0) -> None:
     """Close a WebSocket whose ASGI ``send`` is blocked on flow control.
 
     ASGI has no abort, and ``websocket.close`` itself waits for the socket to
@@ -478,9 +688,12 @@ def _force_close(send: Send, code: int, reason: str) -> None:
             proto.close_sent = True  # type: ignore[union-attr]
     except Exception:
         pass
-    transport.close()
-    loop = asyncio.get_running_loop()
-    loop.call_later(2.0, lambda: transport.is_closing() and transport.abort())
+    if abort_after <= 0:
+        transport.abort()
+    else:
+        transport.close()
+        loop = asyncio.get_running_loop()
+        loop.call_later(abort_after, lambda: transport.is_closing() and transport.abort())
     # Let the protocol's writers and readers see the end now rather than after the abort.
     if hasattr(proto, "writable"):
         proto.writable.set()  # type: ignore[union-attr]

@@ -281,7 +281,8 @@ class Client:
                         await self._on_data(data)
                 except ConnectionClosed:
                     pass
-                if self._closing or not self.resume or self.ws.close_code == 1000:
+                # Resume only after a drop: a close frame from the server means it ended the session.
+                if self._closing or not self.resume or self.ws.protocol.close_rcvd is not None:
                     break
                 if not await self._resume():
                     break

@@ -85,6 +85,41 @@ class ServerConfig:
         "help": "keys for admin endpoints (default: the API keys)"})
     allowed_origins: tuple[str, ...] = field(default=(), metadata={
         "help": "Origins allowed to open browser WebSockets; empty: any"})
+    # --- hostile clients (docs/operations.md, "Hostile clients")
+    auth_timeout_s: float = field(default=5.0, metadata={
+        "help": "close (1008) a WebSocket that has not authenticated within this many seconds"})
+    max_preauth_connections: int = field(default=64, metadata={
+        "help": "WebSockets still waiting for hello {token}, at most (their own budget, outside max_connections)"})
+    max_connections_per_client: int | None = field(default=None, metadata={
+        "help": "open WebSockets + HTTP streams per client (API key when verified, else address); default: no cap"})
+    max_generations_per_client: int | None = field(default=None, metadata={
+        "help": "queued + running generations per client across its sockets and HTTP; default: no cap"})
+    max_control_bytes: int = field(default=256 * 1024, metadata={
+        "help": "unsent control/error frame bytes per socket; past it the socket is closed 1008"})
+    max_transport_buffer: int = field(default=1 << 20, metadata={
+        "help": "bytes a socket's transport may hold unsent (pongs, frames); past it the socket is closed 1008"})
+    ping_rate_per_s: float = field(default=10.0, metadata={
+        "help": "client pings answered per second per socket (burst ping_burst); past it the socket is closed 1008"})
+    ping_burst: int = field(default=50, metadata={"help": "client pings allowed in a burst"})
+    stall_min_bytes_per_s: int = field(default=64 * 1024, metadata={
+        "help": "a socket blocked on its reader for most of a stall_timeout_s window that took fewer bytes/s "
+                "than this is closed 1008"})
+    prompt_chars_per_token: int = field(default=32, metadata={
+        "help": "refuse prompts longer than max_prompt_tokens x this many characters before tokenizing"})
+    header_timeout_s: float = field(default=10.0, metadata={
+        "help": "close a connection whose request headers (or WebSocket upgrade) are not complete in this time"})
+    body_timeout_s: float = field(default=30.0, metadata={
+        "help": "answer 408 when a request body is not fully received in this time"})
+    max_raw_connections: int | None = field(default=4096, metadata={
+        "help": "TCP connections at once, any state (refused at accept past it); separate from max_connections"})
+    max_connections_per_address: int | None = field(default=None, metadata={
+        "help": "TCP connections at once per peer address; default: no cap (NAT and proxies share addresses)"})
+    forwarded_allow_ips: tuple[str, ...] = field(default=(), metadata={
+        "help": "proxies trusted for X-Forwarded-For/-Proto (comma-separated IPs or CIDRs); default: none"})
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={
+        "help": "Host header values accepted (DNS-rebinding guard), e.g. localhost,127.0.0.1; empty: any"})
+    metrics_api_keys: tuple[str, ...] = field(default=(), metadata={
+        "help": "keys for GET /metrics (default: the API keys when auth is on; open when auth is off)"})
     # --- operations
     drain_timeout_s: float = field(default=30.0, metadata={
         "help": "on SIGTERM, let generations finish this long before cancelling them"})
@@ -194,6 +229,15 @@ def _validate(c: ServerConfig) -> None:
     for name in ("torch_threads", "socket_send_buffer", "max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
         v = getattr(c, name)
         need(v is None or v >= 1, name, "must be >= 1")
+    for name in ("max_preauth_connections", "max_control_bytes", "max_transport_buffer", "ping_burst",
+                 "stall_min_bytes_per_s", "prompt_chars_per_token"):
+        need(getattr(c, name) >= 1, name, "must be >= 1")
+    for name in ("max_connections_per_client", "max_generations_per_client", "max_raw_connections",
+                 "max_connections_per_address"):
+        v = getattr(c, name)
+        need(v is None or v >= 1, name, "must be >= 1")
+    for name in ("auth_timeout_s", "ping_rate_per_s", "header_timeout_s", "body_timeout_s"):
+        need(getattr(c, name) > 0, name, "must be > 0")
     for name in ("stall_timeout_s", "drain_timeout_s", "priority_aging_s"):
         need(getattr(c, name) > 0, name, "must be > 0")
     for name in ("request_timeout", "idle_timeout_s", "ping_interval_s", "ping_timeout_s"):

@@ -145,6 +145,11 @@ class Conversation:
         if extra > 0:
             self.drop_oldest(extra)
 
+    def snapshot(self) -> Conversation:
+        """A copy to render elsewhere (another thread): same items, in a list of its own."""
+        return Conversation(id=self.id, mode=self.mode, max_items=self.max_items, items=list(self.items),
+                            dropped=self.dropped)
+
     # ------------------------------------------------------------------ rendering
 
     def messages(self, extra: Sequence[NewItem] = (), skip: int = 0) -> list[dict[str, str]]:

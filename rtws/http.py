@@ -29,11 +29,18 @@ STATUS_FOR_CODE = {
     "not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,
+    "request_timeout": 408,
+    "forbidden": 403,
+    "bad_host": 421,
 }
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive in time (a slowloris body)."""
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -57,8 +64,21 @@ def client_address(scope: Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """Read the whole request body; raise :class:`BodyTooLarge` past ``limit`` bytes."""
+async def read_body(receive: Receive, limit: int, timeout: float | None = None) -> bytes:
+    """Read the whole request body; raise :class:`BodyTooLarge` past ``limit`` bytes, :class:`BodyTimeout` when
+    it is not complete within ``timeout`` seconds (one deadline for the whole body, however it is trickled)."""
+    if timeout is None:
+        return await _read_body(receive, limit)
+    import asyncio
+
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise BodyTimeout() from None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while True:

@@ -30,7 +30,7 @@ import msgspec
 from . import protocol
 from .engine import TokenEvent
 from .hooks import GenerationRecord
-from .http import BodyTooLarge, Receive, Scope, Send, client_address, header, read_body, send_error, send_json
+from .http import BodyTimeout, BodyTooLarge, Receive, Scope, Send, client_address, header, read_body, send_error, send_json
 from .scheduler import SamplingParams
 
 if TYPE_CHECKING:
@@ -46,23 +46,23 @@ KEEPALIVE_S: Final = 15.0  # an SSE comment this often while a stream waits, so 
 # they stay identical), so a request is valid over HTTP exactly when it would be
 # valid over the WebSocket.
 
-MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
-Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
-TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
-TopK = Annotated[int, msgspec.Meta(ge=0)]
-Seed = Annotated[int, msgspec.Meta(ge=0, le=protocol.MAX_SEED)]
-StopString = Annotated[str, msgspec.Meta(min_length=1, max_length=protocol.MAX_STOP_LENGTH)]
-StopList = Annotated[list[StopString], msgspec.Meta(max_length=protocol.MAX_STOP_STRINGS)]
-Role = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-Name = Annotated[str, msgspec.Meta(max_length=64)]
+MaxTokens = protocol.MaxTokens
+Temperature = protocol.Temperature
+TopP = protocol.TopP
+TopK = protocol.TopK
+Seed = protocol.Seed
+StopString = protocol.StopString
+StopList = protocol.StopList
+Role = protocol.Role
+Name = protocol.Name
 
 
 class InferRequest(msgspec.Struct, frozen=True):
     """``POST /infer``: a protocol ``generate`` frame without ``type``/``id``, plus ``stream``."""
 
     prompt: str | None = None
-    messages: list[protocol.Message] | None = None
-    model: str | None = None
+    messages: protocol.Messages | None = None
+    model: protocol.ModelName | None = None
     max_tokens: MaxTokens = 128
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
@@ -121,7 +121,7 @@ class ResponseFormat(msgspec.Struct, frozen=True):
 
 
 class ChatRequest(_OpenAIRequest, frozen=True, kw_only=True):
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=protocol.MAX_MESSAGES)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -273,6 +273,7 @@ _OPENAI_TYPE: Final = {400: "invalid_request_error", 401: "authentication_error"
                        413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                        503: "service_unavailable"}
 _STATUS: Final = {"bad_request": 400, "invalid_params": 400, "payload_too_large": 413, "unauthorized": 401,
+                  "too_many_generations": 429, "request_timeout": 408,
                   "unknown_model": 404, "rate_limited": 429, "overloaded": 503, "internal": 500, "not_found": 404}
 
 
@@ -346,6 +347,7 @@ class HttpGeneration:
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.reason: str | None = None  # set once, by end()
+        self.quota_key: str | None = None  # counted in app.quota's generations until end()
         self.disconnected = False
         self._text: list[str] = []
         self._pending_chars = 0
@@ -377,6 +379,9 @@ class HttpGeneration:
             return
         self.reason = reason
         self._stop_engine()
+        if self.quota_key is not None:
+            self.app.quota.end_generation(self.quota_key)
+            self.quota_key = None
         self.app.num_http_streams -= 1
         self.api.live.discard(self)
         now = time.monotonic()
@@ -529,9 +534,12 @@ class HttpApi:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise Rejection("payload_too_large", f"request body is larger than {limit} bytes", close=True)
         try:
-            body = await read_body(receive, limit)
+            body = await read_body(receive, limit, timeout=app.config.body_timeout_s)
         except BodyTooLarge:
             raise Rejection("payload_too_large", f"request body is larger than {limit} bytes", close=True) from None
+        except BodyTimeout:
+            raise Rejection("request_timeout", f"request body not received within {app.config.body_timeout_s} s",
+                            close=True) from None
         try:
             return decoder.decode(body)
         except msgspec.ValidationError as exc:
@@ -542,9 +550,10 @@ class HttpApi:
         except (msgspec.DecodeError, RecursionError):
             raise Rejection("bad_request", "request body is not valid JSON") from None
 
-    def _admit(self, scope: Scope, receive: Receive, job: _Job, request_id: str) -> HttpGeneration:
-        """Model, limits, rate limit and prompt checks; returns an unstarted generation. No awaits inside,
-        so the capacity check and the count it guards cannot interleave with another request."""
+    async def _admit(self, scope: Scope, receive: Receive, job: _Job, request_id: str) -> HttpGeneration:
+        """Model, limits, rate limit and prompt checks; returns an unstarted generation. The checks run without
+        an await; the request then counts in ``app.num_admitting`` while its prompt is tokenized in the
+        tokenizer thread (never on the loop), so the capacity check stays exact."""
         app = self.app
         if job.max_tokens > app.config.max_tokens_limit:
             raise Rejection("invalid_params", f"max_tokens must be <= {app.config.max_tokens_limit}")
@@ -560,14 +569,37 @@ class HttpApi:
             wait = app.rate_limiter.acquire(app.client_key(scope))
             if wait > 0:
                 raise Rejection("rate_limited", f"rate limit exceeded; retry in {wait:.2f} s", retry_after=wait)
+        max_prompt = getattr(model, "max_prompt_tokens", None)
+        if isinstance(max_prompt, int):  # refused by length before any tokenizing
+            too_long = protocol.check_prompt_chars(job.prompt, job.messages, max_prompt,
+                                                   app.config.prompt_chars_per_token)
+            if too_long is not None:
+                raise Rejection("invalid_params", too_long)
+        quota_key: str | None = None
+        if app.quota.max_generations is not None:
+            quota_key = app.client_key(scope)
+            over = app.quota.start_generation(quota_key)
+            if over is not None:
+                raise Rejection("too_many_generations", over, retry_after=1.0)
+        app.num_admitting += 1
         try:
-            ids = model.encode(job.prompt, job.messages)
+            ids = await app.offload(lambda: model.encode(job.prompt, job.messages))
         except ValueError as exc:  # PromptError: too long, no chat template, template failure
+            if quota_key is not None:
+                app.quota.end_generation(quota_key)
             raise Rejection("invalid_params", str(exc)) from None
+        except BaseException:
+            if quota_key is not None:
+                app.quota.end_generation(quota_key)
+            raise
+        finally:
+            app.num_admitting -= 1
         params = SamplingParams(
             max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
             seed=job.seed if job.seed is not None else secrets.randbits(63), stop=job.stop)
-        return HttpGeneration(self, scope, receive, model, ids, params, job.priority, request_id)
+        gen = HttpGeneration(self, scope, receive, model, ids, params, job.priority, request_id)
+        gen.quota_key = quota_key
+        return gen
 
     # ------------------------------------------------------------------ writing
 
@@ -619,7 +651,7 @@ class HttpApi:
                 {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in req.messages]
             job = _Job(req.model, req.prompt, messages, req.max_tokens, req.temperature, req.top_p, req.top_k,
                        req.seed, (req.stop,) if isinstance(req.stop, str) else tuple(req.stop), req.priority)
-            gen = self._admit(scope, receive, job, request_id)
+            gen = await self._admit(scope, receive, job, request_id)
         except Rejection as r:
             await self._reject(send, r)
             return
@@ -728,7 +760,7 @@ class HttpApi:
             if req.best_of not in (None, 1):
                 raise Rejection("invalid_params", "only best_of=1 is supported")
             job = self._openai_job(req, prompt, None, req.max_tokens)
-            gen = self._admit(scope, receive, job, request_id)
+            gen = await self._admit(scope, receive, job, request_id)
         except Rejection as r:
             await self._reject(send, r, openai=True)
             return
@@ -790,7 +822,7 @@ class HttpApi:
             if max_tokens is None:  # OpenAI's default for chat: as long as the context allows
                 max_tokens = self.app.config.max_tokens_limit
             job = self._openai_job(req, None, messages, max_tokens)
-            gen = self._admit(scope, receive, job, request_id)
+            gen = await self._admit(scope, receive, job, request_id)
         except Rejection as r:
             await self._reject(send, r, openai=True)
             return

@@ -24,6 +24,21 @@ MAX_ID_LENGTH: Final = 128
 MAX_STOP_STRINGS: Final = 16
 MAX_STOP_LENGTH: Final = 256
 MAX_SEED: Final = 2**63 - 1
+# Numeric bounds, declared once: the WebSocket frames and the HTTP bodies (rtws/http_api.py) use the same
+# annotated types below, so a value is valid over HTTP exactly when it is valid over the WebSocket. They bound
+# what msgspec accepts (no unbounded ints reach torch); the server's configured limits are checked after decoding.
+MAX_INT32: Final = 2**31 - 1
+MAX_TOP_K: Final = MAX_INT32  # 0 = off; values above the vocabulary mean "the whole vocabulary"
+MAX_TEMPERATURE: Final = 100.0
+MAX_MESSAGES: Final = 1024  # chat turns per request
+MAX_ROLE_LENGTH: Final = 64
+MAX_NAME_LENGTH: Final = 64
+MAX_MODEL_NAME_LENGTH: Final = 256
+MAX_TOKEN_LENGTH: Final = 4096  # API key in hello
+MAX_RESUME_LENGTH: Final = 256
+# A prompt longer than max_prompt_tokens x this many characters cannot fit and is refused before tokenizing
+# (no tokenizer in use packs more than a few characters into a token on real text; documented in docs/protocol.md).
+DEFAULT_CHARS_PER_TOKEN: Final = 32
 
 
 class ErrorCode(str, enum.Enum):
@@ -49,7 +64,18 @@ class ErrorCode(str, enum.Enum):
 
 FinishReason: TypeAlias = Literal["stop", "length", "cancelled", "error", "timeout"]
 Priority: TypeAlias = Literal["high", "normal", "low"]
-GenId: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)] | int
+GenId: TypeAlias = (Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+                    | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)])
+MaxTokens: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT32)]
+Temperature: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TEMPERATURE)]
+TopP: TypeAlias = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+TopK: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_K)]
+Seed: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
+StopString: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_LENGTH)]
+StopList: TypeAlias = Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)]
+Role: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ROLE_LENGTH)]
+Name: TypeAlias = Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)]
+ModelName: TypeAlias = Annotated[str, msgspec.Meta(max_length=MAX_MODEL_NAME_LENGTH)]
 ConversationId: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
 FrameCount: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
@@ -59,34 +85,34 @@ FrameCount: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 class Message(msgspec.Struct, frozen=True):
     """One chat turn for ``generate.messages``."""
 
-    role: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    role: Role
     content: str
-    name: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    name: Name | None = None
+
+
+Messages: TypeAlias = Annotated[list[Message], msgspec.Meta(max_length=MAX_MESSAGES)]
 
 
 class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True, omit_defaults=True):
     """``token`` authenticates; ``resume`` (a ``ready.resume_token``) with ``received`` (the number of
     frames the client got from that session, ``ready`` frames not counted) reattaches a held session."""
 
-    token: str | None = None
-    resume: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    token: Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_LENGTH)] | None = None
+    resume: Annotated[str, msgspec.Meta(max_length=MAX_RESUME_LENGTH)] | None = None
     received: FrameCount | None = None
 
 
 class Generate(msgspec.Struct, tag="generate", tag_field="type", frozen=True):
     id: GenId
     prompt: str | None = None
-    messages: list[Message] | None = None
-    model: str | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 128
-    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 1.0
-    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
-    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
-    stop: Annotated[
-        list[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_LENGTH)]],
-        msgspec.Meta(max_length=MAX_STOP_STRINGS),
-    ] = []
+    messages: Messages | None = None
+    model: ModelName | None = None
+    max_tokens: MaxTokens = 128
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
+    stop: StopList = []
     priority: Priority = "normal"
     conversation: ConversationId | None = None
 
@@ -251,8 +277,9 @@ class Codec:
             frame: ClientFrame = self._decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise self._classify(data, exc) from None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError):
-            # ValueError covers msgspec's odd corners (invalid UTF-8 in a msgpack str, bad ext types).
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError, TypeError):
+            # ValueError covers msgspec's odd corners (invalid UTF-8 in a msgpack str, bad ext types);
+            # TypeError a str handed to the msgpack decoder (callers should pick the codec by frame kind).
             raise ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid {self._kind()}") from None
         if isinstance(frame, Generate):
             _check_generate(frame)
@@ -264,7 +291,8 @@ class Codec:
     def _classify(self, data: bytes | str, exc: msgspec.ValidationError) -> ProtocolError:
         try:
             raw = self._raw_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, ValueError):
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, ValueError,
+                TypeError):
             return ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid {self._kind()}")
         if not isinstance(raw, dict):
             return ProtocolError(ErrorCode.BAD_FRAME, "frame must be a map")
@@ -309,6 +337,41 @@ JSON: Final = Codec(SUBPROTOCOL_JSON)
 def codec_for(subprotocol: str | None) -> Codec:
     """The codec for a negotiated subprotocol (msgpack when none was offered)."""
     return JSON if subprotocol == SUBPROTOCOL_JSON else MSGPACK
+
+
+def codec_for_frame(data: bytes | str) -> Codec:
+    """The codec that decodes one incoming WebSocket frame, by frame kind: binary = msgpack, text = JSON.
+
+    Replies always use the session's negotiated codec; this only decides how a frame is read.
+    """
+    return JSON if isinstance(data, str) else MSGPACK
+
+
+def prompt_chars(prompt: str | None, messages: list[Message] | list[dict[str, Any]] | None) -> int:
+    """Characters a request asks to tokenize: the prompt, or every message's role, name and content."""
+    if messages is None:
+        return len(prompt or "")
+    n = 0
+    for m in messages:
+        if isinstance(m, Message):
+            n += len(m.role) + len(m.content) + len(m.name or "")
+        else:
+            n += sum(len(v) for v in m.values() if isinstance(v, str))
+    return n
+
+
+def check_prompt_chars(prompt: str | None, messages: list[Message] | list[dict[str, Any]] | None,
+                       max_prompt_tokens: int, chars_per_token: int = DEFAULT_CHARS_PER_TOKEN) -> str | None:
+    """A refusal message when the request is too long to possibly fit ``max_prompt_tokens``, else None.
+
+    Cheap (no tokenizer): meant to run on the event loop before any tokenization.
+    """
+    n = prompt_chars(prompt, messages)
+    limit = max_prompt_tokens * chars_per_token
+    if n > limit:
+        return (f"prompt is {n} characters; at most {limit} can fit this model's {max_prompt_tokens} prompt tokens "
+                f"({chars_per_token} characters per token at most)")
+    return None
 
 
 def choose_subprotocol(offered: list[str]) -> str | None:

@@ -191,16 +191,16 @@ class RealtimeConnection:
     """One Realtime connection's state, on top of one :class:`Session`. Create, then :meth:`attach`."""
 
     def __init__(self, config: SessionConfig, max_tokens_limit: int,
-                 rate_limit: Callable[[], ev.RateLimit | None] | None = None, *, max_queued: int = 4 << 20,
-                 on_overflow: Callable[[int, str], None] | None = None) -> None:
+                 rate_limit: Callable[[], ev.RateLimit | None] | None = None, *,
+                 max_item_bytes: int = 64 * 1024) -> None:
         self.config = config
         self.max_tokens_limit = max_tokens_limit
         self.rate_limit = rate_limit
-        # Events a client asks for (item echoes, retrieves, errors) are bounded too: a client that asks
-        # faster than it reads is closed (1008) once this many bytes wait to be sent.
-        self.max_queued = max_queued
-        self.on_overflow = on_overflow
-        self.overflowed = False
+        # Events a client asks for (item echoes, retrieves, errors) are control frames, bounded by the
+        # session's control and error budgets (past them the socket is closed 1008). An item's text is
+        # capped so that its echo (added + done) always fits in that budget.
+        self.max_item_bytes = max_item_bytes
+        self._error_ctx: tuple[str, str | None, str | None] | None = None
         self.codec = RealtimeCodec(self)
         self.session: Session | None = None
         self._conversation: ConversationView | None = None
@@ -231,28 +231,22 @@ class RealtimeConnection:
 
     def _emit(self, *events: Any) -> None:
         """Queue events ahead of pending deltas (one control frame)."""
-        session = self.session
-        assert session is not None
-        if self.overflowed:
-            return
-        session.queue(events)
-        if session.buffered > self.max_queued:
-            self.overflowed = True
-            log.warning("realtime client not reading its events", extra={
-                "event": "realtime_overflow", "session": session.id, "buffered": session.buffered})
-            session.hooks.rejected("realtime_overflow")
-            if self.on_overflow is not None:
-                self.on_overflow(1008, "too many unread events")
+        assert self.session is not None
+        self.session.queue(events)
 
     def _join(self, events: tuple[Any, ...] | list[Any]) -> bytes:
         return b"\n".join(self._encode(e) for e in events)
 
     def _error(self, err: RealtimeError, event_id: str | None) -> None:
-        if self.session is not None:
-            self.session.hooks.rejected(err.code)
-        self._emit(ev.ErrorEvent(event_id=self._eid(), error=ev.ErrorBody(
-            type=err.type, code=err.code, message=err.message, param=err.param,
-            event_id=event_id[:128] if event_id is not None else None)))
+        """Queue an ``error`` event as the session's own ``error`` frame, so its error budget applies."""
+        session = self.session
+        assert session is not None
+        session.hooks.rejected(err.code)
+        self._error_ctx = (err.type, err.param, event_id[:128] if event_id is not None else None)
+        try:
+            session.queue(Error(code=err.code, message=err.message))
+        finally:
+            self._error_ctx = None
 
     def session_out(self) -> ev.SessionOut:
         c = self.config
@@ -376,6 +370,9 @@ class RealtimeConnection:
 
     def _item_create(self, event: ev.ItemCreate) -> None:
         role, text = _message(event.item, "item")
+        if len(self._encode(text)) > self.max_item_bytes:
+            raise RealtimeError("item_too_large", f"an item's text is at most {self.max_item_bytes} bytes as JSON "
+                                "(its echo must fit in the connection's control budget)", "item.content")
         conv = self.conversation
         item = conv.insert(role, text, event.item.id, event.previous_item_id)
         prev = conv.previous_id(item)
@@ -594,6 +591,10 @@ class RealtimeConnection:
         return events
 
     def _native_error(self, frame: Error) -> bytes:
+        if self._error_ctx is not None:  # one of ours (see _error)
+            etype, param, client_event = self._error_ctx
+            return self._encode(ev.ErrorEvent(event_id=self._eid(), error=ev.ErrorBody(
+                type=etype, code=frame.code, message=frame.message, param=param, event_id=client_event)))
         event_id = None
         if self._creating is not None and frame.id == self._creating[0]:
             event_id = self._creating[1]
@@ -695,10 +696,13 @@ def rate_limit_probe(app: App, key: str) -> Callable[[], ev.RateLimit | None] | 
 async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     """ASGI handler for ``/v1/realtime?model=NAME`` (``websocket.connect`` already received).
 
-    Admission as for ``/ws`` (draining, capacity, Origin allow-list); the API
-    key comes from ``Authorization: Bearer`` or the browser subprotocol
-    ``openai-insecure-api-key.<key>`` and is required when auth is on (there
-    is no ``hello`` in this protocol). An unknown model is refused with 404.
+    Admission as for ``/ws`` (draining, Host and Origin allow-lists,
+    ``max_connections``, the per-client connection quota); the API key comes
+    from ``Authorization: Bearer`` or the browser subprotocol
+    ``openai-insecure-api-key.<key>`` and is required when auth is on (there is
+    no ``hello`` in this protocol). An unknown model is refused with 404.
+    The session gets the same tokenizer thread, rate limiter and generation
+    quota as a ``/ws`` session; it is never held for resume.
     """
     import asyncio
 
@@ -709,20 +713,20 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     if app.draining:
         await app._reject_ws(send, 503, "overloaded", "server is draining")
         return
-    if app.at_capacity:
-        app.hooks.rejected("max_connections")
-        await app._reject_ws(send, 503, "overloaded", "too many connections")
-        return
-    origin = header(scope, b"origin")
-    if cfg.allowed_origins and origin is not None and origin not in cfg.allowed_origins:
-        app.hooks.rejected("origin")
-        await app._reject_ws(send, 403, "unauthorized", "origin not allowed")
+    refusal = app.check_host_and_origin(scope, state_changing=True)
+    if refusal is not None:
+        app.hooks.rejected(refusal[0])
+        await app._reject_ws(send, 403 if refusal[0] == "origin" else 421, "unauthorized", refusal[1])
         return
     offered = list(scope.get("subprotocols", []))
     token = bearer_token(scope) or offered_key(offered)
     if cfg.auth_enabled and not (token and key_ok(token, frozenset(cfg.api_keys))):
         app.hooks.rejected("unauthorized")
         await app._reject_ws(send, 401, "unauthorized", "missing or invalid API key")
+        return
+    if app.at_capacity:
+        app.hooks.rejected("max_connections")
+        await app._reject_ws(send, 503, "overloaded", "too many connections")
         return
     query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
     model_name = (query.get("model") or [None])[0]
@@ -731,8 +735,22 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         app.hooks.rejected("unknown_model")
         await app._reject_ws(send, 404, "unknown_model", f"unknown model {str(model_name)[:64]!r}")
         return
-    rate_key = "key:" + key_id(token) if token else "addr:" + client_address(scope)
-    await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None})
+    # Only a verified key names the client; otherwise its address does.
+    rate_key = "key:" + key_id(token) if token and cfg.auth_enabled else "addr:" + client_address(scope)
+    quota_key: str | None = None
+    if app.quota.max_connections is not None:
+        over = app.quota.open_connection(rate_key)
+        if over is not None:
+            app.hooks.rejected("max_connections_per_client")
+            await app._reject_ws(send, 429, "overloaded", over)
+            return
+        quota_key = rate_key
+    try:
+        await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None})
+    except BaseException:
+        if quota_key is not None:
+            app.quota.close_connection(quota_key)
+        raise
     _tune_socket(send, cfg.transport_high_water, cfg.socket_send_buffer)
 
     async def send_events(data: bytes | str) -> None:
@@ -745,19 +763,20 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
 
     def policy_close(code: int, reason: str) -> None:
         if conn is not None:
-            asyncio.get_running_loop().create_task(app._close(conn, code, reason, flush=True))
+            app.spawn(app._close(conn, code, reason, flush=True))
 
     limits = app.session_limits
     rt = RealtimeConnection(SessionConfig(model=model_name or served.name), limits.max_tokens,
-                            rate_limit_probe(app, rate_key),
-                            max_queued=4 * limits.high_watermark + 4 * limits.max_frame_bytes,
-                            on_overflow=policy_close)
-    session = Session(send_events, rt.codec, app.registry, app.session_limits, client=client_address(scope),
+                            rate_limit_probe(app, rate_key), max_item_bytes=limits.max_control_bytes // 4)
+    session = Session(send_events, rt.codec, app.registry, limits, client=client_address(scope),
                       authenticated=True, rate_limiter=app.rate_limiter, hooks=app.hooks,
-                      on_policy_close=policy_close, transport="realtime")
+                      on_policy_close=policy_close, offload=app.offload,
+                      quota=app.quota if app.quota.max_generations is not None else None, transport="realtime")
     rt.attach(session)
     session.rate_key = rate_key
-    conn = Connection(session=session, send=send, opened=time.monotonic())
+    session.draining = app.draining
+    now = time.monotonic()
+    conn = Connection(session=session, send=send, opened=now, quota_key=quota_key, win_start=now)
     app.connections.add(conn)
     app.hooks_connection(+1)
     conn.writer = asyncio.get_running_loop().create_task(app._run_writer(conn))
@@ -771,10 +790,13 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
             elif msg["type"] == "websocket.disconnect":
                 break
     finally:
-        session.close()
         if conn.writer is not None:
             conn.writer.cancel()
+        session.close()
         app.connections.discard(conn)
+        if conn.quota_key is not None:
+            app.quota.close_connection(conn.quota_key)
+            conn.quota_key = None
         app.hooks_connection(-1)
 
 

@@ -29,23 +29,26 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .auth import key_id, key_ok
-from .conversations import Conversation, ConversationError, ConversationStore, NewItem
+from .conversations import Conversation, ConversationError, ConversationStore, Mode, NewItem
 from .engine import TokenEvent
 from .hooks import GenerationRecord, Hooks
-from .limits import RateLimiter
+from .limits import ClientQuota, RateLimiter
 from .protocol import (
     Ack,
     Cancel,
     Codec,
     ConversationFrame,
     ConversationItem,
+    check_prompt_chars,
+    codec_for_frame,
     Delta,
     Done,
     Error,
@@ -62,10 +65,15 @@ from .protocol import (
 )
 from .scheduler import SamplingParams
 
+if TYPE_CHECKING:
+    import asyncio
+
 log = logging.getLogger("rtws.session")
 
 _FRAME_OVERHEAD = 48  # approximate encoded bytes of a delta/done frame around its text
 _RECENT_IDS = 1024
+# Runs a blocking callable off the event loop (tokenizing, chat templates) and resolves on the loop.
+Offload = Callable[[Callable[[], Any]], "asyncio.Future[Any]"]
 
 
 class EngineLike(Protocol):
@@ -102,6 +110,12 @@ class SessionLimits:
     def retained_cap(self) -> int:
         """Unacknowledged bytes past which an acking client is closed (1008): it acks nothing at all."""
         return 4 * self.high_watermark + self.max_frame_bytes
+    # Control and error frames: queued-but-unsent bytes at most (a client that sends frames without reading
+    # the answers is closed 1008 past it), and a token bucket of error frames (burst, then per second).
+    max_control_bytes: int = 256 * 1024
+    error_burst: int = 256
+    error_rate: float = 64.0
+    chars_per_token: int = 32  # refuse prompts longer than max_prompt_tokens x this before tokenizing
 
 
 @dataclass(slots=True, eq=False)
@@ -117,7 +131,14 @@ class Generation:
     finished: bool = False
     first_sent: float | None = None
     queue_s: float | None = None
+    quota_key: str | None = None  # the ClientQuota key this generation counts against, until released
+
+    @property
+    def submitted(self) -> bool:
+        return self.rid >= 0
     conversation: Conversation | None = None
+    new_items: list[NewItem] = field(default_factory=list)  # turns added to the conversation at submit
+    committed: bool = False  # the new turns are in the conversation (the reply will be appended)
     dropped: int = 0
     delivered: list[str] = field(default_factory=list)
 
@@ -157,6 +178,9 @@ class Session:
         on_policy_close: Callable[[int, str], None] | None = None,
         store: Any = None,
         on_resume: Callable[[Session, Hello], Error | None] | None = None,
+        offload: Offload | None = None,
+        quota: ClientQuota | None = None,
+        on_authenticated: Callable[[Session], str | None] | None = None,
         transport: str = "ws",
     ) -> None:
         self.id = secrets.token_hex(8)
@@ -201,6 +225,15 @@ class Session:
         self._retained: collections.deque[_Sent] = collections.deque()
         self._first: collections.deque[bytes] = collections.deque()  # unnumbered (ready), sent before all else
         self._replay: collections.deque[bytes] = collections.deque()
+        self._offload = offload
+        self.quota = quota
+        self._on_authenticated = on_authenticated
+        self.control_bytes = 0  # encoded control/error frames queued, not yet written
+        self._error_tokens = float(limits.error_burst)
+        self._error_at = time.monotonic()
+        self.refusing = False  # a policy close is under way: frames are ignored, nothing more is queued
+        self.bytes_sent = 0  # written to the socket (for the watchdog's throughput window)
+        self.blocked_s = 0.0  # total time spent inside completed sends
 
     # ------------------------------------------------------------------ inbound
 
@@ -227,12 +260,13 @@ class Session:
 
     def on_frame(self, data: bytes | str) -> None:
         """Handle one client frame. Never raises for bad input: answers with an ``error`` frame."""
-        if self.closed:
+        if self.closed or self.refusing:
             return
         self.last_activity = time.monotonic()
-        codec = self.codec
+        frame: Any = None
         try:
-            frame = codec.decode_client(data)
+            # Decode by frame kind (binary = msgpack, text = JSON); replies use the negotiated codec.
+            frame = codec_for_frame(data).decode_client(data)
             if isinstance(frame, Generate):
                 self._generate(frame)
             elif isinstance(frame, Cancel):
@@ -252,8 +286,24 @@ class Session:
         except ProtocolError as exc:
             self.hooks.rejected(exc.code.value)
             self._queue_control(exc.to_frame())
-            if exc.code is ErrorCode.UNAUTHORIZED and self._on_policy_close is not None:
-                self._on_policy_close(1008, "unauthorized")
+            if exc.code is ErrorCode.UNAUTHORIZED:
+                self._policy_close(1008, "unauthorized")
+        except Exception:
+            # A bug, not bad input: log the cause, answer `internal`, keep the socket and every other generation.
+            gid = getattr(frame, "id", None)
+            log.exception("frame handling failed", extra={"event": "frame_error", "session": self.id,
+                                                          "client": self.client})
+            self.hooks.rejected("internal")
+            self._queue_control(Error(code=ErrorCode.INTERNAL.value, message="internal error handling the frame",
+                                      id=gid if isinstance(gid, (str, int)) else None))
+
+    def _policy_close(self, code: int, reason: str) -> None:
+        """Ask the owner to close the socket (once); from now on frames are ignored and nothing is queued."""
+        if self.refusing:
+            return
+        self.refusing = True
+        if self._on_policy_close is not None:
+            self._on_policy_close(code, reason)
 
     def handle(self, frame: Generate | Cancel) -> None:
         """Apply one already-decoded ``generate`` or ``cancel`` (for adapters such as :mod:`rtws.realtime`).
@@ -275,8 +325,15 @@ class Session:
         if not self.authenticated:
             if frame.token is None or not key_ok(frame.token, self.limits.api_keys):
                 raise ProtocolError(ErrorCode.UNAUTHORIZED, "missing or invalid API key")
+            key = "key:" + key_id(frame.token)
+            if self._on_authenticated is not None:
+                refusal = self._on_authenticated_check(key)
+                if refusal is not None:
+                    self._queue_control(Error(code=ErrorCode.OVERLOADED.value, message=refusal))
+                    self._policy_close(1013, refusal[:100])
+                    return
             self.authenticated = True
-            self.rate_key = "key:" + key_id(frame.token)
+            self.rate_key = key
             self.key = key_id(frame.token)
         if frame.resume is None:
             if not self.started:
@@ -301,6 +358,14 @@ class Session:
                          message="resume is off on this server; this is a fresh session")
         return self.on_resume(self, frame)
 
+    def _on_authenticated_check(self, key: str) -> str | None:
+        assert self._on_authenticated is not None
+        old, self.rate_key = self.rate_key, key
+        refusal = self._on_authenticated(self)
+        if refusal is not None:
+            self.rate_key = old
+        return refusal
+
     def _generate(self, f: Generate) -> None:
         if not self.authenticated:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "authenticate first: send hello {token}", f.id)
@@ -316,6 +381,11 @@ class Session:
         model = self.models.get(f.model)
         if model is None:
             raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"unknown model {str(f.model)[:64]!r}", f.id)
+        max_prompt = getattr(model, "max_prompt_tokens", None)
+        if isinstance(max_prompt, int):
+            too_long = check_prompt_chars(f.prompt, f.messages, max_prompt, self.limits.chars_per_token)
+            if too_long is not None:  # refused without tokenizing: a 1 MiB prompt costs nothing
+                raise ProtocolError(ErrorCode.INVALID_PARAMS, too_long, f.id)
         if self.rate_limiter is not None:
             wait = self.rate_limiter.acquire(self.rate_key)
             if wait > 0:
@@ -326,34 +396,31 @@ class Session:
                 return
         conv: Conversation | None = None
         new: list[NewItem] = []
-        dropped = 0
-        mode = "text" if f.prompt is not None else "chat"
-        try:
-            if f.conversation is not None:
+        mode: Mode = "text" if f.prompt is not None else "chat"
+        if f.conversation is not None:
+            try:
                 conv = self.conversations.get_or_create(f.conversation)
-                if conv.live >= self.limits.max_conversation_generations:
-                    raise ConversationError(
-                        ErrorCode.CONVERSATION_BUSY.value,
-                        f"conversation {f.conversation!r} already has {conv.live} generation(s) running "
-                        f"(at most {self.limits.max_conversation_generations})")
-                if conv.mode is not None and conv.mode != mode:
-                    raise ProtocolError(ErrorCode.INVALID_PARAMS, f"conversation {f.conversation!r} was started with "
-                                        f"{'prompt' if conv.mode == 'text' else 'messages'}; keep using it", f.id)
-                new = ([NewItem("user", f.prompt)] if f.prompt is not None else
-                       [NewItem(m.role, m.content, m.name) for m in f.messages or ()])
-                if not new and not conv.items:
-                    raise ProtocolError(ErrorCode.INVALID_PARAMS, "the conversation is empty: send messages", f.id)
-                ids, dropped = conv.fit(new, lambda c, extra, skip: _encode(model, mode, c, extra, skip),
-                                        _prompt_target(model, f.max_tokens))
-            else:
-                messages = None if f.messages is None else [
-                    {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                    for m in f.messages]
-                ids = model.encode(f.prompt, messages)
-        except ConversationError as exc:
-            raise ProtocolError(ErrorCode(exc.code), exc.message, f.id) from None
-        except ValueError as exc:
-            raise ProtocolError(ErrorCode.INVALID_PARAMS, str(exc), f.id) from None
+            except ConversationError as exc:
+                raise ProtocolError(ErrorCode(exc.code), exc.message, f.id) from None
+            if conv.live >= self.limits.max_conversation_generations:
+                raise ProtocolError(ErrorCode.CONVERSATION_BUSY,
+                                    f"conversation {f.conversation!r} already has {conv.live} generation(s) running "
+                                    f"(at most {self.limits.max_conversation_generations})", f.id)
+            if conv.mode is not None and conv.mode != mode:
+                raise ProtocolError(ErrorCode.INVALID_PARAMS, f"conversation {f.conversation!r} was started with "
+                                    f"{'prompt' if conv.mode == 'text' else 'messages'}; keep using it", f.id)
+            new = ([NewItem("user", f.prompt)] if f.prompt is not None else
+                   [NewItem(m.role, m.content, m.name) for m in f.messages or ()])
+            if not new and not conv.items:
+                raise ProtocolError(ErrorCode.INVALID_PARAMS, "the conversation is empty: send messages", f.id)
+        quota_key: str | None = None
+        if self.quota is not None:
+            refusal = self.quota.start_generation(self.rate_key)
+            if refusal is not None:
+                raise ProtocolError(ErrorCode.TOO_MANY_GENERATIONS, refusal, f.id)
+            quota_key = self.rate_key
+        messages = None if f.messages is None else [
+            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in f.messages]
         params = SamplingParams(
             max_tokens=f.max_tokens,
             temperature=f.temperature,
@@ -363,21 +430,108 @@ class Session:
             stop=tuple(f.stop),
         )
         now = time.monotonic()
-        deadline = now + self.limits.request_timeout if self.limits.request_timeout else None
-        engine = model.engine
-        gen = Generation(id=f.id, rid=0, engine=engine, model=model, prompt_tokens=len(ids), started=now)
-        gen.rid = engine.submit(ids, params, lambda ev, g=gen: self._on_event(g, ev), priority=f.priority,
-                                deadline=deadline)
+        gen = Generation(id=f.id, rid=-1, engine=model.engine, model=model, prompt_tokens=0, started=now,
+                         quota_key=quota_key)
+        self.live[f.id] = gen  # counts against the limits (and is cancellable) while it is being tokenized
+        prompt = f.prompt
+        work: Callable[[], list[int]]
         if conv is not None:
-            conv.mode = "text" if mode == "text" else "chat"
-            conv.drop_oldest(dropped)
-            conv.extend(new)
+            # Render a snapshot (the tokenizer thread must not read a list the loop appends to); the new
+            # turns and the drops are committed in _submit, once the engine has the prompt.
+            conv.mode = mode
             conv.live += 1
-            gen.conversation, gen.dropped = conv, dropped
+            gen.conversation, gen.new_items = conv, new
+            snap = conv.snapshot()
+            limit = _prompt_target(model, f.max_tokens)
+
+            def work() -> list[int]:
+                ids, gen.dropped = snap.fit(new, lambda c, extra, skip: _encode(model, mode, c, extra, skip), limit)
+                return ids
+        else:
+            def work() -> list[int]:
+                ids: list[int] = model.encode(prompt, messages)
+                return ids
+        if self._offload is None:
+            try:
+                ids = work()
+            except ValueError as exc:
+                self._drop(gen)
+                raise ProtocolError(ErrorCode.INVALID_PARAMS, str(exc), f.id) from None
+            except BaseException:
+                self._drop(gen)
+                raise
+            self._submit(gen, ids, params, f.priority)
+            return
+        fut = self._offload(work)
+        fut.add_done_callback(lambda fut: self._encoded(gen, fut, params, f.priority))
+
+    def _encoded(self, gen: Generation, fut: Any, params: SamplingParams, priority: str) -> None:
+        """The worker thread tokenized ``gen``'s prompt (on the loop): submit it, unless it ended meanwhile."""
+        if gen.finished or self.closed or self.live.get(gen.id) is not gen:
+            return  # cancelled (its done is queued) or the socket is gone
+        if fut.cancelled():
+            self._drop(gen)
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._drop(gen)
+            if isinstance(exc, ValueError):
+                self.hooks.rejected(ErrorCode.INVALID_PARAMS.value)
+                self._queue_control(Error(code=ErrorCode.INVALID_PARAMS.value, message=str(exc), id=gen.id))
+            else:
+                log.error("tokenization failed", exc_info=exc, extra={"event": "frame_error", "session": self.id})
+                self.hooks.rejected("internal")
+                self._queue_control(Error(code=ErrorCode.INTERNAL.value, message="internal error tokenizing the prompt",
+                                          id=gen.id))
+            return
+        try:
+            self._submit(gen, fut.result(), params, priority)
+        except Exception:
+            log.exception("submit failed", extra={"event": "frame_error", "session": self.id})
+            self._queue_control(Error(code=ErrorCode.INTERNAL.value, message="internal error starting the generation",
+                                      id=gen.id))
+
+    def _submit(self, gen: Generation, ids: list[int], params: SamplingParams, priority: str) -> None:
+        deadline = gen.started + self.limits.request_timeout if self.limits.request_timeout else None
+        gen.prompt_tokens = len(ids)
+        try:
+            gen.rid = gen.engine.submit(ids, params, lambda ev, g=gen: self._on_event(g, ev), priority=priority,
+                                        deadline=deadline)
+        except BaseException:
+            self._drop(gen)
+            raise
+        conv = gen.conversation
+        if conv is not None:
+            conv.drop_oldest(gen.dropped)
+            conv.extend(gen.new_items)
+            gen.committed = True
         if self.paused:
-            engine.pause((gen.rid,))
-        self.live[f.id] = gen
-        self.hooks.generation_started(model.name, self.transport)
+            gen.engine.pause((gen.rid,))
+        self.hooks.generation_started(gen.model.name, self.transport)
+
+    def _drop(self, gen: Generation) -> None:
+        """Forget a generation that never reached the engine (refused while tokenizing): no ``done`` follows."""
+        if self.live.get(gen.id) is gen:
+            del self.live[gen.id]
+        gen.finished = True
+        self._release(gen)
+        conv, gen.conversation = gen.conversation, None
+        if conv is not None:
+            conv.live -= 1
+            if not conv.items and not conv.live and self.conversations.get_or_none(conv.id) is conv:
+                self.conversations.forget(conv.id)  # created by this refused generate: leave no trace
+
+    def _release(self, gen: Generation) -> None:
+        if gen.quota_key is not None and self.quota is not None:
+            self.quota.end_generation(gen.quota_key)
+        gen.quota_key = None
+
+    def _stop(self, gen: Generation) -> None:
+        """Cancel ``gen`` in its engine (if it got there) and release its client quota."""
+        if gen.submitted:
+            gen.engine.cancel(gen.rid)
+        gen.finished = True
+        self._release(gen)
 
     def _cancel(self, gid: GenId) -> None:
         gen = self.live.pop(gid, None)
@@ -385,8 +539,7 @@ class Session:
             if gid in self._recent:
                 return  # already finished: cancelling it is a no-op
             raise ProtocolError(ErrorCode.UNKNOWN_ID, f"no live generation {gid!r}", gid)
-        gen.engine.cancel(gen.rid)
-        gen.finished = True
+        self._stop(gen)
         self._remember(gid)
         old = self._pending.pop(gid, None)
         if old is not None:
@@ -414,8 +567,8 @@ class Session:
         if conv is None:
             return
         conv.live -= 1
-        if self.conversations.get_or_none(conv.id) is not conv:
-            return  # forgotten meanwhile
+        if not gen.committed or self.conversations.get_or_none(conv.id) is not conv:
+            return  # cancelled before it reached the engine, or forgotten meanwhile
         conv.add("assistant", "".join(gen.delivered), truncated=reason in ("cancelled", "timeout", "error"))
 
     # ------------------------------------------------------------------ acknowledgement window
@@ -515,6 +668,7 @@ class Session:
         if ev.finish is not None:
             p.done = ev.finish
             gen.finished = True
+            self._release(gen)
             self.live.pop(gen.id, None)
             self._remember(gen.id)
             gen.queue_s = ev.queue_s
@@ -531,7 +685,8 @@ class Session:
         self.paused = paused
         by_engine: dict[int, tuple[Any, list[int]]] = {}
         for gen in self.live.values():
-            by_engine.setdefault(id(gen.engine), (gen.engine, []))[1].append(gen.rid)
+            if gen.submitted:
+                by_engine.setdefault(id(gen.engine), (gen.engine, []))[1].append(gen.rid)
         for engine, rids in by_engine.values():
             (engine.pause if paused else engine.resume)(rids)
         if paused:
@@ -541,8 +696,24 @@ class Session:
     # ------------------------------------------------------------------ outbound
 
     def _queue_control(self, frame: Any) -> None:
+        """Queue one control/error frame, within the socket's budget; past it the socket is closed 1008."""
+        if self.refusing or self.closed:
+            return
+        if isinstance(frame, Error) and not self._take_error_token():
+            log.warning("closing socket over its error budget", extra={"event": "error_budget", "session": self.id,
+                                                                       "client": self.client})
+            self.hooks.rejected("error_budget")
+            self._policy_close(1008, "too many errors")
+            return
         data = self.codec.encode(frame)
+        if self.control_bytes + len(data) > self.limits.max_control_bytes:
+            log.warning("closing socket over its control budget", extra={
+                "event": "control_budget", "session": self.id, "client": self.client, "queued": self.control_bytes})
+            self.hooks.rejected("control_budget")
+            self._policy_close(1008, "control frames not read")
+            return
         self._control.append(data)
+        self.control_bytes += len(data)
         self.buffered += len(data)
         self._wakeup()
 
@@ -551,6 +722,15 @@ class Session:
         self._first.append(data)
         self.buffered += len(data)
         self._wakeup()
+    def _take_error_token(self) -> bool:
+        now = time.monotonic()
+        lim = self.limits
+        self._error_tokens = min(float(lim.error_burst), self._error_tokens + (now - self._error_at) * lim.error_rate)
+        self._error_at = now
+        if self._error_tokens < 1.0 or math.isnan(self._error_tokens):
+            return False
+        self._error_tokens -= 1.0
+        return True
 
     def _wakeup(self) -> None:
         if self._wake is not None:
@@ -581,6 +761,7 @@ class Session:
                 if self._first:
                     data = self._first.popleft()
                     self.buffered -= len(data)
+                    self.control_bytes -= len(data)
                     await self._write(data)
                     continue
                 if self._replay:
@@ -635,13 +816,15 @@ class Session:
     def _after_write(self) -> None:
         if self.paused and self.held <= self._resume_below:
             self._set_paused(False)
-        if self.acking and self.unacked > self.limits.retained_cap and self._on_policy_close is not None:
-            self._on_policy_close(1008, "acknowledgement window exceeded")
+        if self.acking and self.unacked > self.limits.retained_cap:
+            self._policy_close(1008, "acknowledgement window exceeded")
 
     async def _write(self, data: bytes, tokens: int = 0) -> None:
-        self.send_started = time.monotonic()
+        t0 = self.send_started = time.monotonic()
         await self._send(data)
         self.send_started = None
+        self.blocked_s += time.monotonic() - t0
+        self.bytes_sent += len(data)
         self.frames_sent += 1
         self.hooks.frame_sent(len(data), tokens)
 
@@ -671,8 +854,7 @@ class Session:
         """End every live generation with ``done {reason}`` (drain, timeout). The frames are queued."""
         for gid in list(self.live):
             gen = self.live.pop(gid)
-            gen.engine.cancel(gen.rid)
-            gen.finished = True
+            self._stop(gen)
             self._remember(gid)
             old = self._pending.pop(gid, None)
             p = _Pending(gen=gen, done=reason, nbytes=_FRAME_OVERHEAD)
@@ -689,8 +871,7 @@ class Session:
             return
         self.closed = True
         for gen in self.live.values():
-            gen.engine.cancel(gen.rid)
-            gen.finished = True
+            self._stop(gen)
             self._record(gen, "cancelled")
         self.live.clear()
         self._pending.clear()
@@ -702,6 +883,8 @@ class Session:
         self.buffered = self.unacked = 0
         if self.store is not None:
             self.store.discard(self)
+        self.control_bytes = 0
+        self.buffered = 0
         self._wakeup()
 
 

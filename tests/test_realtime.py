@@ -102,7 +102,8 @@ async def ws_greedy(srv: RunningServer, messages: list[dict[str, str]], max_toke
                              additional_headers=AUTH) as ws:
         assert isinstance(p.JSON.decode_any(await ws.recv()), p.Ready)
         msgs = [p.Message(role=m["role"], content=m["content"]) for m in messages]
-        await ws.send(p.JSON.encode(p.Generate(id="g", messages=msgs, max_tokens=max_tokens, temperature=0.0)))
+        await ws.send(p.JSON.encode(p.Generate(id="g", messages=msgs, max_tokens=max_tokens,
+                                              temperature=0.0)).decode())  # JSON goes in text frames
         text, tokens = [], 0
         while True:
             f = p.JSON.decode_any(await asyncio.wait_for(ws.recv(), 30 * UNIT))
@@ -349,6 +350,8 @@ def test_every_client_event_good_and_bad_and_the_socket_stays_open(srv: RunningS
           "event_id": "c9"}, "unsupported_item_type", "item.type"),
         ({"type": "conversation.item.create", "item": {"type": "message", "role": "user"}, "event_id": "c10"},
          "missing_required_parameter", "item.content"),
+        ({"type": "conversation.item.create", "item": user("x" * 70_000), "event_id": "c11"}, "item_too_large",
+         "item.content"),  # its echo would not fit in the socket's control budget
         ({"type": "conversation.item.retrieve", "item_id": "nope", "event_id": "r1"}, "item_not_found", "item_id"),
         ({"type": "conversation.item.retrieve", "item_id": 7, "event_id": "r2"}, "invalid_value", "item_id"),
         ({"type": "conversation.item.retrieve", "event_id": "r3"}, "missing_required_parameter", "item_id"),
