@@ -381,9 +381,10 @@ class App:
             await self._reject_ws(send, 503, "overloaded", "too many connections")
             return
         if not authenticated and self.num_preauth >= self.config.max_preauth_connections:
-            self.hooks.rejected("max_preauth_connections")
-            await self._reject_ws(send, 503, "overloaded", "too many connections waiting to authenticate")
-            return
+            # The pre-auth budget is full: make room by closing the oldest socket still waiting. A flood of
+            # keyless sockets then churns only among itself, and a real client (which sends hello at once)
+            # gets its turn instead of a 503.
+            self._evict_oldest_preauth()
         quota_key: str | None = None
         if authenticated and self.quota.max_connections is not None:
             over = self.quota.open_connection(rate_key)
@@ -482,6 +483,17 @@ class App:
                 self.quota.close_connection(conn.quota_key)
                 conn.quota_key = None
             self.hooks_connection(-1)
+
+    def _evict_oldest_preauth(self) -> None:
+        waiting = [c for c in self.connections if c.preauth and not c.closing]
+        if not waiting:
+            return
+        oldest = min(waiting, key=lambda c: c.opened)
+        oldest.preauth = False
+        self.num_preauth -= 1
+        oldest.session.refusing = True  # it may no longer authenticate: it is being closed
+        self.hooks.rejected("max_preauth_connections")
+        self._close_soon(oldest, 1008, "too many unauthenticated connections")
 
     def _resume(self, conn: Connection, fresh: Session, frame: protocol.Hello,
                 send_frame: Callable[[bytes | str], Awaitable[None]], policy_close: Callable[[int, str], None],

@@ -45,6 +45,12 @@ class ServerConfig:
     cuda_graphs: bool = field(default=True, metadata={
         "help": "on CUDA, decode with static shapes replayed from CUDA graphs (one per batch-size bucket)"})
     warmup: bool = field(default=True, metadata={"help": "run a real generation before serving"})
+    kv_cache_gb: float | None = field(default=None, metadata={
+        "help": "KV block pool size in GiB per model (default: 1 on CPU; on CUDA 0.7 of the memory free after the "
+                "weights)"})
+    prefix_cache: bool = field(default=True, metadata={
+        "help": "reuse the KV blocks of identical prompt prefixes (--no-prefix-cache turns it off)"})
+    block_size: int = field(default=16, metadata={"help": "token positions per KV block"})
     # --- sessions and limits
     max_connections: int = field(default=1024, metadata={"help": "open WebSocket + HTTP streams, at most"})
     max_generations_per_session: int = field(default=64, metadata={"help": "live generations per socket"})
@@ -244,6 +250,8 @@ def _validate(c: ServerConfig) -> None:
         v = getattr(c, name)
         need(v is None or v > 0, name, "must be > 0")
     need(c.max_batch_wait_ms >= 0, "max_batch_wait_ms", "must be >= 0")
+    need(c.kv_cache_gb is None or c.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
+    need(1 <= c.block_size <= 4096, "block_size", "must be in 1..4096")
     need(c.resume_window_s >= 0, "resume_window_s", "must be >= 0")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
          "must be auto, cpu or cuda[:N]")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .detok import TextStream
+from .kv_blocks import KVCacheManager
 from .scheduler import PRIORITY_LEVELS, SamplingParams, Scheduler, Sequence, StepPlan
 
 log = logging.getLogger("rtws.engine")
@@ -34,7 +35,9 @@ class TokenEvent:
 
     ``tokens`` counts the generated tokens this event accounts for (some
     tokens produce no text yet: an incomplete UTF-8 character, a possible stop
-    string). ``finish`` is set on the generation's last event.
+    string). ``finish`` is set on the generation's last event, which also
+    carries ``cached_tokens``: how many prompt tokens the prefix cache supplied
+    (computed by an earlier request, not by this one).
     """
 
     rid: int
@@ -47,6 +50,7 @@ class TokenEvent:
     queue_s: float | None = None
     error: str | None = None
     token_ids: list[int] | None = None
+    cached_tokens: int | None = None
 
 
 Sink = Callable[[TokenEvent], None]
@@ -62,22 +66,45 @@ class EngineStats:
     steps: int = 0
     tokens_generated: int = 0
     step_errors: int = 0
+    kv_blocks: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+    kv_blocks_cached: int = 0
+    kv_block_size: int = 0
+    preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefill_tokens: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV pool held by live sequences (0..1), as vLLM's ``kv_cache_usage_perc``."""
+        return self.kv_blocks_used / self.kv_blocks if self.kv_blocks else 0.0
 
 
 class Runner(Protocol):
-    def step(self, plan: StepPlan) -> Any: ...
+    """What the engine needs from a runner: steps, and the size of its KV block pool."""
 
-    def move_slots(self, moves: list[tuple[int, int, int]]) -> None: ...
+    num_blocks: int
+    block_size: int
+
+    def step(self, plan: StepPlan) -> Any: ...
 
 
 @dataclass(slots=True)
 class EngineConfig:
+    """Engine knobs. ``num_blocks`` (at most the runner's) defaults to the runner's pool; ``cache_salt`` (model name,
+    version, quantization) keys the prefix cache so different weights never share KV blocks."""
+
     num_slots: int = 64
     max_len: int = 2048
     prefill_budget: int = 512
     max_batch_size: int | None = None
     max_batch_wait_s: float = 0.0
     aging_s: float = 2.0
+    num_blocks: int | None = None
+    prefix_cache: bool = True
+    cache_salt: str = ""
 
 
 class StepObserver(Protocol):
@@ -105,12 +132,19 @@ class Engine:
         self.name = name
         self.eos_ids = frozenset(eos_ids)
         self.observer = observer
+        self.kv = KVCacheManager(
+            min(config.num_blocks or runner.num_blocks, runner.num_blocks),
+            runner.block_size,
+            salt=config.cache_salt or name,
+            prefix_cache=config.prefix_cache,
+        )
         self.scheduler = Scheduler(
             config.num_slots,
             max_batch_size=config.max_batch_size,
             prefill_budget=config.prefill_budget,
             max_batch_wait_s=config.max_batch_wait_s,
             aging_s=config.aging_s,
+            kv=self.kv,
         )
         self._commands: collections.deque[tuple[str, Any]] = collections.deque()
         self._wake = threading.Event()
@@ -121,7 +155,8 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._stats = EngineStats(num_slots=config.num_slots)
+        self._stats = EngineStats(num_slots=config.num_slots, kv_blocks=self.kv.pool.capacity,
+                                  kv_blocks_free=self.kv.pool.num_free, kv_block_size=self.kv.block_size)
         self._steps = 0
         self._tokens = 0
         self._step_errors = 0
@@ -175,13 +210,19 @@ class Engine:
         self._wake.set()
         return rid
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Token positions the KV pool holds in all (a prompt longer than this minus one can never run)."""
+        return self.kv.capacity_tokens
+
     def cancel(self, rid: int) -> None:
-        """Free the generation's slot at the next step boundary. Idempotent; no event follows."""
+        """Free the generation's blocks at the next step boundary. Idempotent; no event follows."""
         self._commands.append(("cancel", rid))
         self._wake.set()
 
     def pause(self, rids: Iterable[int]) -> None:
-        """Leave these generations out of steps (they keep their slot) until :meth:`resume`."""
+        """Leave these generations out of steps until :meth:`resume`. They keep their KV blocks unless the
+        pool runs short, when they are the first preempted (recomputed on resume, nothing lost)."""
         self._commands.append(("pause", tuple(rids)))
         self._wake.set()
 
@@ -228,6 +269,7 @@ class Engine:
 
     def _snapshot(self) -> None:
         s = self.scheduler
+        pool = self.kv.pool
         self._stats = EngineStats(
             running=s.num_running,
             waiting=s.num_waiting,
@@ -237,6 +279,15 @@ class Engine:
             steps=self._steps,
             tokens_generated=self._tokens,
             step_errors=self._step_errors,
+            kv_blocks=pool.capacity,
+            kv_blocks_used=pool.num_used,
+            kv_blocks_free=pool.num_free,
+            kv_blocks_cached=pool.num_cached,
+            kv_block_size=self.kv.block_size,
+            preemptions=s.num_preemptions,
+            prefix_cache_queries=pool.stats.queries,
+            prefix_cache_hits=pool.stats.hits,
+            prefill_tokens=s.prefill_tokens,
         )
         if s.num_running or s.num_waiting:
             self._idle.clear()
@@ -285,31 +336,50 @@ class Engine:
                 self._finish(seq, "timeout", events, now)
 
     def _step(self, plan: StepPlan, events: list[TokenEvent]) -> None:
+        now = time.monotonic()
+        for seq in plan.exhausted:  # the KV pool cannot hold one more token even for it alone
+            self._finish(seq, "length", events, now)
+        if plan.empty:
+            return
+        tokens = self._compute(plan, events)
+        now = time.monotonic()
+        for seq, token in tokens:
+            self._on_token(seq, token, events, now)
+
+    def _attempt(self, plan: StepPlan) -> list[tuple[Sequence, int]]:
+        if self.fault_injector is not None:
+            self.fault_injector(plan)
+        out = self.runner.step(plan)
+        self.scheduler.commit(plan)
+        return list(out.tokens)
+
+    def _compute(self, plan: StepPlan, events: list[TokenEvent]) -> list[tuple[Sequence, int]]:
+        """Run ``plan``; if the step raises, retry its halves (bisecting) so only the rows at fault fail.
+
+        Retrying is safe: a failed step committed nothing, and a retried row
+        writes the same KV positions again.
+        """
         try:
-            moves = self.scheduler.take_moves()
-            if moves:
-                self.runner.move_slots(moves)
-            if self.fault_injector is not None:
-                self.fault_injector(plan)
-            out = self.runner.step(plan)
+            return self._attempt(plan)
         except Exception as exc:
             self._step_errors += 1
-            seqs = [c.seq for c in plan.prefill] + plan.decode
+            rows = plan.rows()
+            if len(rows) > 1:
+                log.warning("model step failed; retrying its %d rows in halves", len(rows),
+                            extra={"event": "step_retry", "model": self.name, "error": repr(exc)})
+                half = len(rows) // 2
+                out: list[tuple[Sequence, int]] = []
+                for part in (rows[:half], rows[half:]):
+                    out += self._compute(plan.subset({s.rid for s in part}), events)
+                return out
             log.exception(
-                "model step failed; failing %d generation(s)", len(seqs),
+                "model step failed; failing generation %s", rows[0].rid if rows else None,
                 extra={"event": "step_error", "model": self.name, "error": repr(exc)},
             )
             now = time.monotonic()
-            for seq in seqs:
+            for seq in rows:
                 self._finish(seq, "error", events, now, error=type(exc).__name__)
-            return
-        for seq in plan.decode:
-            seq.num_cached += 1
-        for chunk in plan.prefill:
-            chunk.seq.num_cached = chunk.end
-        now = time.monotonic()
-        for seq, token in out.tokens:
-            self._on_token(seq, token, events, now)
+            return []
 
     def _on_token(self, seq: Sequence, token: int, events: list[TokenEvent], now: float) -> None:
         rid = seq.rid
@@ -352,6 +422,7 @@ class Engine:
         ev = self._event(seq, text)
         ev.finish = reason
         ev.error = error
+        ev.cached_tokens = seq.cached_tokens or 0
         if seq.first_token_at is not None:
             ev.ttft_s = seq.first_token_at - seq.arrival
         if seq.admitted_at is not None:

@@ -158,10 +158,15 @@ class InferResult(msgspec.Struct, frozen=True):
     model: str
 
 
+class PromptTokensDetails(msgspec.Struct, frozen=True):
+    cached_tokens: int = 0
+
+
 class OpenAIUsage(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionChoice(msgspec.Struct, frozen=True):
@@ -346,6 +351,7 @@ class HttpGeneration:
         self.queue_s: float | None = None
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self.reason: str | None = None  # set once, by end()
         self.quota_key: str | None = None  # counted in app.quota's generations until end()
         self.disconnected = False
@@ -437,6 +443,7 @@ class HttpGeneration:
             self._finish = ev.finish
             self._error = ev.error
             self.queue_s = ev.queue_s
+            self.cached_tokens = ev.cached_tokens or 0
         elif not self._paused and self._pending_chars > self.app.config.send_high_watermark:
             self._paused = True  # the writer is behind: keep the slot, skip steps until it catches up
             self.engine.pause((self.rid,))
@@ -723,7 +730,8 @@ class HttpApi:
     @staticmethod
     def _usage(gen: HttpGeneration) -> OpenAIUsage:
         return OpenAIUsage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                           total_tokens=gen.prompt_tokens + gen.completion_tokens)
+                           total_tokens=gen.prompt_tokens + gen.completion_tokens,
+                           prompt_tokens_details=PromptTokensDetails(cached_tokens=gen.cached_tokens))
 
     @staticmethod
     def _fingerprint(gen: HttpGeneration) -> str:

@@ -215,6 +215,7 @@ class _AppCollector:
         yield steps
         yield step_errors
         yield versions
+        yield from kv_cache_families(app)
         conns = GaugeMetricFamily("rtws_connections", "Open WebSockets and HTTP streams", labels=["transport"])
         realtime = sum(1 for c in app.connections if getattr(c.session, "transport", "ws") == "realtime")
         conns.add_metric(["ws"], len(app.connections) - realtime)
@@ -237,6 +238,39 @@ class _AppCollector:
         held.add_metric([], app.sessions.num_held)
         yield held
         yield from self.hooks.steps.families()
+
+
+def kv_cache_families(app: App) -> Iterator[Metric]:
+    """KV block pool gauges and prefix-cache / preemption counters per model version (names mirror vLLM's
+    ``kv_cache_usage_perc``, ``num_preemptions``, ``prefix_cache_queries`` / ``prefix_cache_hits``, in tokens)."""
+    labels = ["model", "version"]
+    gauges = {
+        "kv_blocks": GaugeMetricFamily("rtws_kv_blocks", "KV cache blocks in the pool", labels=labels),
+        "kv_blocks_used": GaugeMetricFamily("rtws_kv_blocks_used", "KV cache blocks held by live sequences",
+                                            labels=labels),
+        "kv_blocks_free": GaugeMetricFamily("rtws_kv_blocks_free", "KV cache blocks allocatable (free or cached "
+                                            "and unreferenced)", labels=labels),
+        "kv_blocks_cached": GaugeMetricFamily("rtws_kv_blocks_cached", "KV cache blocks indexed by the prefix "
+                                              "cache", labels=labels),
+        "kv_usage": GaugeMetricFamily("rtws_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1)",
+                                      labels=labels),
+    }
+    counters = {
+        "preemptions": CounterMetricFamily("rtws_num_preemptions", "Sequences preempted (recomputed later) "
+                                           "because the KV pool ran out", labels=labels),
+        "prefix_cache_queries": CounterMetricFamily("rtws_prefix_cache_queries", "Prompt tokens looked up in the "
+                                                    "prefix cache", labels=labels),
+        "prefix_cache_hits": CounterMetricFamily("rtws_prefix_cache_hits", "Prompt tokens served from the prefix "
+                                                 "cache", labels=labels),
+    }
+    for st in app.registry.served_versions():
+        s = st.served.engine.stats()
+        for key, gauge in gauges.items():
+            gauge.add_metric([st.name, st.version], float(getattr(s, key, 0)))
+        for key, counter in counters.items():
+            counter.add_metric([st.name, st.version], float(getattr(s, key, 0)))
+    yield from gauges.values()
+    yield from counters.values()
 
 
 class MetricsHooks(GenerationLog):

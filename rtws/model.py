@@ -35,6 +35,10 @@ class ModelSpec:
     aging_s: float = 2.0
     max_prompt_tokens: int | None = None
     cuda_graphs: bool = True
+    quantization: str = "none"
+    kv_cache_gb: float | None = None
+    prefix_cache: bool = True
+    block_size: int = 16
 
 
 class ServedModel:
@@ -51,6 +55,7 @@ class ServedModel:
         self.context_len = context_len
         self.device = device
         self.max_prompt_tokens = min(spec.max_prompt_tokens or context_len - 1, context_len - 1)
+        self.kv_capacity_tokens = int(getattr(engine, "kv_capacity_tokens", 0)) or None
         self.warm = False
         self.loaded_at = time.time()
 
@@ -77,6 +82,13 @@ class ServedModel:
         if len(ids) > self.max_prompt_tokens:
             raise PromptError(
                 f"prompt is {len(ids)} tokens; this model accepts at most {self.max_prompt_tokens}")
+        cap = self.kv_capacity_tokens
+        if cap is not None and len(ids) >= cap:
+            gb = self.spec.kv_cache_gb
+            budget = f"--kv-cache-gb {gb:g}" if gb is not None else "the default KV budget"
+            raise PromptError(
+                f"prompt is {len(ids)} tokens; the KV cache ({budget}: {cap} token positions) can hold a prompt "
+                f"of at most {cap - 1} tokens")
         return ids
 
     # ------------------------------------------------------------------ lifecycle
@@ -119,6 +131,11 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+def cache_salt(spec: ModelSpec) -> str:
+    """The prefix-cache key of a model's weights: name, version and quantization (never shared across them)."""
+    return "\0".join((spec.name, spec.version, spec.quantization, spec.path))
+
+
 def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
     """Load weights and tokenizer and build the engine (blocking: call from a worker thread)."""
     from . import runner as rn
@@ -130,7 +147,8 @@ def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
     ctx = rn.model_context_length(model.config)
     max_len = min(spec.max_seq_len or ctx, ctx)
     runner = rn.ModelRunner(model, spec.num_slots, max_len, device,
-                            static_decode=spec.cuda_graphs and device.type == "cuda", cuda_graphs=spec.cuda_graphs)
+                            static_decode=spec.cuda_graphs and device.type == "cuda", cuda_graphs=spec.cuda_graphs,
+                            kv_cache_gb=spec.kv_cache_gb, block_size=spec.block_size)
     runner.warmup()
     engine = Engine(
         runner,
@@ -142,6 +160,8 @@ def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
             max_batch_size=spec.max_batch_size,
             max_batch_wait_s=spec.max_batch_wait_ms / 1000.0,
             aging_s=spec.aging_s,
+            prefix_cache=spec.prefix_cache,
+            cache_salt=cache_salt(spec),
         ),
         eos_ids=eos_token_ids(model, tokenizer),
         name=spec.name,
@@ -149,5 +169,7 @@ def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
     )
     log.info("model loaded", extra={"event": "model_loaded", "model": spec.name, "version": spec.version,
                                     "path": spec.path, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                                    "context": max_len, "seconds": round(time.perf_counter() - t0, 3)})
+                                    "context": max_len, "kv_blocks": runner.num_blocks, "block_size": runner.block_size,
+                                    "kv_cache_bytes": runner.kv_cache_bytes,
+                                    "seconds": round(time.perf_counter() - t0, 3)})
     return ServedModel(spec, model, tokenizer, engine, max_len, str(device))

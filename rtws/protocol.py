@@ -163,6 +163,7 @@ class Limits(msgspec.Struct, frozen=True, omit_defaults=True):
 class Usage(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (optional, v1-compatible)
 
 
 class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True, omit_defaults=True):

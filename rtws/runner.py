@@ -1,17 +1,20 @@
 """Model runner: the only module that imports torch and transformers.
 
-It holds the model, a slot KV cache and the sampler, and turns a
-:class:`~rtws.scheduler.StepPlan` into next tokens. Preparing tensors
-(:meth:`ModelRunner._prepare`) is separate from running the forward.
+It holds the model, the paged KV pool and the sampler, and turns a
+:class:`~rtws.scheduler.StepPlan` into next tokens.
 
-The slot KV cache is a transformers ``Cache`` whose layers keep one KV row per
-*slot*: ``[num_slots, kv_heads, max_len, head_dim]``. Before each forward the
-runner says, per batch row, which slot it uses and which positions it writes;
-``update()`` scatters the new keys/values there and returns the slot rows in
-use, cut to the longest live length. With ``position_ids`` per row and a 4D
-additive mask (transformers uses a 4D mask as-is), sequences join and leave
-between steps with no re-padding and no copying, for any architecture built on
-the standard Cache interface (GPT-2, Llama, Mistral, Qwen, ...).
+KV storage is one tensor pair per decoder layer, ``[num_blocks * block_size,
+kv_heads, head_dim]``, addressed through the block tables the scheduler keeps
+(:mod:`rtws.kv_blocks`). :class:`PagedKVCache` is a transformers ``Cache``:
+before each forward the runner binds, for the whole batch, the flat slots
+each new token writes and the slots each row reads (its live blocks, in
+position order, padded with the null block); ``update()`` scatters the new
+keys/values with one ``index_copy_`` and returns the rows' keys/values with
+one ``index_select``. With ``position_ids`` per row and 4D additive masks
+(transformers uses a 4D mask as-is, and a dict of them keyed by layer type
+for models with per-layer attention types), sequences join and leave between
+steps with no re-padding and no copying, for any architecture built on the
+standard Cache interface. Sliding windows live in the masks.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .kv_blocks import NULL_BLOCK
 from .scheduler import PrefillChunk, Sequence, StepPlan
 
 log = logging.getLogger("rtws.runner")
@@ -95,8 +100,10 @@ def load_model(
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        tok = AutoTokenizer.from_pretrained(tokenizer_path or name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+        check_supported(config)  # refuse before reading any weights
+        tok = AutoTokenizer.from_pretrained(tokenizer_path or name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False)
         model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tok
@@ -116,47 +123,150 @@ def is_model_dir(path: str) -> bool:
 
 
 def read_config(path: str) -> Any:
-    return AutoConfig.from_pretrained(path)
+    return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
-# --------------------------------------------------------------------------- slot KV cache
+# --------------------------------------------------------------------------- what can be served
 
 
-class _SlotLayer(CacheLayerMixin):
-    """One decoder layer's KV storage, one row per slot."""
+class UnsupportedModelError(ValueError):
+    """A model rtws refuses at load; the message names the architecture and the missing feature."""
 
-    def __init__(self, owner: SlotKVCache) -> None:
+
+# Layers that keep a recurrent / convolutional state instead of (or beside) attention KV.
+_NON_KV_MODEL_TYPES = frozenset({
+    "mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma", "jamba", "zamba", "zamba2", "bamba",
+    "falcon_h1", "granitemoehybrid", "lfm2", "lfm2_moe", "qwen3_next", "nemotron_h", "plamo2", "minimax",
+    "kimi_linear", "olmo3_2_hybrid", "mamba_hybrid",
+})
+_ALIBI_MODEL_TYPES = frozenset({"bloom", "mpt"})
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+CPU_DEFAULT_KV_CACHE_GB = 1.0
+CUDA_KV_CACHE_FRACTION = 0.7
+
+
+def _arch_name(config: Any) -> str:
+    archs = getattr(config, "architectures", None) or []
+    return ", ".join(archs) or str(getattr(config, "model_type", "unknown"))
+
+
+def check_supported(config: Any) -> None:
+    """Raise :class:`UnsupportedModelError` ("... is not supported: ...") for what the paged cache cannot serve."""
+    arch = _arch_name(config)
+    mt = str(getattr(config, "model_type", ""))
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{arch} ({mt}) is not supported: encoder-decoder models need cross-attention "
+                                    "caches; rtws serves decoder-only causal LMs")
+    if mt in _NON_KV_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{arch} ({mt}) is not supported: it keeps a state-space / linear-attention (recurrent) state, not an "
+            "attention KV cache, and rtws serves only paged attention KV")
+    if mt in _ALIBI_MODEL_TYPES or (mt == "falcon" and getattr(config, "alibi", False)):
+        raise UnsupportedModelError(f"{arch} ({mt}) is not supported: ALiBi position biases are not implemented "
+                                    "in rtws's paged attention masks")
+    types = getattr(config, "layer_types", None)
+    if types:
+        bad = sorted({str(t) for t in types} - ATTENTION_LAYER_TYPES)
+        if bad:
+            raise UnsupportedModelError(
+                f"{arch} ({mt}) is not supported: layer types {', '.join(bad)} (rtws serves full and "
+                "sliding-window attention layers only)")
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionLayout:
+    """How the model takes its masks: one 4D mask (``as_dict`` False, key ``"full_attention"``) or a dict
+    keyed by layer type. ``windows`` maps each key to its sliding window (None: full causal attention)."""
+
+    windows: dict[str, int | None]
+    as_dict: bool
+
+
+def attention_layout(model: Any) -> AttentionLayout:
+    """Read the per-layer attention types the way the model's own forward does (transformers 5.x).
+
+    Models whose forward accepts a dict of masks (``causal_mask_mapping``)
+    get one mask per layer type listed in ``config.layer_types``; models that
+    pick ``create_sliding_window_causal_mask`` when ``config.sliding_window``
+    is set (Mistral, Phi3, Mixtral, ...) get one windowed mask; others one
+    causal mask.
+    """
+    config = model.config
+    check_supported(config)
+    module = sys.modules.get(type(model).__module__)
+    try:
+        src = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):  # pragma: no cover - no source on disk
+        src = ""
+    window = getattr(config, "sliding_window", None)
+    window = int(window) if isinstance(window, int) and window > 0 else None
+    types = getattr(config, "layer_types", None)
+    if types and "causal_mask_mapping := attention_mask, dict" in src:
+        windows: dict[str, int | None] = {}
+        for t in sorted({str(x) for x in types}):
+            if t == "sliding_attention" and window is None:
+                raise UnsupportedModelError(f"{_arch_name(config)} is not supported: sliding_attention layers "
+                                            "without a sliding_window")
+            windows[t] = window if t == "sliding_attention" else None
+        return AttentionLayout(windows=windows, as_dict=True)
+    if types and any(str(t) != "full_attention" for t in types) and "create_sliding_window_causal_mask" not in src:
+        raise UnsupportedModelError(f"{_arch_name(config)} is not supported: per-layer attention types without a "
+                                    "forward that accepts per-type masks")
+    if window is not None and "create_sliding_window_causal_mask" in src:
+        return AttentionLayout(windows={"full_attention": window}, as_dict=False)
+    return AttentionLayout(windows={"full_attention": None}, as_dict=False)
+
+
+# --------------------------------------------------------------------------- paged KV cache
+
+
+@dataclass(frozen=True, slots=True)
+class LayerShape:
+    heads: int
+    key_dim: int
+    value_dim: int
+
+
+class _PagedLayer(CacheLayerMixin):
+    """One decoder layer's slice of the pool: ``[num_blocks * block_size, heads, dim]`` for keys and values."""
+
+    def __init__(self, owner: PagedKVCache, index: int) -> None:
         super().__init__()
         self._owner = owner
+        self._index = index
+        self.k_pool: torch.Tensor | None = None
+        self.v_pool: torch.Tensor | None = None
+
+    def allocate(self, shape: LayerShape, positions: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        # torch.empty: pages are touched only as blocks are first written. Only the null block is read before
+        # being written (padding), so it alone is zeroed.
+        self.k_pool = torch.empty(positions, shape.heads, shape.key_dim, dtype=dtype, device=device)
+        self.v_pool = torch.empty(positions, shape.heads, shape.value_dim, dtype=dtype, device=device)
+        self.k_pool[:block_size].zero_()
+        self.v_pool[:block_size].zero_()
+        self.keys, self.values = self.k_pool, self.v_pool
+        self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        # Layout [slot, head, position, dim], what attention reads; writes go through a flat [-1, dim] view
-        # with one index_copy_ (row = (slot * heads + head) * max_len + position).
-        o = self._owner
-        _, heads, _, kdim = key_states.shape
-        vdim = value_states.shape[-1]
-        self.keys = torch.zeros(o.num_slots, heads, o.max_len, kdim, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(o.num_slots, heads, o.max_len, vdim, dtype=value_states.dtype,
-                                  device=value_states.device)
-        self._flat_k = self.keys.view(-1, kdim)
-        self._flat_v = self.values.view(-1, vdim)
-        self.is_initialized = True
+        return None  # allocated up front by the runner (sized from the probe)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        assert self.keys is not None and self.values is not None
         o = self._owner
-        index = o.write_index_for(key_states.shape[1])
-        self._flat_k.index_copy_(0, index, key_states.reshape(-1, key_states.shape[-1]))
-        self._flat_v.index_copy_(0, index, value_states.reshape(-1, value_states.shape[-1]))
-        if o.read_rows is None:
-            return self.keys[: o.batch, :, : o.kv_len], self.values[: o.batch, :, : o.kv_len]
-        # index_select on the length-cut view: several times faster on CPU than advanced indexing
-        k = self.keys[:, :, : o.kv_len].index_select(0, o.read_rows)
-        v = self.values[:, :, : o.kv_len].index_select(0, o.read_rows)
+        b, heads, q, kdim = key_states.shape
+        vdim = value_states.shape[-1]
+        if o.probe is not None:
+            o.probe.setdefault(self._index, []).append(LayerShape(heads, kdim, vdim))
+            return key_states, value_states
+        kp, vp = self.k_pool, self.v_pool
+        assert kp is not None and vp is not None, "paged KV pool used before allocation"
+        kp.index_copy_(0, o.write_index, key_states.transpose(1, 2).reshape(b * q, heads, kdim))
+        vp.index_copy_(0, o.write_index, value_states.transpose(1, 2).reshape(b * q, heads, vdim))
+        n = o.kv_len
+        k = kp.index_select(0, o.read_index).view(b, n, heads, kdim).transpose(1, 2)
+        v = vp.index_select(0, o.read_index).view(b, n, heads, vdim).transpose(1, 2)
         return k, v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -166,51 +276,28 @@ class _SlotLayer(CacheLayerMixin):
         return 0
 
     def get_max_length(self) -> int:
-        return self._owner.max_len
+        return self._owner.kv_len
 
 
-class SlotKVCache(Cache):
-    """A transformers Cache addressed by slot. Call :meth:`bind` before every forward."""
+class PagedKVCache(Cache):
+    """A transformers Cache over the block pool. Call :meth:`bind` before every forward.
 
-    def __init__(self, num_layers: int, num_slots: int, max_len: int) -> None:
-        self.num_slots = num_slots
-        self.max_len = max_len
-        self.write_slots: torch.Tensor = torch.zeros(0, dtype=torch.long)
-        self.write_positions: torch.Tensor = torch.zeros(0, 1, dtype=torch.long)
-        self._index_cache: tuple[int, torch.Tensor] | None = None
-        self.read_rows: torch.Tensor | None = None
-        self.batch = 0
+    ``write_index`` ``[B * L_q]``: the flat slot each new token's K/V goes to
+    (the null block for padding). ``read_index`` ``[B * kv_len]``: the slots
+    each row attends over, column ``j`` holding position ``j``.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.write_index: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self.read_index: torch.Tensor = torch.zeros(0, dtype=torch.long)
         self.kv_len = 0
-        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        self.probe: dict[int, list[LayerShape]] | None = None
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(num_layers)])
 
-    def bind(self, slots: list[int], positions: torch.Tensor, kv_len: int, device: torch.device) -> None:
-        """Point the next forward at ``slots`` (one per row), writing at ``positions`` ``[B, L]``."""
-        self.batch = len(slots)
+    def bind(self, write_index: torch.Tensor, read_index: torch.Tensor, kv_len: int) -> None:
+        self.write_index = write_index
+        self.read_index = read_index
         self.kv_len = kv_len
-        slot_t = torch.tensor(slots, dtype=torch.long, device=device)
-        self.write_slots = slot_t
-        self.write_positions = positions
-        self._index_cache = None
-        # Rows 0..B-1 in order can be read as a view instead of a gather.
-        self.read_rows = None if slots == list(range(len(slots))) else slot_t
-
-    def bind_tensors(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
-        """Static-shape binding (CUDA graphs): slots ``[B]`` and positions ``[B, L]`` are device tensors."""
-        self.batch = int(slots.shape[0])
-        self.kv_len = kv_len
-        self.write_slots = slots
-        self.write_positions = positions
-        self.read_rows = slots
-        self._index_cache = None
-
-    def write_index_for(self, heads: int) -> torch.Tensor:
-        """Flat row indices ``[B * heads * L]`` for this forward's writes (computed once, shared by all layers)."""
-        if self._index_cache is None or self._index_cache[0] != heads:
-            s, p = self.write_slots, self.write_positions
-            h = torch.arange(heads, device=s.device)
-            idx = ((s[:, None, None] * heads + h[None, :, None]) * self.max_len + p[:, None, :]).reshape(-1)
-            self._index_cache = (heads, idx)
-        return self._index_cache[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -282,76 +369,166 @@ class StepOutput:
     tokens: list[tuple[Sequence, int]]
 
 
-class ModelRunner:
-    """Runs prefill chunks and decode steps over the slot cache.
+def _clamp_int(v: int, lo: int, hi: int) -> int:
+    return lo if v < lo else hi if v > hi else v
 
-    ``static_decode`` (default: on for CUDA) runs decode with static shapes per
-    batch-size bucket, each captured once as a CUDA graph on CUDA, so a step
-    is one graph replay instead of hundreds of kernel launches. On CPU the
-    same static path can run eagerly (for tests); the default there is the
-    dynamic path, which reads only the live part of the cache.
+
+class ModelRunner:
+    """Runs prefill chunks and decode steps over the paged KV pool.
+
+    The pool holds ``num_blocks`` blocks of ``block_size`` positions, sized
+    from ``kv_cache_gb`` (GiB; default: :data:`CPU_DEFAULT_KV_CACHE_GB` on the
+    CPU, :data:`CUDA_KV_CACHE_FRACTION` of the memory free after the weights
+    on CUDA) and the per-token KV bytes measured by a one-token probe forward,
+    which also refuses models whose layers do not keep attention KV.
+
+    ``static_decode`` (default: on for CUDA) runs decode with static shapes
+    per (batch bucket, KV-length bucket), each captured once as a CUDA graph
+    on CUDA, so a step is one graph replay and reads only as many KV
+    positions as the length bucket of the longest live row. On CPU the same
+    static path can run eagerly (for tests); the default there is the dynamic
+    path, which reads exactly the live lengths.
     """
 
     def __init__(self, model: Any, num_slots: int, max_len: int, device: torch.device,
-                 static_decode: bool | None = None, cuda_graphs: bool = True) -> None:
+                 static_decode: bool | None = None, cuda_graphs: bool = True, *,
+                 kv_cache_gb: float | None = None, block_size: int = 16) -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
         self.model = model
         self.device = device
         self.num_slots = num_slots
         self.max_len = max_len
+        self.block_size = block_size
         self.dtype: torch.dtype = next(model.parameters()).dtype
         config = model.config
-        num_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-        if static_decode is None:
-            static_decode = device.type == "cuda"
-        # The static path pads batches to a bucket with rows that write into one extra scratch slot.
-        self.cache = SlotKVCache(int(num_layers), num_slots + (1 if static_decode else 0), max_len)
+        self.layout = attention_layout(model)
+        num_layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
+        self.cache = PagedKVCache(num_layers)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._vocab_hash = _mix32(torch.arange(self.vocab_size, dtype=torch.long, device=device) * _GOLDEN & _M32)
         self._mask_min = torch.finfo(self.dtype).min
-        self._key_range = torch.arange(max_len, device=device)
+        self.max_blocks_per_seq = -(-max_len // block_size)
+        self._key_range = torch.arange(self.max_blocks_per_seq * block_size, device=device)
+        self.layer_shapes = self._probe(num_layers)
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        self.bytes_per_token = elem * sum(s.heads * (s.key_dim + s.value_dim) for s in self.layer_shapes)
+        budget = self._kv_budget(kv_cache_gb)
+        self.num_blocks = max(2, budget // (block_size * self.bytes_per_token))
+        self.kv_cache_bytes = self.num_blocks * block_size * self.bytes_per_token
+        positions = self.num_blocks * block_size
+        for layer, shape in zip(self.cache.layers, self.layer_shapes):
+            assert isinstance(layer, _PagedLayer)
+            layer.allocate(shape, positions, block_size, self.dtype, device)
+        if static_decode is None:
+            static_decode = device.type == "cuda"
         self._static: _StaticDecoder | None = None
         if static_decode:
             self._static = _StaticDecoder(self, capture=cuda_graphs and device.type == "cuda")
 
+    # ------------------------------------------------------------------ setup
+
+    def _kv_budget(self, kv_cache_gb: float | None) -> int:
+        if kv_cache_gb is not None:
+            if not kv_cache_gb > 0:
+                raise ValueError(f"kv_cache_gb must be > 0 (got {kv_cache_gb!r})")
+            return int(kv_cache_gb * (1 << 30))
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * CUDA_KV_CACHE_FRACTION)
+        return int(CPU_DEFAULT_KV_CACHE_GB * (1 << 30))
+
+    @torch.inference_mode()
+    def _probe(self, num_layers: int) -> list[LayerShape]:
+        """One-token forward recording each layer's KV shape; refuses layers without attention KV."""
+        arch = _arch_name(self.model.config)
+        cache = self.cache
+        cache.probe = {}
+        ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        pos = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        cache.bind(torch.zeros(1, dtype=torch.long, device=self.device),
+                   torch.zeros(1, dtype=torch.long, device=self.device), 1)
+        try:
+            self.model(input_ids=ids, attention_mask=self._masks(pos, 1), position_ids=pos, use_cache=True,
+                       logits_to_keep=1, **{self._cache_kw: cache})
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"{arch} is not supported: a forward over rtws's paged attention KV cache failed "
+                f"({type(exc).__name__}: {exc})") from exc
+        finally:
+            seen, cache.probe = cache.probe, None
+        missing = [i for i in range(num_layers) if i not in seen]
+        shared = [i for i, v in seen.items() if len(v) != 1]
+        if missing or shared:
+            raise UnsupportedModelError(
+                f"{arch} is not supported: its layers do not each keep one attention KV through the Cache "
+                f"interface (no KV: {missing or 'none'}; several: {shared or 'none'})")
+        return [seen[i][0] for i in range(num_layers)]
+
     # ------------------------------------------------------------------ forward
 
-    def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, slots: list[int], kv_len: int, logits_to_keep: Any
-    ) -> Any:
-        self.cache.bind(slots, positions, kv_len, self.device)
-        keys = self._key_range[:kv_len]
-        allowed = keys[None, None, None, :] <= positions[:, None, :, None]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, self._mask_min)
-        kwargs = {self._cache_kw: self.cache}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=logits_to_keep, **kwargs)
+    def _masks(self, qpos: torch.Tensor, kv_len: int) -> Any:
+        """Additive 4D masks ``[B, 1, L_q, kv_len]`` for query positions ``qpos`` ``[B, L_q]``: key column ``j``
+        is position ``j``; causal, and within the window for sliding layers. A dict when the model takes one."""
+        keys = self._key_range[:kv_len][None, None, None, :]
+        q = qpos[:, None, :, None]
+        causal = keys <= q
+        out: dict[str, torch.Tensor] = {}
+        made: dict[int | None, torch.Tensor] = {}
+        for name, window in self.layout.windows.items():
+            if window not in made:
+                allowed = causal if window is None else causal & (keys > q - window)
+                made[window] = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                    ~allowed, self._mask_min)
+            out[name] = made[window]
+        return out if self.layout.as_dict else out["full_attention"]
+
+    def _forward(self, ids: torch.Tensor, qpos: torch.Tensor, valid: torch.Tensor, tables: list[list[int]],
+                 lens: list[int], logits_to_keep: Any) -> Any:
+        """One forward. ``ids``/``qpos``/``valid`` ``[B, L_q]`` on the host; row ``b`` attends over positions
+        ``0..lens[b]-1`` held in blocks ``tables[b]`` (which must cover them)."""
+        bs = self.block_size
+        kv_len = max(lens)
+        nb = -(-kv_len // bs)
+        bt = torch.tensor([t[:nb] + [NULL_BLOCK] * (nb - len(t[:nb])) for t in tables], dtype=torch.long)
+        j = torch.arange(kv_len)
+        jm = j % bs
+        read = bt[:, j // bs] * bs + jm
+        read = torch.where(j[None, :] < torch.tensor(lens)[:, None], read, jm[None, :])  # padding: the null block
+        write = bt.gather(1, qpos // bs) * bs + qpos % bs
+        write = torch.where(valid, write, qpos % bs)
+        dev = self.device
+        qpos_d = qpos.to(dev, non_blocking=True)
+        self.cache.bind(write.reshape(-1).to(dev, non_blocking=True), read.reshape(-1).to(dev, non_blocking=True),
+                        kv_len)
+        out = self.model(input_ids=ids.to(dev, non_blocking=True), attention_mask=self._masks(qpos_d, kv_len),
+                         position_ids=qpos_d, use_cache=True, logits_to_keep=logits_to_keep,
+                         **{self._cache_kw: self.cache})
         return out.logits
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
-        """Run one engine step. Raises whatever the model raises; the engine fails that step's sequences."""
+        """Run one engine step. Raises whatever the model raises; the engine retries without the row at fault."""
         rows: list[Sequence] = []
         logits_parts: list[torch.Tensor] = []
         if plan.decode and self._static is not None:
             decoded = self._static.run(plan.decode)
+            rows = list(plan.decode)
             if plan.prefill:
                 last_logits, last_rows = self._prefill(plan.prefill)
                 if last_rows:
                     decoded = torch.cat([decoded, self._sample(last_logits, last_rows)])
-                    rows = plan.decode + last_rows
-                else:
-                    rows = plan.decode
-            else:
-                rows = plan.decode
+                    rows += last_rows
             return StepOutput(tokens=list(zip(rows, decoded.tolist())))  # one host synchronisation
         if plan.decode:
             seqs = plan.decode
             ids = torch.tensor([[s.next_input()] for s in seqs], dtype=torch.long)
-            pos = torch.tensor([[s.num_cached] for s in seqs], dtype=torch.long)
-            kv_len = max(s.num_cached for s in seqs) + 1
-            logits = self._forward(ids.to(self.device), pos.to(self.device), [s.slot for s in seqs], kv_len, 1)
+            qpos = torch.tensor([[s.num_cached] for s in seqs], dtype=torch.long)
+            valid = torch.ones(len(seqs), 1, dtype=torch.bool)
+            logits = self._forward(ids, qpos, valid, [s.block_table for s in seqs],
+                                   [s.num_cached + 1 for s in seqs], 1)
             logits_parts.append(logits[:, -1, :])
             rows.extend(seqs)
         if plan.prefill:
@@ -369,19 +546,20 @@ class ModelRunner:
         lengths = [c.end - c.start for c in chunks]
         width = max(lengths)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
-        pos = torch.empty(len(chunks), width, dtype=torch.long)
+        qpos = torch.empty(len(chunks), width, dtype=torch.long)
+        valid = torch.zeros(len(chunks), width, dtype=torch.bool)
         for b, c in enumerate(chunks):
             n = lengths[b]
-            ids[b, :n] = torch.tensor(c.seq.prompt_ids[c.start:c.end], dtype=torch.long)
-            # Padding rows write beyond the chunk (never read before being overwritten), clamped in range.
-            pos[b] = torch.clamp(torch.arange(c.start, c.start + width), max=self.max_len - 1)
+            ids[b, :n] = torch.tensor(c.seq.tokens(c.start, c.end), dtype=torch.long)
+            # Padding queries repeat the last real position (same mask row) and write to the null block.
+            qpos[b] = torch.clamp(torch.arange(c.start, c.start + width), max=c.end - 1)
+            valid[b, :n] = True
         keep = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=self.device)
-        kv_len = min(self.max_len, max(c.start for c in chunks) + width)
-        logits = self._forward(ids.to(self.device), pos.to(self.device), [c.seq.slot for c in chunks], kv_len,
+        logits = self._forward(ids, qpos, valid, [c.seq.block_table for c in chunks], [c.end for c in chunks],
                                keep if len(chunks) > 1 else 1)
         if len(chunks) > 1:
-            logits = logits[torch.arange(len(chunks), device=self.device), torch.arange(len(chunks),
-                                                                                      device=self.device)]
+            ar = torch.arange(len(chunks), device=self.device)
+            logits = logits[ar, ar]
         else:
             logits = logits[:, -1, :]
         sel = [b for b, c in enumerate(chunks) if c.is_last]
@@ -389,36 +567,32 @@ class ModelRunner:
             return logits, [c.seq for c in chunks]
         return logits[sel], [chunks[b].seq for b in sel]
 
+    def sampling_rows(self, rows: list[Sequence]) -> tuple[list[list[float]], list[list[int]]]:
+        """Per-row ``[temperature, top_p]`` and ``[top_k, seed, counter]``, clamped into range: an absurd
+        ``top_k`` (beyond the vocabulary, or beyond int64) or seed never fails the batch it shares."""
+        v = self.vocab_size
+        f = [[float(s.params.temperature), float(s.params.top_p)] for s in rows]
+        i = [[_clamp_int(int(s.params.top_k), 0, v), int(s.params.seed) & 0x7FFFFFFFFFFFFFFF, len(s.output_ids)]
+             for s in rows]
+        return f, i
+
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
         dev = self.device
         if all(s.params.temperature == 0 for s in rows):
             return logits.argmax(dim=-1)
-        temperature = torch.tensor([s.params.temperature for s in rows], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([s.params.top_k for s in rows], dtype=torch.long, device=dev)
-        top_p = torch.tensor([s.params.top_p for s in rows], dtype=torch.float32, device=dev)
-        seeds = torch.tensor([s.params.seed for s in rows], dtype=torch.long, device=dev)
-        counters = torch.tensor([len(s.output_ids) for s in rows], dtype=torch.long, device=dev)
+        f, i = self.sampling_rows(rows)
+        fp = torch.tensor(f, dtype=torch.float32).to(dev)
+        ip = torch.tensor(i, dtype=torch.long).to(dev)
         need_filter = any(s.params.temperature > 0 and (s.params.top_k > 0 or s.params.top_p < 1.0) for s in rows)
-        return sample(logits[:, : self.vocab_size], temperature, top_k, top_p, seeds, counters, self._vocab_hash,
-                      need_filter)
-
-    @torch.inference_mode()
-    def move_slots(self, moves: list[tuple[int, int, int]]) -> None:
-        """Copy the first ``length`` cached positions of ``src`` slot into ``dst``, for each move in order."""
-        for layer in self.cache.layers:
-            if not isinstance(layer, _SlotLayer) or layer.keys is None or layer.values is None:
-                return  # not allocated yet: nothing to move
-            for src, dst, length in moves:
-                if length > 0:
-                    layer.keys[dst, :, :length] = layer.keys[src, :, :length]
-                    layer.values[dst, :, :length] = layer.values[src, :, :length]
+        return sample(logits[:, : self.vocab_size], fp[:, 0], ip[:, 0], fp[:, 1], ip[:, 1], ip[:, 2],
+                      self._vocab_hash, need_filter)
 
     def warmup(self) -> None:
-        """Allocate the cache, run one tiny forward and capture every decode graph, before any request."""
+        """Run one tiny forward (into the null block) and capture the decode graphs, before any request."""
         from .scheduler import SamplingParams
 
         seq = Sequence(rid=-1, prompt_ids=[0, 0], params=SamplingParams(max_tokens=1, temperature=0.0))
-        seq.slot = 0
+        seq.block_table = [NULL_BLOCK]
         self.step(StepPlan(prefill=[PrefillChunk(seq, 0, 2)], decode=[]))
         if self._static is not None:
             self._static.capture_all()
@@ -435,98 +609,128 @@ def _buckets(limit: int) -> list[int]:
     return out
 
 
-class _StaticDecoder:
-    """Decode with static shapes per batch-size bucket; on CUDA each (bucket, mode) is one captured graph.
+def _len_buckets(max_blocks: int, block_size: int, smallest: int = 128) -> list[int]:
+    """KV-length buckets for static decode: ``smallest`` doubling up to the longest row, multiples of a block."""
+    cap = max_blocks * block_size
+    out: list[int] = []
+    n = -(-smallest // block_size) * block_size
+    while n < cap:
+        out.append(n)
+        n = -(-(2 * n) // block_size) * block_size
+    out.append(cap)
+    return out
 
-    Inputs live in persistent device buffers; a step copies the live rows in,
-    pads the bucket with rows aimed at the scratch slot, and replays. The
-    cache is read at full ``max_len`` (masked), which is what makes shapes
-    static. Sampling runs inside the graph too, so a step has one host sync.
+
+class _StaticDecoder:
+    """Decode with static shapes per (batch bucket, KV-length bucket); on CUDA each is one captured graph.
+
+    Inputs live in persistent device buffers (token, position and block table
+    per row); a step copies the live rows in, pads the batch bucket with rows
+    aimed at the null block, and replays. Gathers and masks are computed in
+    the graph from the block tables, over the length bucket of the longest
+    row, so the work follows live lengths, not ``max_len``. Sampling runs in
+    the graph too: a step has one host synchronisation.
     """
+
+    MAX_CAPTURE_AT_WARMUP = 2048  # length buckets above this are captured when first used
 
     def __init__(self, runner: ModelRunner, capture: bool) -> None:
         self.r = runner
         self.capture = capture
         self.buckets = _buckets(runner.num_slots)
-        self.scratch = runner.num_slots
-        dev, bmax = runner.device, self.buckets[-1]
+        self.len_buckets = _len_buckets(runner.max_blocks_per_seq, runner.block_size)
+        dev, bmax, mb, bs = runner.device, self.buckets[-1], runner.max_blocks_per_seq, runner.block_size
         self.ids = torch.zeros(bmax, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(bmax, 1, dtype=torch.long, device=dev)
-        self.slots = torch.full((bmax,), self.scratch, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(bmax, mb, dtype=torch.long, device=dev)
+        j = torch.arange(mb * bs, device=dev)
+        self.jb, self.jm = j // bs, j % bs
         self.temperature = torch.zeros(bmax, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(bmax, dtype=torch.long, device=dev)
         self.top_p = torch.ones(bmax, dtype=torch.float32, device=dev)
         self.seeds = torch.zeros(bmax, dtype=torch.long, device=dev)
         self.counters = torch.zeros(bmax, dtype=torch.long, device=dev)
-        self.graphs: dict[tuple[int, bool], tuple[Any, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, bool], tuple[Any, torch.Tensor]] = {}
         self._pool: Any = None
 
-    def _body(self, b: int, sampling: bool) -> torch.Tensor:
+    def _body(self, b: int, kv_len: int, sampling: bool) -> torch.Tensor:
         r = self.r
-        pos, slots = self.pos[:b], self.slots[:b]
-        r.cache.bind_tensors(slots, pos, r.max_len)
-        allowed = r._key_range[None, None, None, :] <= pos[:, None, :, None]
-        mask = torch.zeros(allowed.shape, dtype=r.dtype, device=r.device).masked_fill_(~allowed, r._mask_min)
-        out = r.model(input_ids=self.ids[:b], attention_mask=mask, position_ids=pos, use_cache=True,
-                      logits_to_keep=1, **{r._cache_kw: r.cache})
+        bs = r.block_size
+        pos = self.pos[:b]
+        bt = self.tables[:b, : kv_len // bs]
+        jb, jm = self.jb[:kv_len], self.jm[:kv_len]
+        read = bt.index_select(1, jb) * bs + jm
+        read = torch.where(r._key_range[:kv_len][None, :] <= pos, read, jm[None, :])
+        write = bt.gather(1, pos // bs) * bs + pos % bs
+        r.cache.bind(write.reshape(-1), read.reshape(-1), kv_len)
+        out = r.model(input_ids=self.ids[:b], attention_mask=r._masks(pos, kv_len), position_ids=pos,
+                      use_cache=True, logits_to_keep=1, **{r._cache_kw: r.cache})
         logits = out.logits[:, -1, : r.vocab_size]
         if not sampling:
             return logits.argmax(dim=-1)
         return sample(logits, self.temperature[:b], self.top_k[:b], self.top_p[:b], self.seeds[:b],
                       self.counters[:b], r._vocab_hash, need_filter=True)
 
-    def _graph(self, b: int, sampling: bool) -> tuple[Any, torch.Tensor]:
-        key = (b, sampling)
+    def _graph(self, b: int, kv_len: int, sampling: bool) -> tuple[Any, torch.Tensor]:
+        key = (b, kv_len, sampling)
         if key not in self.graphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up kernels and allocator outside the capture
-                    self._body(b, sampling)
+                    self._body(b, kv_len, sampling)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._body(b, sampling)
+                out = self._body(b, kv_len, sampling)
             self.graphs[key] = (graph, out)
         return self.graphs[key]
+
+    def warmup_keys(self) -> list[tuple[int, int, bool]]:
+        lens = [n for n in self.len_buckets if n <= self.MAX_CAPTURE_AT_WARMUP] or self.len_buckets[:1]
+        return [(b, n, s) for n in lens for b in self.buckets for s in (False, True)]
 
     @torch.inference_mode()
     def capture_all(self) -> None:
         if not self.capture:
             return
-        self.slots.fill_(self.scratch)
+        self.tables.zero_()
         self.pos.zero_()
-        for b in self.buckets:
-            for sampling in (False, True):
-                self._graph(b, sampling)
+        for b, n, s in self.warmup_keys():
+            self._graph(b, n, s)
         torch.cuda.synchronize()
 
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        r = self.r
         n = len(seqs)
         b = next(x for x in self.buckets if x >= n)
-        dev = self.r.device
-        rows = [(s.next_input(), s.num_cached, s.slot) for s in seqs] + [(0, 0, self.scratch)] * (b - n)
+        longest = max(s.num_cached for s in seqs) + 1
+        kv_len = next(x for x in self.len_buckets if x >= longest)
+        nb = kv_len // r.block_size
+        dev = r.device
+        pad = b - n
+        rows = [(s.next_input(), s.num_cached) for s in seqs] + [(0, 0)] * pad
         packed = torch.tensor(rows, dtype=torch.long)
+        tables = torch.tensor([s.block_table[:nb] + [NULL_BLOCK] * (nb - len(s.block_table[:nb])) for s in seqs]
+                              + [[NULL_BLOCK] * nb] * pad, dtype=torch.long)
         self.ids[:b, 0].copy_(packed[:, 0].to(dev, non_blocking=True))
         self.pos[:b, 0].copy_(packed[:, 1].to(dev, non_blocking=True))
-        self.slots[:b].copy_(packed[:, 2].to(dev, non_blocking=True))
+        self.tables[:b, :nb].copy_(tables.to(dev, non_blocking=True))
         sampling = any(s.params.temperature > 0 for s in seqs)
         if sampling:
-            pad = b - n
-            fparams = torch.tensor([[s.params.temperature, s.params.top_p] for s in seqs] + [[0.0, 1.0]] * pad,
-                                   dtype=torch.float32)
-            iparams = torch.tensor([[s.params.top_k, s.params.seed, len(s.output_ids)] for s in seqs]
-                                   + [[0, 0, 0]] * pad, dtype=torch.long)
+            f, i = r.sampling_rows(seqs)
+            fparams = torch.tensor(f + [[0.0, 1.0]] * pad, dtype=torch.float32)
+            iparams = torch.tensor(i + [[0, 0, 0]] * pad, dtype=torch.long)
             self.temperature[:b].copy_(fparams[:, 0].to(dev, non_blocking=True))
             self.top_p[:b].copy_(fparams[:, 1].to(dev, non_blocking=True))
             self.top_k[:b].copy_(iparams[:, 0].to(dev, non_blocking=True))
             self.seeds[:b].copy_(iparams[:, 1].to(dev, non_blocking=True))
             self.counters[:b].copy_(iparams[:, 2].to(dev, non_blocking=True))
         if self.capture:
-            graph, out = self._graph(b, sampling)
+            graph, out = self._graph(b, kv_len, sampling)
             graph.replay()
         else:
-            out = self._body(b, sampling)
+            out = self._body(b, kv_len, sampling)
         return out[:n]

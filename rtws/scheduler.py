@@ -1,20 +1,28 @@
 """Scheduling policy for the batch loop: pure Python, no torch, no asyncio.
 
-The scheduler owns the sequences' *bookkeeping* (which slot, how much of the
+The scheduler owns the sequences' *bookkeeping* (block tables, how much of the
 prompt is in the KV cache, paused or not) and decides what each engine step
 computes. It never touches tensors; the runner does, from the plan it returns.
+KV memory is a pool of fixed-size blocks (:mod:`rtws.kv_blocks`); without a
+pool (``kv=None``, pure-policy tests) memory is unbounded.
 
 Policy, in order, at every step boundary:
 
-1. Admission: waiting sequences take free KV slots, highest effective priority
-   first. Effective priority ages: a sequence's class improves by one level per
-   ``aging_s`` seconds waited, so ``low`` never starves behind a stream of
-   ``high``. Admission is capped by ``max_batch_size`` running sequences and,
-   when nothing is running, may wait up to ``max_batch_wait_s`` to group
-   arrivals into one prefill.
-2. Prefill: sequences whose prompt is not fully cached get chunks, oldest
+1. Running sequences, highest priority and oldest first: each decode needs
+   room for one more position, each unfinished prompt gets a chunk (oldest
    first, up to ``prefill_budget`` prompt tokens per step in total, so a long
-   prompt never stalls running decodes for more than one budget's worth of work.
+   prompt never stalls running decodes for more than one budget's worth of
+   work). When the pool is short, the lowest-priority, newest running
+   sequence (a paused one first) is *preempted*: it gives its blocks back and
+   waits to be recomputed from its prompt plus the tokens it already
+   produced, so its stream goes on with nothing lost or repeated.
+2. Admission: waiting sequences take the remaining room, highest effective
+   priority first. Effective priority ages: a sequence's class improves by
+   one level per ``aging_s`` seconds waited, so ``low`` never starves behind a
+   stream of ``high``. Admission is capped by ``max_batch_size`` running
+   sequences and by free blocks (the prefix cache first gives a sequence the
+   blocks an earlier identical prefix left behind) and, when nothing is
+   running, may wait up to ``max_batch_wait_s`` to group arrivals.
 3. Decode: every running sequence that has its prompt cached and is not paused
    contributes one token.
 """
@@ -22,10 +30,10 @@ Policy, in order, at every step boundary:
 from __future__ import annotations
 
 import enum
-import heapq
-import itertools
 from dataclasses import dataclass, field
 from typing import Final
+
+from .kv_blocks import KVCacheManager
 
 PRIORITY_LEVELS: Final = {"high": 0, "normal": 1, "low": 2}
 
@@ -51,7 +59,13 @@ class SamplingParams:
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One generation as the engine sees it."""
+    """One generation as the engine sees it.
+
+    ``prefill_len`` is how many tokens must be in the KV cache before it
+    decodes: its prompt, or after a preemption its prompt plus every token it
+    produced (recomputed as one prompt). ``cached_tokens`` is how much of the
+    prompt the prefix cache supplied when it was first admitted.
+    """
 
     rid: int
     prompt_ids: list[int]
@@ -60,12 +74,21 @@ class Sequence:
     arrival: float = 0.0
     deadline: float | None = None
     status: SeqStatus = SeqStatus.WAITING
-    slot: int = -1
     num_cached: int = 0
     output_ids: list[int] = field(default_factory=list)
     paused: bool = False
     first_token_at: float | None = None
     admitted_at: float | None = None
+    prefill_len: int = -1
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_committed: int = 0
+    cached_tokens: int | None = None
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prefill_len < 0:
+            self.prefill_len = len(self.prompt_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -73,11 +96,19 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_cached < len(self.prompt_ids)
+        return self.num_cached < self.prefill_len
 
     def next_input(self) -> int:
         """The token to feed at the next decode step (the last one produced)."""
         return self.output_ids[-1]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids at positions ``start..end-1`` of prompt + output."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        head = self.prompt_ids[start:] if start < p else []
+        return head + self.output_ids[max(0, start - p):end - p]
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,21 +119,37 @@ class PrefillChunk:
 
     @property
     def is_last(self) -> bool:
-        return self.end == len(self.seq.prompt_ids)
+        return self.end == self.seq.prefill_len
 
 
 @dataclass(slots=True)
 class StepPlan:
+    """One step's work. ``exhausted``: sequences that cannot get one more block even alone (the engine ends
+    them with ``length``); they are not part of the computation."""
+
     prefill: list[PrefillChunk]
     decode: list[Sequence]
+    exhausted: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return not self.prefill and not self.decode
 
+    def rows(self) -> list[Sequence]:
+        return [c.seq for c in self.prefill] + self.decode
+
+    def subset(self, keep: set[int]) -> StepPlan:
+        """The same plan restricted to the sequences whose rid is in ``keep``."""
+        return StepPlan(prefill=[c for c in self.prefill if c.seq.rid in keep],
+                        decode=[s for s in self.decode if s.rid in keep])
+
 
 class Scheduler:
-    """Admission, prefill chunking and decode selection over a fixed pool of KV slots."""
+    """Admission, prefill chunking, decode selection and preemption over a pool of KV blocks.
+
+    ``num_slots`` caps how many sequences run at once (``max_batch_size``
+    may lower it); memory is bounded by ``kv`` (None: unbounded).
+    """
 
     def __init__(
         self,
@@ -112,6 +159,7 @@ class Scheduler:
         prefill_budget: int = 512,
         max_batch_wait_s: float = 0.0,
         aging_s: float = 2.0,
+        kv: KVCacheManager | None = None,
     ) -> None:
         if num_slots < 1:
             raise ValueError("num_slots must be >= 1")
@@ -126,12 +174,12 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.max_batch_wait_s = max_batch_wait_s
         self.aging_s = aging_s
-        self._free_slots: list[int] = list(range(num_slots))
-        heapq.heapify(self._free_slots)
+        self.kv = kv
         self._waiting: dict[int, Sequence] = {}
         self._running: dict[int, Sequence] = {}
-        self._order = itertools.count()
-        self._moves: list[tuple[int, int, int]] = []
+        self.num_preemptions = 0
+        self._preempted_now: set[int] = set()
+        self.prefill_tokens = 0  # prompt tokens computed (prefix-cache hits excluded)
 
     # ------------------------------------------------------------------ queries
 
@@ -149,7 +197,7 @@ class Scheduler:
 
     @property
     def num_free_slots(self) -> int:
-        return len(self._free_slots)
+        return self.num_slots - len(self._running)
 
     def has_work(self) -> bool:
         return bool(self._waiting) or any(not s.paused for s in self._running.values())
@@ -170,33 +218,43 @@ class Scheduler:
         self._waiting[seq.rid] = seq
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence (finished, cancelled or failed) and free its slot. Idempotent.
-
-        Keeps running sequences in the lowest slots: when a hole opens below the
-        highest used slot, that slot's sequence moves into the hole, and the
-        move is queued for the runner (:meth:`take_moves`), which copies its KV
-        rows. Decode batches then read the cache as one contiguous view
-        instead of gathering scattered slots.
-        """
-        if self._waiting.pop(seq.rid, None) is None and self._running.pop(seq.rid, None) is not None:
-            freed = seq.slot
-            top = max(self._running.values(), key=lambda s: s.slot, default=None)
-            if top is not None and top.slot > freed:
-                self._moves.append((top.slot, freed, top.num_cached))
-                freed, top.slot = top.slot, freed
-            heapq.heappush(self._free_slots, freed)
+        """Remove a sequence (finished, cancelled or failed) and give back its blocks. Idempotent."""
+        self._waiting.pop(seq.rid, None)
+        self._running.pop(seq.rid, None)
+        if self.kv is not None:
+            self.kv.release(seq)
         seq.status = SeqStatus.FINISHED
-        seq.slot = -1
-
-    def take_moves(self) -> list[tuple[int, int, int]]:
-        """KV moves ``(src_slot, dst_slot, length)`` to apply, in order, before the next step."""
-        moves, self._moves = self._moves, []
-        return moves
 
     def set_paused(self, rid: int, paused: bool) -> None:
+        """A paused sequence keeps its blocks; it is the first to be preempted when the pool is short."""
         seq = self.get(rid)
         if seq is not None:
             seq.paused = paused
+
+    def commit(self, plan: StepPlan) -> None:
+        """Record that the runner computed ``plan``: advance ``num_cached`` and index full blocks."""
+        for seq in plan.decode:
+            seq.num_cached += 1
+        for chunk in plan.prefill:
+            chunk.seq.num_cached = chunk.end
+            self.prefill_tokens += chunk.end - chunk.start
+        if self.kv is not None:
+            for seq in plan.rows():
+                self.kv.commit(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Give back a running sequence's blocks; it waits to be recomputed (prompt + its tokens so far)."""
+        if self._running.pop(seq.rid, None) is None:
+            return
+        if self.kv is not None:
+            self.kv.release(seq)
+        seq.num_cached = 0
+        seq.prefill_len = seq.num_tokens
+        seq.status = SeqStatus.WAITING
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self._preempted_now.add(seq.rid)
+        self._waiting[seq.rid] = seq
 
     # ------------------------------------------------------------------ policy
 
@@ -218,48 +276,117 @@ class Scheduler:
             return None
         return min(arrivals) + self.max_batch_wait_s
 
-    def _admit(self, now: float) -> None:
-        if not self._waiting or not self._free_slots:
-            return
+    def _victim(self, protect: set[int]) -> Sequence | None:
+        """The running sequence to preempt: paused first, then lowest priority, then newest."""
+        best: Sequence | None = None
+        for s in self._running.values():
+            if s.rid in protect:
+                continue
+            if best is None or (s.paused, s.priority, s.arrival, s.rid) > (best.paused, best.priority, best.arrival,
+                                                                         best.rid):
+                best = s
+        return best
+
+    def _room(self, seq: Sequence, num_tokens: int, protect: set[int]) -> bool:
+        """Make the pool hold ``num_tokens`` positions for ``seq``, preempting others if needed."""
+        kv = self.kv
+        if kv is None:
+            return True
+        while not kv.ensure(seq, num_tokens):
+            victim = self._victim(protect | {seq.rid})
+            if victim is None:
+                return False
+            self.preempt(victim)
+        return True
+
+    def _fit_chunk(self, seq: Sequence, want: int) -> int:
+        """The longest prefill chunk (at most ``want`` tokens) the free blocks allow, blocks taken."""
+        kv = self.kv
+        if kv is None:
+            return want
+        held = len(seq.block_table) * kv.block_size - seq.num_cached
+        n = min(want, held + kv.pool.num_free * kv.block_size)
+        if n > 0 and not kv.ensure(seq, seq.num_cached + n):  # pragma: no cover - sized to fit above
+            return 0
+        return max(0, n)
+
+    def schedule(self, now: float) -> StepPlan:
+        """Decide the next step. Mutates admission state, block tables and preemptions."""
+        prefill: list[PrefillChunk] = []
+        decode: list[Sequence] = []
+        exhausted: list[Sequence] = []
+        budget = self.prefill_budget
+        scheduled: set[int] = set()
+        order = sorted(self._running.values(), key=lambda s: (s.priority, s.arrival, s.rid))
+        for seq in order:
+            if seq.status is not SeqStatus.RUNNING or seq.paused:
+                continue
+            if seq.in_prefill:
+                if budget <= 0:
+                    continue
+                want = min(seq.prefill_len - seq.num_cached, budget)
+                n = self._fit_chunk(seq, want)  # what free blocks allow, preempting no one
+                if n <= 0:
+                    if not self._room(seq, seq.num_cached + want, scheduled):
+                        continue  # everything else is scheduled: wait for blocks to come back
+                    n = want
+                prefill.append(PrefillChunk(seq, seq.num_cached, seq.num_cached + n))
+                budget -= n
+            else:
+                if not self._room(seq, seq.num_cached + 1, scheduled):
+                    if len(self._running) > 1:
+                        self.preempt(seq)  # the others come first; it is recomputed when blocks come back
+                    else:
+                        exhausted.append(seq)  # alone, and the pool cannot hold one more token
+                    continue
+                decode.append(seq)
+            scheduled.add(seq.rid)
+        self._admit(now, budget, prefill)
+        self._preempted_now.clear()
+        return StepPlan(prefill=prefill, decode=decode, exhausted=exhausted)
+
+    def _admit(self, now: float, budget: int, prefill: list[PrefillChunk]) -> int:
+        if not self._waiting or budget <= 0:
+            return budget
         if (
             not self._running
             and self.max_batch_wait_s > 0
             and len(self._waiting) < self.max_batch_size
             and now < (self.admission_deadline() or now)
         ):
-            return  # idle: wait a little to group arrivals into one batch
-        room = min(len(self._free_slots), self.max_batch_size - len(self._running))
+            return budget  # idle: wait a little to group arrivals into one batch
+        room = self.max_batch_size - len(self._running)
         if room <= 0:
-            return
-        candidates = [s for s in self._waiting.values() if not s.paused]
-        if len(candidates) > room:
-            candidates.sort(key=lambda s: (self.effective_priority(s, now), s.arrival, s.rid))
-            candidates = candidates[:room]
-        else:
-            candidates.sort(key=lambda s: (self.effective_priority(s, now), s.arrival, s.rid))
-        for seq in candidates:
-            del self._waiting[seq.rid]
-            seq.slot = heapq.heappop(self._free_slots)
-            seq.status = SeqStatus.RUNNING
-            seq.admitted_at = now
-            self._running[seq.rid] = seq
-
-    def schedule(self, now: float) -> StepPlan:
-        """Decide the next step. Mutates only admission state (slots, status)."""
-        self._admit(now)
-        prefill: list[PrefillChunk] = []
-        decode: list[Sequence] = []
-        budget = self.prefill_budget
-        for seq in self._running.values():
-            if seq.paused:
-                continue
-            if seq.in_prefill:
-                if budget <= 0:
-                    continue
-                end = min(len(seq.prompt_ids), seq.num_cached + budget)
-                prefill.append(PrefillChunk(seq, seq.num_cached, end))
-                budget -= end - seq.num_cached
+            return budget
+        candidates = [s for s in self._waiting.values() if not s.paused and s.rid not in self._preempted_now]
+        candidates.sort(key=lambda s: (self.effective_priority(s, now), s.arrival, s.rid))
+        kv = self.kv
+        for seq in candidates[:room]:
+            if budget <= 0:
+                break
+            if kv is not None:
+                first = seq.cached_tokens is None
+                hit = kv.match_prefix(seq, seq.prefill_len, count=first)
+                if first:
+                    seq.cached_tokens = hit
+                want = min(seq.prefill_len - seq.num_cached, budget)
+                # Keep one block per running sequence in reserve, so admitting does not force a preemption
+                # at the very next decode step.
+                reserve = min(len(self._running), kv.pool.capacity // 4)
+                need = kv.can_hold(seq, seq.num_cached + want)
+                if need > kv.pool.num_free - reserve or not kv.ensure(seq, seq.num_cached + want):
+                    kv.release(seq)
+                    seq.num_cached = 0
+                    break  # the head of the queue waits; admitting others behind it would starve it
             else:
-                decode.append(seq)
-        decode.sort(key=lambda s: s.slot)  # ascending slots: usually 0..n-1, read as a view
-        return StepPlan(prefill=prefill, decode=decode)
+                if seq.cached_tokens is None:
+                    seq.cached_tokens = 0
+                want = min(seq.prefill_len - seq.num_cached, budget)
+            del self._waiting[seq.rid]
+            seq.status = SeqStatus.RUNNING
+            if seq.admitted_at is None:
+                seq.admitted_at = now
+            self._running[seq.rid] = seq
+            prefill.append(PrefillChunk(seq, seq.num_cached, seq.num_cached + want))
+            budget -= want
+        return budget

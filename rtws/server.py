@@ -15,10 +15,14 @@ import uvicorn
 
 from .admin import mount_admin
 from .app import App
+from .auth import key_ok
 from .config import ServerConfig
+from .http import Receive, Scope, Send, bearer_token, send_error
+from .limits import ConnectionGuard
 from .logs import setup_logging
 from .metrics import install as install_metrics
 from .model import ModelSpec
+from .transport import GuardedHttpProtocol, GuardedWebSocketProtocol, GuardSettings
 
 log = logging.getLogger("rtws.server")
 
@@ -44,6 +48,7 @@ def spec_from_config(config: ServerConfig, *, name: str, path: str, version: str
         num_slots=config.num_slots, max_seq_len=config.max_seq_len, prefill_budget=config.prefill_budget,
         max_batch_size=config.max_batch_size, max_batch_wait_ms=config.max_batch_wait_ms,
         aging_s=config.priority_aging_s, max_prompt_tokens=config.max_prompt_tokens, cuda_graphs=config.cuda_graphs,
+        kv_cache_gb=config.kv_cache_gb, prefix_cache=config.prefix_cache, block_size=config.block_size,
     )
 
 
@@ -58,17 +63,52 @@ def build_app(config: ServerConfig, specs: list[ModelSpec] | None = None) -> App
         pass
     else:
         mount(app)
+    protect_metrics(app)
     return app
 
 
+def metrics_keys(config: ServerConfig) -> frozenset[str]:
+    """Keys that may read ``/metrics``: ``metrics_api_keys``, else the API keys; empty = open (auth off)."""
+    return frozenset(config.metrics_api_keys or config.api_keys)
+
+
+def protect_metrics(app: App) -> None:
+    """Put ``GET /metrics`` behind ``Authorization: Bearer`` with a metrics key whenever one is configured."""
+    handler = app.routes.get(("GET", "/metrics"))
+    keys = metrics_keys(app.config)
+    if handler is None or not keys:
+        return
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        token = bearer_token(scope)
+        if token is None or not key_ok(token, keys):
+            app.hooks.rejected("unauthorized")
+            await send_error(send, "unauthorized", "metrics need 'Authorization: Bearer <metrics key>'",
+                             headers=[(b"www-authenticate", b'Bearer realm="rtws-metrics"')])
+            return
+        await handler(scope, receive, send)
+
+    app.route("GET", "/metrics", guarded)
+
+
+class RtwsUvicornConfig(uvicorn.Config):
+    """uvicorn's config carrying rtws's connection guards to the protocol classes (:mod:`rtws.transport`)."""
+
+    rtws_guard: GuardSettings | None = None
+
+
 def uvicorn_config(app: App, config: ServerConfig, sock: socket.socket | None = None) -> uvicorn.Config:
-    return uvicorn.Config(
+    """uvicorn's settings for ``config``. Proxy headers (X-Forwarded-For/-Proto) are honoured only from
+    ``forwarded_allow_ips`` (default: none, unlike uvicorn's own default of 127.0.0.1)."""
+    ucfg = RtwsUvicornConfig(
         app,
         host=config.host,
         port=config.port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
-        ws="websockets-sansio",
+        http=GuardedHttpProtocol,
+        ws=GuardedWebSocketProtocol,
+        proxy_headers=bool(config.forwarded_allow_ips),
+        forwarded_allow_ips=list(config.forwarded_allow_ips) or None,
         lifespan="on",
         ws_max_size=config.max_frame_bytes,
         ws_ping_interval=config.ping_interval_s,
@@ -79,6 +119,11 @@ def uvicorn_config(app: App, config: ServerConfig, sock: socket.socket | None = 
         timeout_graceful_shutdown=5,
         backlog=4096,
     )
+    ucfg.rtws_guard = GuardSettings(
+        guard=ConnectionGuard(config.max_raw_connections, config.max_connections_per_address),
+        header_timeout_s=config.header_timeout_s, ping_rate_per_s=config.ping_rate_per_s,
+        ping_burst=config.ping_burst, max_transport_buffer=config.max_transport_buffer)
+    return ucfg
 
 
 class Server(uvicorn.Server):

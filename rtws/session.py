@@ -132,6 +132,7 @@ class Generation:
     first_sent: float | None = None
     queue_s: float | None = None
     quota_key: str | None = None  # the ClientQuota key this generation counts against, until released
+    cached_tokens: int | None = None
 
     @property
     def submitted(self) -> bool:
@@ -672,6 +673,7 @@ class Session:
             self.live.pop(gen.id, None)
             self._remember(gen.id)
             gen.queue_s = ev.queue_s
+            gen.cached_tokens = ev.cached_tokens
         if self.buffered > self.max_buffered:
             self.max_buffered = self.buffered
         held = self.buffered + self.unacked
@@ -795,7 +797,8 @@ class Session:
                         gen.first_sent = time.monotonic()
                         self.hooks.first_token(gen.model.name, gen.first_sent - gen.started)
                 if p.done is not None:
-                    usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.sent_tokens)
+                    usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.sent_tokens,
+                                  cached_tokens=gen.cached_tokens)
                     done = encode(Done(id=gid, reason=p.done, usage=usage, dropped=gen.dropped))  # type: ignore[arg-type]
                     self._finish_conversation(gen, p.done)
                     self._record(gen, p.done)

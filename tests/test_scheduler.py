@@ -1,47 +1,130 @@
-"""Slot compaction in the scheduler (pure, no model)."""
+"""The scheduler over a KV block pool (pure, no model): block tables, preemption, prefix hits, admission."""
 
 from __future__ import annotations
 
-from rtws.scheduler import SamplingParams, Scheduler, Sequence
+from rtws.kv_blocks import KVCacheManager
+from rtws.scheduler import PRIORITY_LEVELS, SamplingParams, Scheduler, Sequence, SeqStatus, StepPlan
 
 
-def seq(rid: int, n: int = 4) -> Sequence:
-    return Sequence(rid=rid, prompt_ids=[1] * n, params=SamplingParams(), arrival=float(rid))
+def seq(rid: int, n: int = 4, priority: str = "normal", tokens: list[int] | None = None) -> Sequence:
+    return Sequence(rid=rid, prompt_ids=tokens if tokens is not None else [rid + 1] * n, params=SamplingParams(),
+                    arrival=float(rid), priority=PRIORITY_LEVELS[priority])
 
 
-def test_finishing_a_middle_sequence_moves_the_top_one_into_the_hole() -> None:
-    s = Scheduler(8)
-    seqs = [seq(i) for i in range(5)]
-    for q in seqs:
+def run_step(s: Scheduler, plan: StepPlan, token: int = 7) -> None:
+    """What the engine does after the runner computed ``plan``: commit, then one token per sampling row."""
+    s.commit(plan)
+    for c in plan.prefill:
+        if c.is_last:
+            c.seq.output_ids.append(token)
+    for q in plan.decode:
+        q.output_ids.append(token)
+
+
+def test_block_tables_grow_as_sequences_decode() -> None:
+    kv = KVCacheManager(num_blocks=9, block_size=4)
+    s = Scheduler(8, kv=kv, prefill_budget=64)
+    a, b = seq(0, n=6), seq(1, n=3)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule(0.0)
+    assert [(c.seq.rid, c.start, c.end) for c in plan.prefill] == [(0, 0, 6), (1, 0, 3)]
+    assert len(a.block_table) == 2 and len(b.block_table) == 1
+    assert len(set(a.block_table + b.block_table)) == 3 and 0 not in a.block_table + b.block_table
+    run_step(s, plan)
+    for _ in range(3):  # a: 6 -> 9 positions (3 blocks); b: 3 -> 6 (2 blocks)
+        plan = s.schedule(1.0)
+        assert {q.rid for q in plan.decode} == {0, 1}
+        run_step(s, plan)
+    plan = s.schedule(2.0)
+    assert len(a.block_table) == 3 and len(b.block_table) == 2
+    assert kv.pool.num_free == 8 - 5
+    s.finish(a)
+    assert kv.pool.num_free == 8 - 2 and a.block_table == []
+
+
+def test_preemption_takes_the_newest_lowest_priority_and_recomputes_prompt_plus_output() -> None:
+    kv = KVCacheManager(num_blocks=5, block_size=4, prefix_cache=False)  # 4 usable blocks = 16 positions
+    s = Scheduler(8, kv=kv, prefill_budget=64)
+    old, new = seq(0, n=4, priority="normal"), seq(1, n=4, priority="normal")
+    low = seq(2, n=4, priority="low")
+    for q in (old, new, low):
         s.add(q)
-    s.schedule(now=10.0)
-    assert sorted(q.slot for q in seqs) == [0, 1, 2, 3, 4]
-    seqs[4].num_cached = 7
-    s.finish(seqs[1])  # hole at slot 1; slot 4 moves down
-    assert s.take_moves() == [(4, 1, 7)]
-    assert s.take_moves() == []
-    live = [q for q in seqs if q is not seqs[1]]
-    assert sorted(q.slot for q in live) == [0, 1, 2, 3]
-    s.finish(seqs[3])  # the top one itself: no move needed
-    assert s.take_moves() == []
-    plan = s.schedule(now=11.0)
-    assert [q.slot for q in plan.decode] == sorted(q.slot for q in plan.decode)
-    new = seq(9)
-    s.add(new)
-    s.schedule(now=12.0)
-    assert new.slot == 3  # the lowest free slot
-    assert s.num_free_slots == 4
+    plan = s.schedule(0.0)
+    run_step(s, plan)
+    assert kv.pool.num_free == 1
+    # Each needs a second block to decode: one left; the low-priority one is preempted first.
+    plan = s.schedule(1.0)
+    assert low.status is SeqStatus.WAITING and low.num_cached == 0 and low.block_table == []
+    assert low.prefill_len == 5 and low.preemptions == 1  # prompt (4) + the token it produced
+    assert {q.rid for q in plan.decode} == {0, 1}
+    run_step(s, plan)
+    assert s.num_preemptions == 1
+    s.finish(old)
+    s.finish(new)
+    plan = s.schedule(2.0)  # room again: low comes back as a 5-token prefill of prompt + output
+    chunks = {c.seq.rid: (c.start, c.end) for c in plan.prefill}
+    assert chunks == {2: (0, 5)} and low.tokens(0, 5) == [3, 3, 3, 3, 7]
+    assert plan.prefill[0].is_last
 
 
-def test_decode_rows_come_in_slot_order() -> None:
-    s = Scheduler(4)
-    qs = [seq(i) for i in range(4)]
-    for q in qs:
-        s.add(q)
-    s.schedule(now=5.0)
-    for q in qs:
-        q.num_cached = len(q.prompt_ids)
-        q.output_ids.append(3)
-    s.finish(qs[0])
-    plan = s.schedule(now=6.0)
-    assert [q.slot for q in plan.decode] == [0, 1, 2]
+def test_paused_sequences_keep_blocks_until_memory_is_short_and_go_first() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=4, prefix_cache=False)  # 3 usable blocks
+    s = Scheduler(8, kv=kv, prefill_budget=64)
+    a, b = seq(0, n=4), seq(1, n=4)
+    s.add(a)
+    s.add(b)
+    run_step(s, s.schedule(0.0))
+    s.set_paused(0, True)  # the older one is paused
+    plan = s.schedule(1.0)
+    assert [q.rid for q in plan.decode] == [1] and a.block_table  # plenty: it keeps its blocks
+    run_step(s, plan)
+    for t in range(3):
+        run_step(s, s.schedule(2.0 + t))
+    plan = s.schedule(9.0)  # b needs a third block: the paused one goes, though it is older
+    assert a.status is SeqStatus.WAITING and a.block_table == [] and [q.rid for q in plan.decode] == [1]
+
+
+def test_alone_and_out_of_blocks_is_exhausted_not_looping() -> None:
+    kv = KVCacheManager(num_blocks=3, block_size=2, prefix_cache=False)  # 4 positions in all
+    s = Scheduler(4, kv=kv)
+    a = seq(0, n=3)
+    s.add(a)
+    run_step(s, s.schedule(0.0))
+    plan = s.schedule(1.0)
+    run_step(s, plan)  # position 3: the last one
+    plan = s.schedule(2.0)
+    assert plan.decode == [] and plan.exhausted == [a]
+
+
+def test_prefix_hit_skips_cached_blocks_and_never_the_last_token() -> None:
+    kv = KVCacheManager(num_blocks=32, block_size=4, salt="m\0001")
+    s = Scheduler(8, kv=kv, prefill_budget=64)
+    system = list(range(100, 110))  # 10 tokens: 2 full blocks + 2
+    first = seq(0, tokens=system + [1, 2, 3])
+    s.add(first)
+    run_step(s, s.schedule(0.0))
+    s.finish(first)
+    assert kv.pool.num_cached == 3  # blocks of positions 0..11 are full and indexed
+    second = seq(1, tokens=system + [1, 2, 9, 9, 9])
+    s.add(second)
+    plan = s.schedule(1.0)
+    assert [(c.start, c.end) for c in plan.prefill] == [(12, 15)]  # 3 blocks reused, only the rest computed
+    assert second.cached_tokens == 12
+    assert kv.pool.stats.hits == 12 and kv.pool.stats.queries == 13 + 15
+    run_step(s, plan)
+    exact = seq(2, tokens=system + [1, 2])  # 12 tokens = exactly 3 full cached blocks
+    s.add(exact)
+    plan = s.schedule(2.0)
+    assert [(c.seq.rid, c.start, c.end) for c in plan.prefill] == [(2, 8, 12)]  # the last block is recomputed
+    other = KVCacheManager(num_blocks=32, block_size=4, salt="m\0002")
+    assert other.root != kv.root
+
+
+def test_admission_respects_max_batch_size_and_free_blocks() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=4, prefix_cache=False)
+    s = Scheduler(8, kv=kv, max_batch_size=8, prefill_budget=64)
+    for i in range(4):
+        s.add(seq(i, n=6))  # 2 blocks each: only one fits (3 usable)
+    plan = s.schedule(0.0)
+    assert [c.seq.rid for c in plan.prefill] == [0] and s.num_waiting == 3

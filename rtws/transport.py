@@ -1,0 +1,205 @@
+"""uvicorn protocol classes with rtws's connection-level guards (slowloris, raw-connection caps, ping floods).
+
+ASGI sees a request only once its headers are complete, and never sees
+WebSocket pings at all, so these guards live one level down, in subclasses of
+uvicorn's own protocols (``httptools`` for HTTP and the upgrade request,
+``websockets-sansio`` for WebSockets). ``rtws.server`` installs them; under
+another ASGI server they are simply absent.
+
+- **Raw connections**: every TCP connection takes a slot in a
+  :class:`~rtws.limits.ConnectionGuard` (in total and per peer address) from
+  ``connection_made`` to ``connection_lost``, whatever it does; past the cap it
+  is aborted at once. The slot follows a connection through a WebSocket upgrade.
+- **Header deadline**: a request's headers (a WebSocket upgrade included) must
+  be complete ``header_timeout_s`` after its first byte, or after the
+  connection opened for the first request; otherwise the connection is closed
+  (``408`` when it can still be written). Idle keep-alive connections are
+  closed by uvicorn's ``timeout_keep_alive``; bodies have their own deadline
+  (``body_timeout_s``, enforced by :func:`rtws.http.read_body`).
+- **Pings**: each WebSocket may send ``ping_burst`` pings, refilled at
+  ``ping_rate_per_s``; past that, and whenever its transport holds more than
+  ``max_transport_buffer`` unsent bytes (pongs to a client that stopped
+  reading), it is closed with 1008 and aborted: uvicorn answers pings without
+  flow control, so this is what bounds a ping flood's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from .limits import ConnectionGuard
+
+log = logging.getLogger("rtws.transport")
+
+_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"content-length: 0\r\nconnection: close\r\n\r\n")
+
+
+@dataclass(slots=True)
+class GuardSettings:
+    """What the protocols enforce; one object per server, reached through the uvicorn config."""
+
+    guard: ConnectionGuard = field(default_factory=ConnectionGuard)
+    header_timeout_s: float = 10.0
+    ping_rate_per_s: float = 10.0
+    ping_burst: int = 50
+    max_transport_buffer: int = 1 << 20
+    refusals_logged_at: float = 0.0  # rate-limits the "connection refused" warning to one a second
+
+
+def _settings(config: Any) -> GuardSettings | None:
+    settings = getattr(config, "rtws_guard", None)
+    return settings if isinstance(settings, GuardSettings) else None
+
+
+def _warn_refused(g: GuardSettings, address: str) -> None:
+    now = time.monotonic()
+    if now - g.refusals_logged_at >= 1.0:
+        g.refusals_logged_at = now
+        log.warning("TCP connection refused: raw connection cap", extra={
+            "event": "raw_connection_refused", "client": address, "refused_total": g.guard.refused,
+            "open": g.guard.total})
+
+
+def _abort_if_open(transport: asyncio.BaseTransport) -> None:
+    """A transport still closing after its grace (the peer never read the rest): drop it."""
+    if transport.is_closing() and isinstance(transport, asyncio.WriteTransport):
+        transport.abort()
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus the raw-connection slot and the header deadline."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._g = _settings(self.config)
+        self._slot: str | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        g = self._g
+        if g is None:
+            return
+        address = self.client[0] if self.client else "unknown"
+        if not g.guard.open(address):
+            _warn_refused(g, address)
+            transport.abort()
+            return
+        self._slot = address
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._slot is not None and self._g is not None:
+            self._g.guard.close(self._slot)
+            self._slot = None
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()
+        super().handle_websocket_upgrade()
+        proto = self.transport.get_protocol()
+        if isinstance(proto, GuardedWebSocketProtocol):
+            proto._slot, self._slot = self._slot, None  # the WebSocket now holds the raw-connection slot
+
+    def _arm(self) -> None:
+        if self._g is not None and self.transport is not None and not self.transport.is_closing():
+            self._header_timer = self.loop.call_later(self._g.header_timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        log.info("closing connection: request headers not complete in time", extra={
+            "event": "header_timeout", "client": self._slot})
+        try:
+            if transport.get_write_buffer_size() == 0:
+                transport.write(_TIMEOUT_408)
+        except (OSError, RuntimeError):
+            pass
+        transport.close()
+        self.loop.call_later(1.0, _abort_if_open, transport)
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol plus a ping budget, a transport-buffer bound and quiet refusals."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._g = _settings(self.config)
+        self._slot: str | None = None
+        self._ping_tokens = float(self._g.ping_burst) if self._g is not None else 0.0
+        self._ping_at = time.monotonic()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._slot is not None and self._g is not None:
+            self._g.guard.close(self._slot)
+            self._slot = None
+        super().connection_lost(exc)
+
+    def handle_ping(self) -> None:
+        g = self._g
+        if g is None:
+            super().handle_ping()
+            return
+        if self.close_sent or self.transport.is_closing():
+            return
+        now = time.monotonic()
+        self._ping_tokens = min(float(g.ping_burst), self._ping_tokens + (now - self._ping_at) * g.ping_rate_per_s)
+        self._ping_at = now
+        if self._ping_tokens < 1.0:
+            self._refuse("ping flood")
+            return
+        self._ping_tokens -= 1.0
+        super().handle_ping()
+        if self.transport.get_write_buffer_size() > g.max_transport_buffer:
+            self._refuse("send buffer full")
+
+    def _refuse(self, reason: str) -> None:
+        """Close 1008 now; abort (dropping whatever is buffered) when the peer is not reading anyway."""
+        log.warning("closing WebSocket: %s", reason, extra={"event": "ws_refused", "client": self._slot,
+                                                           "reason": reason})
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008, "reason": reason})
+        try:
+            self.conn.send_close(1008, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        except Exception:  # noqa: BLE001 - the connection may already be failing: closing is all that is left
+            pass
+        self.close_sent = True
+        g = self._g
+        transport = self.transport
+        if g is not None and transport.get_write_buffer_size() > g.max_transport_buffer:
+            transport.abort()
+        else:
+            transport.close()
+            self.loop.call_later(1.0, _abort_if_open, transport)
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message.get("type") == "websocket.http.response.body" and not message.get("more_body", False):
+            # A refused upgrade is complete once its response is written; without this uvicorn logs an ERROR
+            # ("returned without completing handshake") for every refusal, which lets a client flood the log.
+            self.handshake_complete = True
