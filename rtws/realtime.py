@@ -548,7 +548,7 @@ class RealtimeConnection:
         if resp is None:
             return b""
         u = frame.usage
-        cached = int(getattr(u, "cached_tokens", 0) or 0)
+        cached = u.cached_tokens or 0
         usage = ev.UsageOut(
             total_tokens=u.prompt_tokens + u.completion_tokens, input_tokens=u.prompt_tokens,
             output_tokens=u.completion_tokens,
