@@ -165,3 +165,31 @@ def test_out_of_band_responses_overlap_and_in_conversation_ones_do_not() -> None
         await writer
 
     asyncio.run(main())
+
+
+def test_cancel_by_response_id_leaves_the_others_running() -> None:
+    async def main() -> None:
+        rt, s, engine, model, lines = make()
+        writer = asyncio.get_running_loop().create_task(s.run_writer())
+        s.start()
+        for i in range(3):
+            send(rt, type="response.create", response={"conversation": "none", "input": [user(f"o{i}")]})
+        await settle()
+        ids = list(rt.responses)
+        rids = list(engine.live)
+        send(rt, type="response.cancel", response_id=ids[1])
+        await settle()
+        assert rids[1] in engine.cancelled and rids[0] not in engine.cancelled and rids[2] not in engine.cancelled
+        engine.emit(rids[0], "a", finish="stop")
+        engine.emit(rids[2], "c", finish="length")
+        await settle()
+        done = {e.response.id: e.response for e in lines.take() if e.type == "response.done"}
+        assert done[ids[0]].status == "completed" and done[ids[1]].status == "cancelled"
+        assert done[ids[2]].status == "incomplete" and done[ids[2]].status_details.reason == "max_output_tokens"
+        send(rt, type="response.cancel", response_id=ids[1])  # finished: a no-op, no error
+        await settle()
+        assert not lines.take()
+        s.close()
+        await writer
+
+    asyncio.run(main())
