@@ -673,3 +673,32 @@ def test_a_client_that_asks_faster_than_it_reads_is_closed(server_factory: Serve
 
     code, left = run(main())
     assert left == 0 and code in (1008, 1006)
+
+
+def test_drain_ends_realtime_responses_cancelled_and_closes_1001(server_factory: ServerFactory,
+                                                                 tiny_llama_long_dir: Path) -> None:
+    import threading
+
+    from websockets.exceptions import ConnectionClosed
+
+    srv = server_factory(tiny_llama_long_dir, model_name="long", drain_timeout_s=0.5 * UNIT)
+
+    async def main() -> tuple[list[Any], int | None]:
+        ws = await connect(f"ws://127.0.0.1:{srv.port}/v1/realtime")
+        assert parse(await ws.recv()).type == "session.created"
+        events = await send_recv(ws, {"type": "response.create", "response": {
+            "conversation": "none", "input": [user("a")], "max_output_tokens": 3000}}, "response.output_text.delta")
+        stopper = threading.Thread(target=srv.stop, kwargs={"drain": True}, daemon=True)
+        stopper.start()
+        try:
+            while True:
+                events.append(parse(await asyncio.wait_for(ws.recv(), 20 * UNIT)))
+        except ConnectionClosed:
+            pass
+        stopper.join(30 * UNIT)
+        return events, ws.close_code
+
+    events, code = run(main())
+    done = [e for e in events if e.type == "response.done"]
+    assert len(done) == 1 and done[0].response.status == "cancelled"
+    assert events[-1].type == "response.done" and code == 1001
