@@ -361,6 +361,11 @@ class App:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # websocket.connect
+        if scope["path"] == "/v1/realtime":
+            from .realtime import serve as serve_realtime  # the OpenAI Realtime API edge
+
+            await serve_realtime(self, scope, receive, send)
+            return
         if scope["path"] != "/ws":
             await self._reject_ws(send, 404, "not_found", f"no WebSocket endpoint at {scope['path']}")
             return
