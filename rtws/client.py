@@ -179,8 +179,10 @@ class Client:
         c = p.codec_for(sub)
         headers = {"Authorization": f"Bearer {token}"} if token and auth == "header" else None
 
-        async def open_ws() -> ClientConnection:
-            return await connect(url, subprotocols=[Subprotocol(sub)], additional_headers=headers,
+        async def open_ws(replica: str | None = None) -> ClientConnection:
+            # rtws.replica.<id>: behind rtws.ray's router, a reconnect returns to the replica holding the session
+            offered = [Subprotocol(sub)] + ([Subprotocol("rtws.replica." + replica)] if replica else [])
+            return await connect(url, subprotocols=offered, additional_headers=headers,
                                  open_timeout=open_timeout, max_size=max_size,
                                  origin=Origin(origin) if origin else None, compression=None)
 
@@ -201,8 +203,8 @@ class Client:
             raise
 
         async def reconnect(client: Client) -> ClientConnection:
-            ws = await open_ws()
             assert client.ready is not None
+            ws = await open_ws(client.ready.replica)
             hello = p.Hello(token=token if auth == "hello" else None, resume=client.ready.resume_token,
                             received=client.received)
             await ws.send(_wire(c, hello))

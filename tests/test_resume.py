@@ -137,6 +137,13 @@ async def drop_and_resume(server: RunningServer, delay: float, *, frames_before_
     return before + new.frames, new, session
 
 
+def read_metrics(server: Any) -> str:
+    """GET /metrics, with an API key when auth is on (it then needs one)."""
+    keys = server.app.config.metrics_api_keys or server.app.config.api_keys
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    return urllib.request.urlopen(urllib.request.Request(server.http + "/metrics", headers=headers)).read().decode()
+
+
 @pytest.mark.parametrize("delay", [0.5, 5.0])
 def test_abort_mid_stream_then_resume_loses_and_repeats_nothing(server_factory: ServerFactory,
                                                                 tiny_llama_long_dir: Path, delay: float) -> None:
@@ -144,7 +151,7 @@ def test_abort_mid_stream_then_resume_loses_and_repeats_nothing(server_factory: 
     expected = run(reference(server.url))
     frames, _, _ = run(drop_and_resume(server, delay))
     check(frames, expected)
-    metrics = urllib.request.urlopen(server.http + "/metrics").read().decode()
+    metrics = read_metrics(server)
     assert "rtws_resumes_total 1.0" in metrics
     assert "rtws_replayed_bytes_total" in metrics and "rtws_sessions_held 0.0" in metrics
 
@@ -223,7 +230,7 @@ def test_resume_after_the_window_is_refused_and_the_engine_is_idle(server_factor
         await new.ws.close()
 
     run(main())
-    metrics = urllib.request.urlopen(server.http + "/metrics").read().decode()
+    metrics = read_metrics(server)
     assert "rtws_sessions_expired_total 1.0" in metrics
     assert 'rtws_resume_failures_total{reason="expired"} 1.0' in metrics
 
@@ -266,7 +273,7 @@ def test_resume_is_refused_for_reused_foreign_and_random_tokens(server_factory: 
         assert await refused(p.Hello(token="key-one", resume=token, received=peer.received), victim) == "resumed"
 
     run(main())
-    metrics = urllib.request.urlopen(server.http + "/metrics").read().decode()
+    metrics = read_metrics(server)
     for reason in ("unknown", "other_key", "resumed"):
         assert f'rtws_resume_failures_total{{reason="{reason}"}} 1.0' in metrics
 
