@@ -402,7 +402,7 @@ class Chat:
         return Reply(stream.text, stream.reason or "error", usage.prompt_tokens if usage else 0,
                      usage.completion_tokens if usage else stream.tokens,
                      None if first is None else first - started, time.monotonic() - started,
-                     stream.done.dropped if stream.done is not None else 0)
+                     stream.done_frame.dropped if stream.done_frame is not None else 0)
 
     @staticmethod
     def _stats(r: Reply) -> str:

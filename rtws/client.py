@@ -91,7 +91,7 @@ class Stream:
         self.parts: list[str] = []
         self.reason: str | None = None
         self.usage: p.Usage | None = None
-        self.done: p.Done | None = None  # the done frame (``dropped``: conversation turns dropped to fit)
+        self.done_frame: p.Done | None = None  # the done frame (``dropped``: conversation turns dropped to fit)
         self.deltas = 0
         self.tokens = 0
         self.frame: p.Generate | None = None  # sent again after a resume if the server never got it
@@ -122,7 +122,7 @@ class Stream:
             else:
                 self.reason = item.reason
                 self.usage = item.usage
-                self.done = item
+                self.done_frame = item
 
     async def result(self) -> Result:
         """Wait for the end; return the whole text and usage."""
