@@ -67,6 +67,8 @@ class App:
         self.num_http_streams = 0
         self.draining = False
         self.started = False
+        self.loading: dict[str, dict[str, Any]] = {}  # model name -> load progress while it loads (/readyz)
+        self.startup_error: BaseException | None = None
         self.hooks: Hooks = Hooks()
         self.rate_limiter = (RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst)
                              if config.rate_limit_per_minute else None)
@@ -120,8 +122,10 @@ class App:
         try:
             await self.startup()
         except Exception as exc:
-            log.exception("startup failed", extra={"event": "startup_failed"})
-            await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+            from .load_errors import log_startup_failure
+
+            self.startup_error = exc
+            await send({"type": "lifespan.startup.failed", "message": log_startup_failure(log, exc)})
             return
         await send({"type": "lifespan.startup.complete"})
         await receive()
@@ -151,11 +155,11 @@ class App:
 
     async def load_model(self, spec: ModelSpec) -> ServedModel:
         """Load (in a worker thread), start and warm one model version. Raises on failure."""
-        from .model import load
+        from .loading import checked_load  # preflight, one-line ModelLoadError, progress in self.loading
 
         loop = asyncio.get_running_loop()
         observer = self.hooks.step_observer
-        served = await loop.run_in_executor(None, lambda: load(spec, observer))
+        served = await loop.run_in_executor(None, lambda: checked_load(spec, observer, self.loading))
         served.start(loop)
         if self.config.warmup:
             try:
@@ -216,14 +220,14 @@ class App:
             conn.session.cancel_all("cancelled")
         # Flush every socket at once under one deadline (a stalled reader costs the grace once, not per socket),
         # then close them all; whatever is still blocked is force-closed.
-        grace = min(2.0, max(0.25, timeout / 2))
+        grace = min(1.0, max(0.25, timeout / 4))
         conns = list(self.connections)
 
         closed_cleanly: set[Connection] = set()
 
         async def flush_and_close(conn: Connection) -> None:
             await conn.session.flush(grace)
-            if await self._close(conn, 1001, "server shutting down", deadline=0.5):
+            if await self._close(conn, 1001, "server shutting down", deadline=0.5, abort_after=0.25):
                 closed_cleanly.add(conn)
 
         if conns:
@@ -289,7 +293,10 @@ class App:
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         models = {m.name: bool(getattr(m, "warm", True)) for m in self.registry.models()}
         ready = self.started and not self.draining and bool(models) and all(models.values())
-        await send_json(send, 200 if ready else 503, {"ready": ready, "models": models})
+        body: dict[str, Any] = {"ready": ready, "models": models}
+        if self.loading:
+            body["loading"] = dict(self.loading)
+        await send_json(send, 200 if ready else 503, body)
 
     async def _static(self, scope: Scope, receive: Receive, send: Send) -> None:
         rel = scope["path"].lstrip("/") or "index.html"
@@ -354,6 +361,11 @@ class App:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # websocket.connect
+        if scope["path"] == "/v1/realtime":
+            from .realtime import serve as serve_realtime  # the OpenAI Realtime API edge
+
+            await serve_realtime(self, scope, receive, send)
+            return
         if scope["path"] != "/ws":
             await self._reject_ws(send, 404, "not_found", f"no WebSocket endpoint at {scope['path']}")
             return
@@ -454,6 +466,7 @@ class App:
             session.start()
         code = 1006
         try:
+            handled = 0
             while True:
                 msg = await receive()
                 if msg["type"] == "websocket.receive":
@@ -464,6 +477,11 @@ class App:
                         await self._close(conn, CLOSE_TOO_BIG, "frame too big")
                         break
                     conn.session.on_frame(frame)
+                    handled += 1
+                    if handled % 32 == 0:
+                        # receive() returns without suspending while frames are queued: let other sockets,
+                        # the writers and the watchdog run between batches of a burst
+                        await asyncio.sleep(0)
                 elif msg["type"] == "websocket.disconnect":
                     code = msg.get("code", 1005)
                     break
@@ -546,7 +564,7 @@ class App:
                 conn.session.close()
 
     async def _close(self, conn: Connection, code: int, reason: str, flush: bool = False,
-                     deadline: float = 1.0) -> bool:
+                     deadline: float = 1.0, abort_after: float = 2.0) -> bool:
         """Close one socket with ``code``, within ``deadline`` seconds (plus 1 s when ``flush``). Idempotent.
 
         True when the close frame was handed to the transport normally (False: force-closed, or already closing).
@@ -561,13 +579,13 @@ class App:
             await conn.session.flush(1.0)
         conn.session.close()
         if conn.session.send_started is not None or not _writable(conn.send):
-            _force_close(conn.send, code, reason)  # the writer is stuck on a full socket
+            _force_close(conn.send, code, reason, abort_after)  # the writer is stuck on a full socket
             return False
         try:
             async with asyncio.timeout(deadline):
                 await conn.send({"type": "websocket.close", "code": code, "reason": reason})
         except Exception:  # includes TimeoutError: the transport paused under us
-            _force_close(conn.send, code, reason)
+            _force_close(conn.send, code, reason, abort_after)
             return False
         return True
 

@@ -318,7 +318,7 @@ def _valid_id(gid: object) -> bool:
     if isinstance(gid, bool):
         return False
     if isinstance(gid, int):
-        return True
+        return -(2**63) <= gid <= 2**63 - 1  # what GenId accepts (and every codec can echo back)
     return isinstance(gid, str) and 0 < len(gid) <= MAX_ID_LENGTH
 
 

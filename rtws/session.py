@@ -183,8 +183,10 @@ class Session:
         offload: Offload | None = None,
         quota: ClientQuota | None = None,
         on_authenticated: Callable[[Session], str | None] | None = None,
+        transport: str = "ws",
     ) -> None:
         self.id = secrets.token_hex(8)
+        self.transport = transport  # the metrics label and log field ("ws"; "realtime" for /v1/realtime)
         self._send = send
         self.codec = codec
         self.models = models
@@ -305,6 +307,22 @@ class Session:
         self.refusing = True
         if self._on_policy_close is not None:
             self._on_policy_close(code, reason)
+
+    def handle(self, frame: Generate | Cancel) -> None:
+        """Apply one already-decoded ``generate`` or ``cancel`` (for adapters such as :mod:`rtws.realtime`).
+
+        Raises :class:`ProtocolError` for a refused frame; a rate-limited
+        ``generate`` is answered with a queued ``error`` frame instead.
+        """
+        self.last_activity = time.monotonic()
+        if isinstance(frame, Generate):
+            self._generate(frame)
+        else:
+            self._cancel(frame.id)
+
+    def queue(self, frame: Any) -> None:
+        """Queue a frame ahead of pending deltas; the codec encodes it now (adapters' own events)."""
+        self._queue_control(frame)
 
     def _hello(self, frame: Hello) -> None:
         if not self.authenticated:
@@ -492,7 +510,7 @@ class Session:
             gen.committed = True
         if self.paused:
             gen.engine.pause((gen.rid,))
-        self.hooks.generation_started(gen.model.name, "ws")
+        self.hooks.generation_started(gen.model.name, self.transport)
 
     def _drop(self, gen: Generation) -> None:
         """Forget a generation that never reached the engine (refused while tokenizing): no ``done`` follows."""
@@ -691,7 +709,11 @@ class Session:
             self.hooks.rejected("error_budget")
             self._policy_close(1008, "too many errors")
             return
-        data = self.codec.encode(frame)
+        try:
+            data = self.codec.encode(frame)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. an id this codec cannot carry
+            log.error("control frame not encodable: %r", exc, extra={"event": "frame_error", "session": self.id})
+            data = self.codec.encode(Error(code=ErrorCode.INTERNAL.value, message="reply could not be encoded"))
         if self.control_bytes + len(data) > self.limits.max_control_bytes:
             log.warning("closing socket over its control budget", extra={
                 "event": "control_budget", "session": self.id, "client": self.client, "queued": self.control_bytes})
@@ -819,7 +841,8 @@ class Session:
         now = time.monotonic()
         self.hooks.generation_finished(GenerationRecord(
             id=gen.id, request_id=gen.rid, model=gen.model.name, version=str(getattr(gen.model, "version", "")),
-            client=self.client, session=self.id, transport="ws", reason=reason, prompt_tokens=gen.prompt_tokens,
+            client=self.client, session=self.id, transport=self.transport, reason=reason,
+            prompt_tokens=gen.prompt_tokens,
             completion_tokens=gen.sent_tokens,
             ttft_s=None if gen.first_sent is None else round(gen.first_sent - gen.started, 6),
             total_s=round(now - gen.started, 6), queue_s=gen.queue_s))

@@ -107,7 +107,8 @@ def on_loop(srv: RunningServer, coro: Any, timeout: float = 60 * UNIT) -> Any:
 
 
 def metric_samples(srv: RunningServer, key: str | None = None) -> list[Any]:
-    code, text, _ = http(srv.http, "GET", "/metrics", key=key)
+    keys = srv.app.config.metrics_api_keys or srv.app.config.api_keys  # /metrics needs a key when auth is on
+    code, text, _ = http(srv.http, "GET", "/metrics", key=key if key is not None else (keys[0] if keys else None))
     assert code == 200
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 

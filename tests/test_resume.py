@@ -137,6 +137,13 @@ async def drop_and_resume(server: RunningServer, delay: float, *, frames_before_
     return before + new.frames, new, session
 
 
+def read_metrics(server: Any) -> str:
+    """GET /metrics, with an API key when auth is on (it then needs one)."""
+    keys = server.app.config.metrics_api_keys or server.app.config.api_keys
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    return urllib.request.urlopen(urllib.request.Request(server.http + "/metrics", headers=headers)).read().decode()
+
+
 @pytest.mark.parametrize("delay", [0.5, 5.0])
 def test_abort_mid_stream_then_resume_loses_and_repeats_nothing(server_factory: ServerFactory,
                                                                 tiny_llama_long_dir: Path, delay: float) -> None:
@@ -144,7 +151,7 @@ def test_abort_mid_stream_then_resume_loses_and_repeats_nothing(server_factory: 
     expected = run(reference(server.url))
     frames, _, _ = run(drop_and_resume(server, delay))
     check(frames, expected)
-    metrics = urllib.request.urlopen(server.http + "/metrics").read().decode()
+    metrics = read_metrics(server)
     assert "rtws_resumes_total 1.0" in metrics
     assert "rtws_replayed_bytes_total" in metrics and "rtws_sessions_held 0.0" in metrics
 
@@ -223,7 +230,7 @@ def test_resume_after_the_window_is_refused_and_the_engine_is_idle(server_factor
         await new.ws.close()
 
     run(main())
-    metrics = urllib.request.urlopen(server.http + "/metrics").read().decode()
+    metrics = read_metrics(server)
     assert "rtws_sessions_expired_total 1.0" in metrics
     assert 'rtws_resume_failures_total{reason="expired"} 1.0' in metrics
 
@@ -266,7 +273,7 @@ def test_resume_is_refused_for_reused_foreign_and_random_tokens(server_factory: 
         assert await refused(p.Hello(token="key-one", resume=token, received=peer.received), victim) == "resumed"
 
     run(main())
-    metrics = urllib.request.urlopen(server.http + "/metrics").read().decode()
+    metrics = read_metrics(server)
     for reason in ("unknown", "other_key", "resumed"):
         assert f'rtws_resume_failures_total{{reason="{reason}"}} 1.0' in metrics
 
@@ -318,3 +325,53 @@ def test_the_python_client_resumes_transparently(server_factory: ServerFactory, 
     assert resumes == 1
     assert texts == expected
     assert set(token_gaps.values()) == {0}  # completion_tokens equals the tokens received
+
+
+def test_a_drain_holds_no_session_past_its_timeout(server_factory: ServerFactory, tiny_llama_long_dir: Path) -> None:
+    server = server_factory(tiny_llama_long_dir, drain_timeout_s=1.0, resume_window_s=30.0)
+
+    async def main() -> Any:
+        peer, _ = await Peer.open(server.url)
+        await peer.ws.send(p.MSGPACK.encode(gen(0, 4000)))
+        while peer.received < 5:
+            await peer.recv()
+        peer.abort()
+        await asyncio.sleep(0.3)
+        (held,) = server.app.sessions.held()
+        return held
+
+    held = run(main())
+    t0 = time.monotonic()
+    server.stop(drain=True)
+    assert time.monotonic() - t0 < 10 * UNIT  # not the 30 s resume window
+    assert held.closed and server.app.sessions.num_held == 0
+
+
+def test_the_python_client_reports_a_failed_resume_and_goes_on_fresh(server_factory: ServerFactory,
+                                                                     tiny_llama_long_dir: Path) -> None:
+    from rtws.client import ResumeFailed
+
+    server = server_factory(tiny_llama_long_dir)
+
+    def kill_session_and_socket() -> None:  # on the server's loop: the session ends, the socket drops
+        for conn in list(server.app.connections):
+            proto = conn.send.__self__
+            proto.transport.abort()
+            conn.session.close()
+
+    async def main() -> tuple[str, str, int]:
+        async with await Client.connect(server.url) as c:
+            old = c.ready.session if c.ready else ""
+            s = await c.generate("ROMEO:", max_tokens=3000)
+            while c.received < 3:
+                await asyncio.sleep(0.005)
+            loop = server.server._loop
+            loop.call_soon_threadsafe(kill_session_and_socket)
+            with pytest.raises(ResumeFailed):
+                await s.result()
+            again = await (await c.generate("JULIET:", max_tokens=4)).result()
+            assert again.completion_tokens == 4
+            return old, c.ready.session if c.ready else "", c.resume_failures
+
+    old, new, failures = run(main())
+    assert failures == 1 and new and new != old
