@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             load.stdin.close()
             load.wait(30)
             if load.stdout is not None:
-                load.stdout.close()  # else an unclosed-pipe ResourceWarning (an error under pytest)
+                load.stdout.close()
     print_table("resume_bench: latency (ms)", ["figure", "p50", "p99", "max", "n"], [
         ["reconnect -> ready {resumed}", ms(percentile(out["ready"], 50)), ms(percentile(out["ready"], 99)),
          ms(max(out["ready"])), str(len(out["ready"]))],
