@@ -538,16 +538,17 @@ class ModelRunner:
         rows: list[Sequence] = []
         logits_parts: list[torch.Tensor] = []
         if plan.decode and self._static is not None:
-            decoded = self._static.run(plan.decode)
-            rows = list(plan.decode)
+            groups = self._length_groups(plan.decode)
+            rows = [s for g in groups for s in g]
+            parts = [self._static.run(g) for g in groups]
+            decoded = torch.cat(parts) if len(parts) > 1 else parts[0]
             if plan.prefill:
                 last_logits, last_rows = self._prefill(plan.prefill)
                 if last_rows:
                     decoded = torch.cat([decoded, self._sample(last_logits, last_rows)])
                     rows += last_rows
             return StepOutput(tokens=list(zip(rows, decoded.tolist())))  # one host synchronisation
-        if plan.decode:
-            seqs = plan.decode
+        for seqs in self._length_groups(plan.decode) if plan.decode else []:
             ids = torch.tensor([[s.next_input()] for s in seqs], dtype=torch.long)
             qpos = torch.tensor([[s.num_cached] for s in seqs], dtype=torch.long)
             valid = torch.ones(len(seqs), 1, dtype=torch.bool)
@@ -565,6 +566,24 @@ class ModelRunner:
         logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits_parts[0]
         tokens = self._sample(logits, rows).tolist()  # the step's one host synchronisation
         return StepOutput(tokens=list(zip(rows, tokens)))
+
+    def _length_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Decode rows in one group, or two when padding short rows to the longest would read more than
+        twice the live positions (64 short streams beside one long prompt): each group reads up to its own
+        longest row, so the work follows live lengths."""
+        if len(seqs) < 2:
+            return [seqs]
+        order = sorted(seqs, key=lambda q: q.num_cached)
+        lens = [q.num_cached + 1 for q in order]
+        live = sum(lens)
+        if len(lens) * lens[-1] <= 2 * live + 64 * self.block_size:
+            return [seqs]
+        best, cut = len(lens) * lens[-1], 0
+        for i in range(1, len(lens)):
+            cost = i * lens[i - 1] + (len(lens) - i) * lens[-1]
+            if cost < best:
+                best, cut = cost, i
+        return [order[:cut], order[cut:]] if cut else [seqs]
 
     def _prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[Sequence]]:
         lengths = [c.end - c.start for c in chunks]
