@@ -7,10 +7,13 @@ key configured at all the admin API is refused (403): it is never open.
 Routes (JSON bodies and answers; errors are ``{"error": {"code", "message"}}``):
 
 - ``GET /admin/models``: ``{"default", "models": registry.health()}``.
-- ``POST /admin/models`` ``{"name", "model_path", "version"="1", "device"?, "dtype"?, "default"=false}``:
-  add a model under a new name. 202 with the version's status and ``status_url``.
+- ``POST /admin/models`` ``{"name", "model_path", "version"="1", "device"?, "dtype"?, "quantization"?,
+  "default"=false}``: add a model under a new name. 202 with the version's status and ``status_url``;
+  422 ``load_failed`` with the one-line reason (as ``rtws serve`` prints it) when the model cannot load
+  (no such folder, no weights, corrupt safetensors, unknown architecture, remote code, no CUDA, ...).
+  A failure found only while loading shows as the version's ``failed`` status with the same line as ``reason``.
 - ``GET /admin/models/{name}``: that model's health entry.
-- ``POST /admin/models/{name}/versions`` ``{"version", "model_path", "device"?, "dtype"?}``: hot-swap.
+- ``POST /admin/models/{name}/versions`` ``{"version", "model_path", "device"?, "dtype"?, "quantization"?}``: hot-swap.
   202 with ``status_url``; the old version serves until the new one is warm.
 - ``GET /admin/models/{name}/versions/{version}``: ``loading``, ``warm``, ``failed`` (with ``reason``),
   ``draining`` or ``unloaded``.
@@ -46,6 +49,7 @@ class VersionRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model_path: str
     device: str | None = None
     dtype: str | None = None
+    quantization: str | None = None
     default: bool = False
 
 
@@ -57,6 +61,7 @@ class ModelRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     version: str = "1"
     device: str | None = None
     dtype: str | None = None
+    quantization: str | None = None
     default: bool = False
 
 
@@ -111,14 +116,15 @@ class AdminAPI:
         reg = self.app.registry
         if path in ("/admin/models", "/admin/models/"):
             if method == "GET":
-                return 200, {"default": reg.default_name, "models": reg.health()}, []
+                return 200, _one_line_reasons({"default": reg.default_name, "models": reg.health()}), []
             if method == "POST":
                 req = await _body(receive, ModelRequest)
                 _check_name(req.name, "name")
                 if reg.known(req.name):
                     raise _Refused("conflict", f"model {req.name!r} exists; POST a version to "
                                    f"/admin/models/{req.name}/versions to swap it", 409)
-                return self._start(req.name, req.version, req.model_path, req.device, req.dtype, req.default)
+                return await self._start(req.name, req.version, req.model_path, req.device, req.dtype, req.default,
+                                         req.quantization)
             raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
         m = _VERSION_PATH.match(path)
         if m:
@@ -127,7 +133,7 @@ class AdminAPI:
             st = reg.status(m["name"], m["version"])
             if st is None:
                 raise _Refused("not_found", f"model {m['name']!r} has no version {m['version']!r}")
-            return 200, {"model": st.name, **st.as_dict()}, []
+            return 200, _one_line_reasons({"model": st.name, **st.as_dict()}), []
         m = _VERSIONS_PATH.match(path)
         if m:
             name = m["name"]
@@ -136,14 +142,15 @@ class AdminAPI:
             if not reg.known(name):
                 raise _Refused("unknown_model", f"unknown model {name!r}; POST /admin/models to add it")
             vreq = await _body(receive, VersionRequest)
-            return self._start(name, vreq.version, vreq.model_path, vreq.device, vreq.dtype, vreq.default)
+            return await self._start(name, vreq.version, vreq.model_path, vreq.device, vreq.dtype, vreq.default,
+                                     vreq.quantization)
         m = _MODEL_PATH.match(path)
         if m:
             name = m["name"]
             if method == "GET":
                 for item in reg.health():
                     if item["name"] == name:
-                        return 200, item, []
+                        return 200, _one_line_reasons(item), []
                 raise _Refused("unknown_model", f"unknown model {name!r}")
             if method == "DELETE":
                 if not reg.known(name):
@@ -155,18 +162,24 @@ class AdminAPI:
             raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
         raise _Refused("not_found", f"no route for {path}")
 
-    def _start(self, name: str, version: str, path: str, device: str | None, dtype: str | None,
-               default: bool) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+    async def _start(self, name: str, version: str, path: str, device: str | None, dtype: str | None,
+                     default: bool, quantization: str | None = None) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+        import dataclasses
+
         from .server import spec_from_config  # the server module imports this one
 
         _check_name(version, "version")
         if not path.strip() or len(path) > 4096:
             raise _Refused("invalid_params", "model_path must be a non-empty path or hub id")
+        changes = {k: v for k, v in (("device", device), ("dtype", dtype), ("quantization", quantization))
+                   if v is not None}
         try:
-            self.app.config.replace(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
+            self.app.config.replace(**changes)
         except ValueError as exc:
             raise _Refused("invalid_params", str(exc)) from None
         spec = spec_from_config(self.app.config, name=name, path=path, version=version, device=device, dtype=dtype)
+        if quantization is not None:
+            spec = dataclasses.replace(spec, quantization=quantization)
         st = self.app.registry.start_swap(spec, self.app.load_model, default=default)
         body = self._accepted(name, version, st.state)
         return 202, body, [(b"location", body["status_url"].encode())]
@@ -175,6 +188,22 @@ class AdminAPI:
     def _accepted(name: str, version: str, state: str) -> dict[str, Any]:
         return {"model": name, "version": version, "status": state,
                 "status_url": f"/admin/models/{name}/versions/{version}"}
+
+
+_LOAD_ERROR_PREFIX = "ModelLoadError: "
+
+
+def _one_line_reasons(obj: Any) -> Any:
+    """Failure reasons as ``rtws serve`` prints them: the registry's ``ModelLoadError: `` type prefix dropped."""
+    if isinstance(obj, dict):
+        out = {k: _one_line_reasons(v) for k, v in obj.items()}
+        reason = out.get("reason")
+        if isinstance(reason, str) and reason.startswith(_LOAD_ERROR_PREFIX):
+            out["reason"] = reason[len(_LOAD_ERROR_PREFIX):]
+        return out
+    if isinstance(obj, list):
+        return [_one_line_reasons(v) for v in obj]
+    return obj
 
 
 def _check_name(value: str, field: str) -> None:

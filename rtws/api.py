@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast
 
-from .config import ServerConfig
+from .config import QUANTIZATIONS, ServerConfig
 from .model import ModelSpec
 from .server import Server
 
@@ -71,7 +71,9 @@ class ModelConfig:
       with a warning, so a config written for a GPU box still starts on a laptop.
     - ``dtype``: ``auto`` (the server's ``dtype`` setting: bf16/fp16 on CUDA, fp32 on CPU),
       ``float32``, ``bfloat16`` or ``float16``.
-    - ``quantization``: only ``None`` (or ``"none"``): rtws does not quantize weights.
+    - ``quantization``: ``None``/``"none"``, ``"int8"`` (weight-only, CPU or CUDA) or ``"int4"`` (weight-only,
+      CUDA), through torchao (``rtws[quant]``). A pre-quantized checkpoint (GPTQ, AWQ, ...) loads as is
+      with ``None``.
     - ``warmup``: run one real generation before the model takes traffic.
     """
 
@@ -97,10 +99,10 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16 (got {self.dtype!r})")
         if self.quantization is not None and (not isinstance(self.quantization, str)
-                                              or self.quantization.lower() != "none"):
+                                              or self.quantization.lower() not in QUANTIZATIONS):
             raise ValueError(
-                f"quantization: {self.quantization!r} is not supported; rtws serves unquantized weights "
-                "(choose the precision with dtype='float32', 'bfloat16' or 'float16')")
+                f"quantization: {self.quantization!r} is not supported; valid values: {', '.join(QUANTIZATIONS)} "
+                "(a pre-quantized checkpoint such as GPTQ or AWQ loads as is with 'none')")
         if not isinstance(self.warmup, bool):
             raise ValueError(f"warmup: must be a bool (got {self.warmup!r})")
 
@@ -109,8 +111,11 @@ class ModelConfig:
         from .server import spec_from_config
 
         dev = device if device is not None else (None if self.device == "auto" else self.device)
-        return spec_from_config(config, name=self.name, path=self.model_path, version=self.version, device=dev,
+        spec = spec_from_config(config, name=self.name, path=self.model_path, version=self.version, device=dev,
                                 dtype=None if self.dtype == "auto" else self.dtype)
+        if self.quantization is not None:
+            spec = dataclasses.replace(spec, quantization=self.quantization.lower())
+        return spec
 
 
 class InferenceServer:

@@ -28,6 +28,7 @@ from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
 from .session import Session, SessionLimits
 from .session_store import SessionStore
+from .wslimits import CLOSE_TOO_BIG, frame_too_big
 
 log = logging.getLogger("rtws.app")
 
@@ -66,6 +67,8 @@ class App:
         self.num_http_streams = 0
         self.draining = False
         self.started = False
+        self.loading: dict[str, dict[str, Any]] = {}  # model name -> load progress while it loads (/readyz)
+        self.startup_error: BaseException | None = None
         self.hooks: Hooks = Hooks()
         self.rate_limiter = (RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst)
                              if config.rate_limit_per_minute else None)
@@ -82,6 +85,7 @@ class App:
             resume_window_s=config.resume_window_s,
             max_control_bytes=config.max_control_bytes,
             chars_per_token=config.prompt_chars_per_token,
+            replica=config.replica_id,
         )
         self.quota = ClientQuota(config.max_connections_per_client, config.max_generations_per_client)
         self.num_preauth = 0  # WebSockets waiting for hello {token}: their own budget
@@ -118,11 +122,15 @@ class App:
         try:
             await self.startup()
         except Exception as exc:
-            log.exception("startup failed", extra={"event": "startup_failed"})
-            await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+            from .load_errors import log_startup_failure
+
+            self.startup_error = exc
+            await send({"type": "lifespan.startup.failed", "message": log_startup_failure(log, exc)})
             return
         await send({"type": "lifespan.startup.complete"})
         await receive()
+        if not self.draining:  # a host that never called drain() (Ray Serve's replica shutdown, another server)
+            await self.drain()
         await self.shutdown()
         await send({"type": "lifespan.shutdown.complete"})
 
@@ -147,11 +155,11 @@ class App:
 
     async def load_model(self, spec: ModelSpec) -> ServedModel:
         """Load (in a worker thread), start and warm one model version. Raises on failure."""
-        from .model import load
+        from .loading import checked_load  # preflight, one-line ModelLoadError, progress in self.loading
 
         loop = asyncio.get_running_loop()
         observer = self.hooks.step_observer
-        served = await loop.run_in_executor(None, lambda: load(spec, observer))
+        served = await loop.run_in_executor(None, lambda: checked_load(spec, observer, self.loading))
         served.start(loop)
         if self.config.warmup:
             try:
@@ -285,7 +293,10 @@ class App:
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
         models = {m.name: bool(getattr(m, "warm", True)) for m in self.registry.models()}
         ready = self.started and not self.draining and bool(models) and all(models.values())
-        await send_json(send, 200 if ready else 503, {"ready": ready, "models": models})
+        body: dict[str, Any] = {"ready": ready, "models": models}
+        if self.loading:
+            body["loading"] = dict(self.loading)
+        await send_json(send, 200 if ready else 503, body)
 
     async def _static(self, scope: Scope, receive: Receive, send: Send) -> None:
         rel = scope["path"].lstrip("/") or "index.html"
@@ -350,6 +361,11 @@ class App:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # websocket.connect
+        if scope["path"] == "/v1/realtime":
+            from .realtime import serve as serve_realtime  # the OpenAI Realtime API edge
+
+            await serve_realtime(self, scope, receive, send)
+            return
         if scope["path"] != "/ws":
             await self._reject_ws(send, 404, "not_found", f"no WebSocket endpoint at {scope['path']}")
             return
@@ -457,7 +473,12 @@ class App:
                 msg = await receive()
                 if msg["type"] == "websocket.receive":
                     data = msg.get("bytes")
-                    conn.session.on_frame(data if data is not None else msg.get("text", ""))
+                    frame = data if data is not None else msg.get("text", "")
+                    if frame_too_big(frame, self.config.max_frame_bytes):  # a proxy may allow more (Ray: 16 MiB)
+                        self.hooks.rejected("frame_too_big")
+                        await self._close(conn, CLOSE_TOO_BIG, "frame too big")
+                        break
+                    conn.session.on_frame(frame)
                     handled += 1
                     if handled % 32 == 0:
                         # receive() returns without suspending while frames are queued: let other sockets,
@@ -705,6 +726,10 @@ def _force_close(send: Send, code: int, reason: str, abort_after: float = 2.0) -
     transport = getattr(proto, "transport", None)
     conn = getattr(proto, "conn", None)
     if transport is None:
+        # Not uvicorn (Ray Serve's replica): a close message is all ASGI offers. Such hosts queue sends without
+        # blocking, so it goes out at once; a host whose send blocks leaves the task waiting until it drains.
+        task = asyncio.ensure_future(send({"type": "websocket.close", "code": code, "reason": reason}))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return
     try:
         if conn is not None and not getattr(proto, "close_sent", True):

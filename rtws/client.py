@@ -91,6 +91,7 @@ class Stream:
         self.parts: list[str] = []
         self.reason: str | None = None
         self.usage: p.Usage | None = None
+        self.done: p.Done | None = None  # the done frame (``dropped``: conversation turns dropped to fit)
         self.deltas = 0
         self.tokens = 0
         self.frame: p.Generate | None = None  # sent again after a resume if the server never got it
@@ -121,6 +122,7 @@ class Stream:
             else:
                 self.reason = item.reason
                 self.usage = item.usage
+                self.done = item
 
     async def result(self) -> Result:
         """Wait for the end; return the whole text and usage."""
@@ -177,8 +179,10 @@ class Client:
         c = p.codec_for(sub)
         headers = {"Authorization": f"Bearer {token}"} if token and auth == "header" else None
 
-        async def open_ws() -> ClientConnection:
-            return await connect(url, subprotocols=[Subprotocol(sub)], additional_headers=headers,
+        async def open_ws(replica: str | None = None) -> ClientConnection:
+            # rtws.replica.<id>: behind rtws.ray's router, a reconnect returns to the replica holding the session
+            offered = [Subprotocol(sub)] + ([Subprotocol("rtws.replica." + replica)] if replica else [])
+            return await connect(url, subprotocols=offered, additional_headers=headers,
                                  open_timeout=open_timeout, max_size=max_size,
                                  origin=Origin(origin) if origin else None, compression=None)
 
@@ -199,8 +203,8 @@ class Client:
             raise
 
         async def reconnect(client: Client) -> ClientConnection:
-            ws = await open_ws()
             assert client.ready is not None
+            ws = await open_ws(client.ready.replica)
             hello = p.Hello(token=token if auth == "hello" else None, resume=client.ready.resume_token,
                             received=client.received)
             await ws.send(_wire(c, hello))
@@ -372,15 +376,15 @@ class Client:
                         for stream in self._streams.values():
                             stream._queue.put_nowait(lost)
                         self._streams.clear()
-                        if fresh is None:
-                            fresh = next(f for f in [self.codec.decode_any(await ws.recv())]
-                                         if isinstance(f, p.Ready))
+                        if fresh is None:  # the server always sends the fresh session's ready first
+                            await ws.close()
+                            return False
                         self.ws, self.ready = ws, fresh
                         self.received, self._unacked = 1, 0  # the error is this session's first frame
                         await ws.send(_wire(self.codec, p.Ack(received=1)))
                         self._online.set()
                         return True
-            except (ConnectionClosed, asyncio.TimeoutError, StopIteration):
+            except (ConnectionClosed, asyncio.TimeoutError):
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
         return False

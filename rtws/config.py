@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("auto", "text", "json")
+QUANTIZATIONS = ("none", "int8", "int4")  # weight-only, through torchao (rtws.quant); int4 needs CUDA
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +31,8 @@ class ServerConfig:
     model_name: str | None = field(default=None, metadata={"help": "name clients use for the model"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    quantization: str = field(default="none", metadata={
+        "help": "weight-only quantization: none, int8 (CPU or CUDA) or int4 (CUDA); needs rtws[quant]"})
     # --- engine
     num_slots: int = field(default=64, metadata={"help": "KV-cache slots: generations decoded at once per model"})
     max_seq_len: int | None = field(default=None, metadata={
@@ -41,7 +45,9 @@ class ServerConfig:
     priority_aging_s: float = field(default=2.0, metadata={
         "help": "a waiting request gains one priority level per this many seconds"})
     torch_threads: int | None = field(default=None, metadata={
-        "help": "torch intra-op threads (default: torch's, one per core; 1 is often faster on a shared CPU)"})
+        "help": "torch intra-op threads (default on CPU for rtws serve: cores - 1 from 4 cores, else cores)"})
+    torch_interop_threads: int | None = field(default=None, metadata={
+        "help": "torch inter-op threads (default on CPU for rtws serve: 1)"})
     cuda_graphs: bool = field(default=True, metadata={
         "help": "on CUDA, decode with static shapes replayed from CUDA graphs (one per batch-size bucket)"})
     warmup: bool = field(default=True, metadata={"help": "run a real generation before serving"})
@@ -135,7 +141,11 @@ class ServerConfig:
         "help": "on SIGTERM, let generations finish this long before cancelling them"})
     enable_metrics: bool = field(default=True, metadata={"help": "serve Prometheus metrics on /metrics"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_format: str = field(default="auto", metadata={
+        "help": "auto (readable lines on a TTY, JSON lines otherwise), text or json"})
     access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
+    replica_id: str | None = field(default=None, metadata={
+        "help": "name of this server announced in ready.replica and rtws_replica_info (rtws.ray sets one per replica)"})
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -236,7 +246,7 @@ def _validate(c: ServerConfig) -> None:
                  "max_generations_per_conversation"):
         need(getattr(c, name) >= 1, name, "must be >= 1")
     need(c.transport_high_water >= 1024, "transport_high_water", "must be >= 1024")
-    for name in ("torch_threads", "socket_send_buffer", "max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
+    for name in ("torch_threads", "torch_interop_threads", "socket_send_buffer", "max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
         v = getattr(c, name)
         need(v is None or v >= 1, name, "must be >= 1")
     for name in ("max_preauth_connections", "max_control_bytes", "max_transport_buffer", "ping_burst",
@@ -262,6 +272,8 @@ def _validate(c: ServerConfig) -> None:
     need(c.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",
          "must be auto, float32, bfloat16 or float16")
     need(c.log_level.upper() in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    need(c.log_format in LOG_FORMATS, "log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+    need(c.quantization in QUANTIZATIONS, "quantization", f"must be one of {', '.join(QUANTIZATIONS)}")
     need(c.max_transport_buffer >= c.send_high_watermark + c.transport_high_water, "max_transport_buffer",
          "must be >= send_high_watermark + transport_high_water (one coalesced frame over the high-water mark)")
     low = c.low_watermark

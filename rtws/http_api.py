@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -257,6 +258,8 @@ class ModelCard(msgspec.Struct, frozen=True):
     max_prompt_tokens: int | None
     running: int
     waiting: int
+    quantization: str | None = None  # none, int8, int4, or a pre-quantized checkpoint's method (gptq, ...)
+    dtype: str | None = None
 
 
 class ModelList(msgspec.Struct, frozen=True):
@@ -297,10 +300,11 @@ class Rejection(Exception):
     """A request refused before it reached the engine: becomes an error response with ``code``."""
 
     def __init__(self, code: str, message: str, *, retry_after: float | None = None,
-                 metric: str | None = None, close: bool = False) -> None:
+                 metric: str | None = None, close: bool = False, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param or _param_of(message)  # the request field at fault (OpenAI's error "param")
         self.status = _STATUS.get(code, 400)
         self.retry_after = retry_after
         self.metric = metric or code  # the label hooks.rejected() gets
@@ -315,6 +319,15 @@ class Rejection(Exception):
         if self.close:
             out.append((b"connection", b"close"))
         return out
+
+
+_PARAM_AT = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)|^([a-z_]+) must be ")
+
+
+def _param_of(message: str) -> str | None:
+    """The top-level field a message names (msgspec's ``... - at `$.max_tokens```, or ``max_tokens must be``)."""
+    m = _PARAM_AT.search(message)
+    return (m.group(1) or m.group(2)) if m else None
 
 
 class ClientGone(Exception):
@@ -711,7 +724,7 @@ class HttpApi:
         self.app.hooks.rejected(r.metric)
         if openai:
             body = OpenAIError(OpenAIErrorDetail(message=r.message, type=_OPENAI_TYPE.get(r.status, "server_error"),
-                                                 param=None, code=r.code))
+                                                 param=r.param, code=r.code))
             await send_json(send, r.status, body, r.headers())
         elif r.retry_after is not None:
             await send_error(send, r.code, r.message, r.status, r.headers(), retry_after=round(r.retry_after, 3))
@@ -723,12 +736,15 @@ class HttpApi:
     def _openai_job(self, req: _OpenAIRequest, prompt: str | None, messages: list[dict[str, Any]] | None,
                     max_tokens: int | None) -> _Job:
         if req.n not in (None, 1):
-            raise Rejection("invalid_params", "only n=1 is supported")
+            raise Rejection("invalid_params", "only n=1 is supported", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name) not in (None, 0, 0.0):
-                raise Rejection("invalid_params", f"{name} is not supported (send 0 or omit it)")
+                raise Rejection("invalid_params", f"{name} is not supported (send 0 or omit it)", param=name)
         if req.logit_bias:
-            raise Rejection("invalid_params", "logit_bias is not supported")
+            raise Rejection("invalid_params", "logit_bias is not supported", param="logit_bias")
+        if req.stream_options is not None and not req.stream:
+            raise Rejection("invalid_params", "stream_options is only allowed when stream is true",
+                            param="stream_options")
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
         if not (math.isfinite(temperature) and math.isfinite(top_p)):
@@ -771,13 +787,14 @@ class HttpApi:
                                     "prompts are not supported")
                 prompt = prompt[0]
             if req.echo:
-                raise Rejection("invalid_params", "echo is not supported")
+                raise Rejection("invalid_params", "echo is not supported", param="echo")
             if req.logprobs:
-                raise Rejection("invalid_params", "logprobs are not supported")
+                raise Rejection("invalid_params", "logprobs are not supported by rtws (omit logprobs or send 0)",
+                                param="logprobs")
             if req.suffix:
-                raise Rejection("invalid_params", "suffix is not supported")
+                raise Rejection("invalid_params", "suffix is not supported", param="suffix")
             if req.best_of not in (None, 1):
-                raise Rejection("invalid_params", "only best_of=1 is supported")
+                raise Rejection("invalid_params", "only best_of=1 is supported", param="best_of")
             job = self._openai_job(req, prompt, None, req.max_tokens)
             gen = await self._admit(scope, receive, job, request_id)
         except Rejection as r:
@@ -831,11 +848,15 @@ class HttpApi:
         try:
             req: ChatRequest = await self._read(scope, receive, _CHAT)
             if req.logprobs or req.top_logprobs:
-                raise Rejection("invalid_params", "logprobs are not supported")
+                raise Rejection("invalid_params", "logprobs are not supported by rtws (omit logprobs and "
+                                "top_logprobs, or send logprobs: false)",
+                                param="logprobs" if req.logprobs else "top_logprobs")
             if req.tools or req.functions or req.tool_choice not in (None, "none", "auto"):
-                raise Rejection("invalid_params", "tool and function calling are not supported")
+                raise Rejection("invalid_params", "tool and function calling are not supported",
+                                param="tools" if req.tools else "functions" if req.functions else "tool_choice")
             if req.response_format is not None and req.response_format.type != "text":
-                raise Rejection("invalid_params", "only response_format {\"type\": \"text\"} is supported")
+                raise Rejection("invalid_params", "only response_format {\"type\": \"text\"} is supported",
+                                param="response_format")
             messages = [_chat_message(m) for m in req.messages]
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             if max_tokens is None:  # OpenAI's default for chat: as long as the context allows
@@ -908,7 +929,7 @@ class HttpApi:
             version=str(getattr(m, "version", "")), ready=status == "warm" and not self.app.draining,
             status=status, default=m.name == self.app.registry.default_name, device=getattr(m, "device", None),
             context_length=getattr(m, "context_len", None), max_prompt_tokens=getattr(m, "max_prompt_tokens", None),
-            running=st.running, waiting=st.waiting)
+            running=st.running, waiting=st.waiting, **_weights_info(m))
 
     @staticmethod
     def _pending_card(h: dict[str, Any]) -> ModelCard:
@@ -945,12 +966,34 @@ class HttpApi:
 
     # ------------------------------------------------------------------ drain
 
+    async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /health`` as vLLM and TGI serve it (benchmark clients probe it): 200 with an empty body while
+        serving, 503 while draining or before the models are up. ``/healthz`` and ``/readyz`` stay."""
+        from .http import send_bytes
+
+        app = self.app
+        if app.draining or not app.started:
+            await send_json(send, 503, {"status": "draining" if app.draining else "starting"})
+            return
+        await send_bytes(send, 200, b"", "application/json")
+
     def interrupt_all(self, reason: str = "cancelled") -> int:
         """End every live HTTP generation now with ``reason`` (each response still completes). Returns how many."""
         live = list(self.live)
         for gen in live:
             gen.interrupt(reason)
         return len(live)
+
+
+def _weights_info(m: Any) -> dict[str, Any]:
+    """``quantization`` and ``dtype`` of a served model for its ``/v1/models`` card (None when unknown)."""
+    model = getattr(m, "model", None)
+    if model is None:
+        return {}
+    from .quant import describe
+
+    return {"quantization": describe(model, getattr(m, "spec", None)),
+            "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None}
 
 
 def _chat_message(m: ChatMessage) -> dict[str, Any]:
@@ -995,6 +1038,7 @@ def mount(app: App) -> HttpApi:
     app.route("POST", "/v1/chat/completions", api.chat_completions)
     app.route("GET", "/v1/models", api.list_models)
     app.route_prefix("GET", "/v1/models/", api.get_model)
+    app.route("GET", "/health", api.health)
 
     drain = app.drain
 

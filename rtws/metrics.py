@@ -217,7 +217,9 @@ class _AppCollector:
         yield versions
         yield from kv_cache_families(app)
         conns = GaugeMetricFamily("rtws_connections", "Open WebSockets and HTTP streams", labels=["transport"])
-        conns.add_metric(["ws"], len(app.connections))
+        realtime = sum(1 for c in app.connections if getattr(c.session, "transport", "ws") == "realtime")
+        conns.add_metric(["ws"], len(app.connections) - realtime)
+        conns.add_metric(["realtime"], realtime)
         conns.add_metric(["http"], app.num_http_streams)
         yield conns
         sessions = GaugeMetricFamily("rtws_sessions", "Authenticated WebSocket sessions")

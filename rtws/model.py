@@ -144,6 +144,8 @@ def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
     dtype = rn.resolve_dtype(spec.dtype, device)
     t0 = time.perf_counter()
     model, tokenizer = rn.load_model(spec.path, device, dtype)
+    from .quant import quantize  # torch-side (torchao), like the runner; a no-op for "none"
+    model = quantize(model, spec, device)
     ctx = rn.model_context_length(model.config)
     max_len = min(spec.max_seq_len or ctx, ctx)
     runner = rn.ModelRunner(model, spec.num_slots, max_len, device,

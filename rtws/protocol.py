@@ -174,6 +174,7 @@ class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True, omit_def
     resumed: bool = False  # this ready reattached a held session
     replay: int = 0  # on resume: this many retained frames follow at once, numbered from hello.received + 1
     live: list[GenId] | None = None  # on resume: generations running or with a done not yet written
+    replica: str | None = None  # which server/replica holds this session (ServerConfig.replica_id); optional
 
 
 class Delta(msgspec.Struct, tag="delta", tag_field="type", frozen=True, array_like=False):

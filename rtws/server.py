@@ -49,6 +49,7 @@ def spec_from_config(config: ServerConfig, *, name: str, path: str, version: str
         max_batch_size=config.max_batch_size, max_batch_wait_ms=config.max_batch_wait_ms,
         aging_s=config.priority_aging_s, max_prompt_tokens=config.max_prompt_tokens, cuda_graphs=config.cuda_graphs,
         kv_cache_gb=config.kv_cache_gb, prefix_cache=config.prefix_cache, block_size=config.block_size,
+        quantization=config.quantization,
     )
 
 
@@ -151,6 +152,9 @@ class Server(uvicorn.Server):
                 self.port = s.getsockname()[1]
                 break
         log.info("listening", extra={"event": "listening", "host": self.config.host, "port": self.port})
+        from .banner import announce
+
+        announce(self.app, self.config.host, self.port)
         self.ready.set()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -176,12 +180,43 @@ class Server(uvicorn.Server):
 
 
 def serve(config: ServerConfig, specs: list[ModelSpec] | None = None) -> int:
-    """Run until drained. Returns the process exit code."""
-    setup_logging(config.log_level)
+    """Run until drained. Returns the process exit code: 0, 2 when a model cannot load, 1 on other failures.
+
+    Before uvicorn starts: logging (``log_format``), torch threads (:mod:`rtws.threads`), and a preflight of
+    every model (:mod:`rtws.load_errors`), so a model that cannot load fails in one line.
+    """
+    setup_logging(config.log_level, fmt=config.log_format)
+    from .load_errors import ModelLoadError, check_device, preflight
+
+    specs = specs if specs is not None else [default_spec(config)]
+    try:
+        for spec in specs:
+            preflight(spec)
+    except ModelLoadError as exc:
+        log.error(str(exc), extra={"event": "load_failed", "model_path": exc.model, "error_kind": exc.kind})
+        return 2
+    _set_threads(config, check_device(specs[0].path, specs[0].device) if specs else "cpu")
     app = build_app(config, specs)
     server = Server(uvicorn_config(app, config), app)
-    server.run()
-    return 0 if server.started else 1
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits 3 when the lifespan startup (model loading) or the bind fails
+        if isinstance(app.startup_error, ModelLoadError):
+            return 2
+        return exc.code if isinstance(exc.code, int) else 1
+    if server.started:
+        return 0
+    return 2 if isinstance(app.startup_error, ModelLoadError) else 1
+
+
+def _set_threads(config: ServerConfig, device: str) -> None:
+    from .threads import apply_threads, choose_threads, usable_cores
+
+    cores = usable_cores()
+    choice = choose_threads(cores, device, config.torch_threads, config.torch_interop_threads)
+    intra, interop = apply_threads(choice)
+    log.info("torch threads", extra={"event": "threads", "cores": cores, "device": device, "threads": intra,
+                                     "interop_threads": interop, "reason": choice.reason})
 
 
 def run_in_thread(config: ServerConfig, specs: list[ModelSpec] | None = None, app: App | None = None,

@@ -116,6 +116,7 @@ class SessionLimits:
     error_burst: int = 256
     error_rate: float = 64.0
     chars_per_token: int = 32  # refuse prompts longer than max_prompt_tokens x this before tokenizing
+    replica: str | None = None  # announced as ready.replica
 
 
 @dataclass(slots=True, eq=False)
@@ -182,8 +183,10 @@ class Session:
         offload: Offload | None = None,
         quota: ClientQuota | None = None,
         on_authenticated: Callable[[Session], str | None] | None = None,
+        transport: str = "ws",
     ) -> None:
         self.id = secrets.token_hex(8)
+        self.transport = transport  # the metrics label and log field ("ws"; "realtime" for /v1/realtime)
         self._send = send
         self.codec = codec
         self.models = models
@@ -244,7 +247,8 @@ class Session:
     def _ready(self, resumed: bool = False, live: list[GenId] | None = None, replay: int = 0) -> Ready:
         token = self.store.issue(self, self.key) if self.store is not None else None
         return Ready(session=self.id, models=self.models.names(), limits=self._limits_frame(),
-                     resume_token=token, resumed=resumed, live=live, replay=replay)
+                     resume_token=token, resumed=resumed, live=live, replay=replay,
+                     replica=self.limits.replica)
 
     def _limits_frame(self) -> Limits:
         default = self.models.get(None)
@@ -303,6 +307,22 @@ class Session:
         self.refusing = True
         if self._on_policy_close is not None:
             self._on_policy_close(code, reason)
+
+    def handle(self, frame: Generate | Cancel) -> None:
+        """Apply one already-decoded ``generate`` or ``cancel`` (for adapters such as :mod:`rtws.realtime`).
+
+        Raises :class:`ProtocolError` for a refused frame; a rate-limited
+        ``generate`` is answered with a queued ``error`` frame instead.
+        """
+        self.last_activity = time.monotonic()
+        if isinstance(frame, Generate):
+            self._generate(frame)
+        else:
+            self._cancel(frame.id)
+
+    def queue(self, frame: Any) -> None:
+        """Queue a frame ahead of pending deltas; the codec encodes it now (adapters' own events)."""
+        self._queue_control(frame)
 
     def _hello(self, frame: Hello) -> None:
         if not self.authenticated:
@@ -490,7 +510,7 @@ class Session:
             gen.committed = True
         if self.paused:
             gen.engine.pause((gen.rid,))
-        self.hooks.generation_started(gen.model.name, "ws")
+        self.hooks.generation_started(gen.model.name, self.transport)
 
     def _drop(self, gen: Generation) -> None:
         """Forget a generation that never reached the engine (refused while tokenizing): no ``done`` follows."""
@@ -821,7 +841,8 @@ class Session:
         now = time.monotonic()
         self.hooks.generation_finished(GenerationRecord(
             id=gen.id, request_id=gen.rid, model=gen.model.name, version=str(getattr(gen.model, "version", "")),
-            client=self.client, session=self.id, transport="ws", reason=reason, prompt_tokens=gen.prompt_tokens,
+            client=self.client, session=self.id, transport=self.transport, reason=reason,
+            prompt_tokens=gen.prompt_tokens,
             completion_tokens=gen.sent_tokens,
             ttft_s=None if gen.first_sent is None else round(gen.first_sent - gen.started, 6),
             total_s=round(now - gen.started, 6), queue_s=gen.queue_s))

@@ -45,7 +45,7 @@ def restore_logging() -> Iterator[None]:
     ({"device": "tpu"}, "device"),
     ({"device": "cuda:x"}, "device"),
     ({"dtype": "float64"}, "dtype"),
-    ({"quantization": "int8"}, "quantization"),
+    ({"quantization": "int3"}, "quantization"),
     ({"quantization": "gptq"}, "quantization"),
     ({"warmup": "yes"}, "warmup"),
 ])
@@ -62,6 +62,7 @@ def test_model_config_accepts_the_seed_values(tmp_path: Path) -> None:
     assert ModelConfig(name="m", model_path="x", quantization="none", device="cuda:1", dtype="bf16").dtype == "bf16"
     assert "not supported" in str(pytest.raises(ValueError, ModelConfig, name="m", model_path="x",
                                                 quantization="awq").value)
+    assert ModelConfig(name="m", model_path="/p", quantization="int8").to_spec(ServerConfig()).quantization == "int8"
     spec = ModelConfig(name="m", model_path="/p", version="3", device="cpu").to_spec(ServerConfig(num_slots=5))
     assert (spec.name, spec.path, spec.version, spec.device, spec.num_slots) == ("m", "/p", "3", "cpu", 5)
     assert ModelConfig(name="m", model_path="/p").to_spec(ServerConfig(device="cuda:1")).device == "cuda:1"

@@ -18,7 +18,12 @@ from conftest import UNIT, RunningServer, ServerFactory, run
 TURNS = ["Good morrow.", "What news?", "Art thou well?", "Speak, I pray.", "Farewell then.", "Return anon!"]
 
 
-def test_six_turns_sent_one_by_one_equal_resending_the_whole_history(tiny_server: RunningServer) -> None:
+def test_six_turns_sent_one_by_one_equal_resending_the_whole_history(server_factory: ServerFactory,
+                                                                    tiny_llama_long_dir: Path) -> None:
+    # An 8k context: the random model's replies re-encode to many tokens (U+FFFD), and this test is about
+    # equality, not the truncation policy (tested below with a small context).
+    tiny_server = server_factory(tiny_llama_long_dir)
+
     async def main() -> tuple[list[str], list[str], list[int], int]:
         async with await Client.connect(tiny_server.url) as c:
             held: list[str] = []
@@ -49,16 +54,28 @@ def test_six_turns_sent_one_by_one_equal_resending_the_whole_history(tiny_server
     assert max(sizes) < full  # the client sends only the new line
 
 
-def test_follow_up_turns_hit_the_prefix_cache(tiny_server: RunningServer) -> None:
-    """From turn 2 on, cached_tokens covers >= 80% of the prompt (needs the engine's prefix cache)."""
+def test_follow_up_turns_hit_the_prefix_cache(server_factory: ServerFactory, default_model_dir: Path) -> None:
+    """From turn 2 on, cached_tokens covers >= 80% of the prompt.
+
+    On the bundled model: its replies are real text, which re-tokenizes to the tokens it generated, as a real
+    model's do. (A random model's byte soup re-tokenizes differently, which ends the shared prefix early.)
+    """
+    tiny_server = server_factory(default_model_dir)
+    # A system prompt as real chats have: without one, turn 2 is mostly the new line plus the part of the
+    # last block that was not full (only full 16-token blocks are cached).
+    system = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: "
+              "You are all resolved rather to die than to famish? All: Resolved. resolved. First Citizen: First, "
+              "you know Caius Marcius is chief enemy to the people. All: We know't, we know't. First Citizen: Let "
+              "us kill him, and we'll have corn at our own price.")
 
     async def main() -> list[dict[str, Any]]:
         ws = await connect(tiny_server.url, subprotocols=[p.SUBPROTOCOL_MSGPACK])  # type: ignore[list-item]
         await ws.recv()
         usages = []
         for i, line in enumerate(TURNS):
-            await ws.send(p.MSGPACK.encode(p.Generate(id=i, conversation="c", messages=[p.Message("user", line)],
-                                                      max_tokens=24, temperature=0.0)))
+            turn = [p.Message("user", line)] if i else [p.Message("system", system), p.Message("user", line)]
+            await ws.send(p.MSGPACK.encode(p.Generate(id=i, conversation="c", messages=turn,
+                                                      max_tokens=8, temperature=0.0)))
             while True:
                 raw = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 20 * UNIT))
                 if raw["type"] == "done":
@@ -69,8 +86,7 @@ def test_follow_up_turns_hit_the_prefix_cache(tiny_server: RunningServer) -> Non
         return usages
 
     usages = run(main())
-    if "cached_tokens" not in usages[-1]:
-        pytest.skip("done.usage.cached_tokens is absent: the engine's prefix cache has not landed")
+    assert all(u["prompt_tokens"] + 8 < 248 for u in usages), usages  # no turn was dropped
     for u in usages[1:]:
         assert u["cached_tokens"] >= 0.8 * u["prompt_tokens"], usages
 

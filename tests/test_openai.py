@@ -183,3 +183,64 @@ def test_engine_error_mid_stream_raises_api_error(srv: RunningServer, client: An
     finally:
         engine.fault_injector = None
     assert client(srv).completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+# --------------------------------------------------------------------------- conventions (OpenAI API reference)
+
+
+def test_errors_name_the_param(srv: RunningServer, client: Any) -> None:
+    c = client(srv)
+    cases: list[tuple[str, Any]] = [
+        ("n", lambda: c.completions.create(model="tiny", prompt="x", n=2)),
+        ("n", lambda: c.chat.completions.create(model="tiny", messages=CHAT, n=3)),
+        ("logprobs", lambda: c.completions.create(model="tiny", prompt="x", logprobs=2)),
+        ("logprobs", lambda: c.chat.completions.create(model="tiny", messages=CHAT, logprobs=True)),
+        ("top_logprobs", lambda: c.chat.completions.create(model="tiny", messages=CHAT, top_logprobs=2)),
+        ("max_tokens", lambda: c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=10_000)),
+        ("stream_options", lambda: c.chat.completions.create(model="tiny", messages=CHAT,
+                                                             stream_options={"include_usage": True})),
+        ("top_p", lambda: c.completions.create(model="tiny", prompt="x", top_p=2)),
+    ]
+    for param, call in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        err = info.value
+        assert err.param == param, (param, err.body)
+        assert err.type == "invalid_request_error" and err.code == "invalid_params" and err.message
+        assert isinstance(err.body, dict) and set(err.body) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(model="tiny", messages=CHAT, logprobs=True)
+    assert "logprobs are not supported" in info.value.message
+    # logprobs: false is the default, and accepted
+    ok = c.chat.completions.create(model="tiny", messages=CHAT, logprobs=False, max_tokens=2)
+    assert ok.choices[0].logprobs is None
+
+
+def test_seed_and_stop(srv: RunningServer, client: Any) -> None:
+    c = client(srv)
+
+    def sample(seed: int) -> str:
+        out = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=1.0, seed=seed)
+        return out.choices[0].text
+
+    assert sample(123) == sample(123)  # same seed, same sample
+    assert len({sample(s) for s in range(6)}) > 1  # sampling is not greedy
+    full = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=20, temperature=0).choices[0].text
+    stops = [ch for ch in dict.fromkeys(full) if ch.strip()][:2]
+    cut = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=20, temperature=0, stop=stops)
+    assert cut.choices[0].finish_reason == "stop" and not any(s in cut.choices[0].text for s in stops)
+    assert full.startswith(cut.choices[0].text)
+    chat = c.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=4, seed=7, temperature=0.5)
+    assert chat.usage is not None and chat.usage.completion_tokens <= 4
+
+
+def test_stream_without_usage_has_no_usage_chunk(srv: RunningServer, client: Any) -> None:
+    chunks = list(client(srv).chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, stream=True))
+    assert all(ch.usage is None and len(ch.choices) == 1 for ch in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_models_show_weights(srv: RunningServer, client: Any) -> None:
+    (m,) = client(srv).models.list().data
+    extra = m.model_extra or {}
+    assert extra["quantization"] == "none" and extra["dtype"] == "float32"

@@ -325,3 +325,53 @@ def test_the_python_client_resumes_transparently(server_factory: ServerFactory, 
     assert resumes == 1
     assert texts == expected
     assert set(token_gaps.values()) == {0}  # completion_tokens equals the tokens received
+
+
+def test_a_drain_holds_no_session_past_its_timeout(server_factory: ServerFactory, tiny_llama_long_dir: Path) -> None:
+    server = server_factory(tiny_llama_long_dir, drain_timeout_s=1.0, resume_window_s=30.0)
+
+    async def main() -> Any:
+        peer, _ = await Peer.open(server.url)
+        await peer.ws.send(p.MSGPACK.encode(gen(0, 4000)))
+        while peer.received < 5:
+            await peer.recv()
+        peer.abort()
+        await asyncio.sleep(0.3)
+        (held,) = server.app.sessions.held()
+        return held
+
+    held = run(main())
+    t0 = time.monotonic()
+    server.stop(drain=True)
+    assert time.monotonic() - t0 < 10 * UNIT  # not the 30 s resume window
+    assert held.closed and server.app.sessions.num_held == 0
+
+
+def test_the_python_client_reports_a_failed_resume_and_goes_on_fresh(server_factory: ServerFactory,
+                                                                     tiny_llama_long_dir: Path) -> None:
+    from rtws.client import ResumeFailed
+
+    server = server_factory(tiny_llama_long_dir)
+
+    def kill_session_and_socket() -> None:  # on the server's loop: the session ends, the socket drops
+        for conn in list(server.app.connections):
+            proto = conn.send.__self__
+            proto.transport.abort()
+            conn.session.close()
+
+    async def main() -> tuple[str, str, int]:
+        async with await Client.connect(server.url) as c:
+            old = c.ready.session if c.ready else ""
+            s = await c.generate("ROMEO:", max_tokens=3000)
+            while c.received < 3:
+                await asyncio.sleep(0.005)
+            loop = server.server._loop
+            loop.call_soon_threadsafe(kill_session_and_socket)
+            with pytest.raises(ResumeFailed):
+                await s.result()
+            again = await (await c.generate("JULIET:", max_tokens=4)).result()
+            assert again.completion_tokens == 4
+            return old, c.ready.session if c.ready else "", c.resume_failures
+
+    old, new, failures = run(main())
+    assert failures == 1 and new and new != old
