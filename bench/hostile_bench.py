@@ -12,7 +12,7 @@ One real server (``bench/serve_child.py``, built like ``rtws serve``, with API k
    read, ``cancel`` floods that never read, trickle readers, silent and slowloris TCP connections, keyless
    sockets holding the pre-auth budget, 512 KiB prompts, ``top_k`` 2**63 / NaN numbers, text garbage frames,
    trickled HTTP bodies;
-3. **burst**: 1,000 ``generate`` frames sent at once over 20 sockets (short generations), for the server's
+3. **burst**: 1,000 ``generate`` frames sent at once over 40 sockets (short generations), for the server's
    event-loop lag during the burst.
 
 Printed next to each other: normal streams' TTFT p99 and ITL p99 (client-side: gap between deltas divided by
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", type=int, default=1000, help="generate frames in the burst phase (0: skip)")
     p.add_argument("--num-slots", type=int, default=64)
     p.add_argument("--per-client", type=int, default=None,
-                   help="max_generations_per_client (default: num_slots // 2)")
+                   help="max_generations_per_client (default: num_slots // 2; 0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of: " + ", ".join(ATTACKS))
     p.add_argument("--only-burst", action="store_true",
@@ -280,18 +280,26 @@ class RssSampler:
         self._t.join()
 
 
+BURST_PER_SOCKET = 25  # under the per-client cap: each burst socket is its own client (own key)
+
+
+def burst_keys(n: int) -> list[str]:
+    return [f"burst-key-{i}" for i in range(-(-n // BURST_PER_SOCKET))]
+
+
 async def burst(url: str, n: int) -> tuple[int, int]:
-    """``n`` generate frames at once over 20 sockets; wait for every answer. Returns (done, errors)."""
+    """``n`` generate frames at once over n/25 sockets (one key each); wait for every answer -> (done, errors)."""
     from websockets.asyncio.client import connect
 
-    socks = 20
-    per = n // socks
+    keys = burst_keys(n)
+    socks = len(keys)
+    per = BURST_PER_SOCKET
     done = errors = 0
 
     async def one(i: int) -> tuple[int, int]:
         d = e = 0
         async with connect(url, subprotocols=["rtws.v1.msgpack"],  # type: ignore[list-item]
-                           additional_headers={"Authorization": f"Bearer {KEY}"}, open_timeout=60) as ws:
+                           additional_headers={"Authorization": f"Bearer {keys[i]}"}, open_timeout=60) as ws:
             await ws.recv()
             frames = [msgspec.msgpack.encode({"type": "generate", "id": j, "prompt": f"burst {i} {j}",
                                               "max_tokens": 2}) for j in range(per)]
@@ -324,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     print_header("hostile_bench", args)
     # The documented hostile-clients setup: clients have keys, and a per-client cap of half the slots, so one
     # client (here: every authenticated attacker shares ATTACK_KEY) cannot hold the slots the others need.
-    cfg: dict[str, Any] = {"api_keys": [KEY, ATTACK_KEY], "num_slots": args.num_slots,
-                           "max_generations_per_session": 64, "max_connections": 2048,
-                           "max_generations_per_client": args.per_client or max(1, args.num_slots // 2)}
+    cfg: dict[str, Any] = {"api_keys": [KEY, ATTACK_KEY, *burst_keys(args.burst)], "num_slots": args.num_slots,
+                           "max_generations_per_session": 64, "max_connections": 2048}
+    if args.per_client != 0:  # 0: no per-client cap (and no such field: lets --only-burst run older servers)
+        cfg["max_generations_per_client"] = args.per_client or max(1, args.num_slots // 2)
     if args.model:
         cfg["model"] = args.model
     if args.threads:
