@@ -396,14 +396,11 @@ def test_per_client_caps_and_fair_share(server_factory: ServerFactory, tiny_llam
 
     async def main() -> dict[str, Any]:
         flood = [await Client.connect(server.url, token="kA") for _ in range(4)]
-        streams, refused = [], 0
+        streams = []
         for c in flood:
             for _ in range(16):
                 streams.append(await c.generate("a", max_tokens=2000, temperature=1.0))
         await asyncio.sleep(0.5)
-        for s in streams:
-            if s.done.done() if hasattr(s, "done") else False:
-                pass
         b = await Client.connect(server.url, token="kB")
         t0 = time.monotonic()
         g = await b.generate("b", max_tokens=50, temperature=1.0)
@@ -414,7 +411,8 @@ def test_per_client_caps_and_fair_share(server_factory: ServerFactory, tiny_llam
         r = await g.result()
         out: dict[str, Any] = {"ttft": ttft, "b": r}
         try:
-            await connect(server.url, additional_headers={"Authorization": "Bearer kA"})
+            extra = await connect(server.url, additional_headers={"Authorization": "Bearer kA"})
+            await extra.close()
             out["fifth"] = "accepted"
         except InvalidStatus as e:
             out["fifth"] = e.response.status_code
@@ -501,8 +499,8 @@ def test_a_failing_frame_answers_internal_and_keeps_the_socket(server_factory: S
 @pytest.mark.slow
 def test_sigterm_with_stalled_readers_exits_within_the_drain_timeout(tiny_llama_long_dir: Path) -> None:
     """8 sockets stream long generations and never read: the drain (drain_start to drain_done in the server's
-    own log) takes at most drain_timeout_s + 1.5 s, and the process exits within drain_timeout_s + 8 s (the rest
-    is process teardown, slow on a shared CPU). Before: about 2.5 s more per stalled socket, 21 s here."""
+    own log) takes at most drain_timeout_s + 1.5 s, and the process exits within drain_timeout_s + 15 s (the
+    rest is process teardown: uvicorn, engine threads and torch, up to 10 s on a loaded shared CPU). Before: about 2.5 s more per stalled socket, 21 s here."""
     import json
     import subprocess
     import sys
@@ -556,4 +554,4 @@ def test_sigterm_with_stalled_readers_exits_within_the_drain_timeout(tiny_llama_
     assert rc == 0
     drain = events["drain_done"] - events["drain_start"]
     assert drain <= drain_timeout + 1.5 * UNIT, f"drain took {drain:.1f} s"
-    assert elapsed <= drain_timeout + 8.0 * UNIT, f"exit took {elapsed:.1f} s"
+    assert elapsed <= drain_timeout + 15.0 * UNIT, f"exit took {elapsed:.1f} s"
