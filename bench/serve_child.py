@@ -70,7 +70,9 @@ def main() -> int:
     from rtws.logs import setup_logging
     from rtws.server import Server, build_app, uvicorn_config
 
-    cfg = ServerConfig.from_sources(json.loads(sys.argv[1]), env={})
+    raw = json.loads(sys.argv[1])
+    # JSON has no tuples: list values are the config's tuple fields (api_keys, allowed_origins, ...)
+    cfg = ServerConfig.from_sources({k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, env={})
     setup_logging(cfg.log_level)
     app = build_app(cfg)
     lag = LagSampler()

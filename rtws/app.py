@@ -27,6 +27,8 @@ from .limits import ClientQuota, RateLimiter
 from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
 from .session import Session, SessionLimits
+from .session_store import SessionStore
+from .wslimits import CLOSE_TOO_BIG, frame_too_big
 
 log = logging.getLogger("rtws.app")
 
@@ -50,6 +52,7 @@ class Connection:
     win_start: float = 0.0
     win_bytes: int = 0
     win_blocked: float = 0.0
+    moved: bool = False  # its session was resumed on another socket: leave the session alone at the end
 
 
 class App:
@@ -77,8 +80,12 @@ class App:
             low_watermark=config.low_watermark,
             request_timeout=config.request_timeout,
             api_keys=frozenset(config.api_keys),
+            max_conversations=config.max_conversations_per_session,
+            max_conversation_generations=config.max_generations_per_conversation,
+            resume_window_s=config.resume_window_s,
             max_control_bytes=config.max_control_bytes,
             chars_per_token=config.prompt_chars_per_token,
+            replica=config.replica_id,
         )
         self.quota = ClientQuota(config.max_connections_per_client, config.max_generations_per_client)
         self.num_preauth = 0  # WebSockets waiting for hello {token}: their own budget
@@ -87,6 +94,7 @@ class App:
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtws-tokenize")
         self._tasks: set[asyncio.Task[Any]] = set()  # closes started by the watchdog (never awaited inline)
         self._log_budget = _LogBudget()
+        self.sessions = SessionStore(config.resume_window_s)  # resume tokens and sessions held without a socket
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/healthz"): self._healthz,
             ("GET", "/readyz"): self._readyz,
@@ -121,6 +129,8 @@ class App:
             return
         await send({"type": "lifespan.startup.complete"})
         await receive()
+        if not self.draining:  # a host that never called drain() (Ray Serve's replica shutdown, another server)
+            await self.drain()
         await self.shutdown()
         await send({"type": "lifespan.shutdown.complete"})
 
@@ -138,6 +148,7 @@ class App:
             self.registry.add(served)
         for hook in self.on_startup:
             await hook()
+        self.sessions.hooks = self.hooks
         self._watchdog = loop.create_task(self._watch())
         self.started = True
         log.info("server ready", extra={"event": "ready", "models": self.registry.names()})
@@ -178,6 +189,7 @@ class App:
             await hook()
         for conn in list(self.connections):
             conn.session.close()
+        self.sessions.close_all()
         for served in self.registry.models():
             stop = getattr(served, "stop", None)
             if stop is not None:
@@ -199,6 +211,7 @@ class App:
         for conn in self.connections:
             conn.session.draining = True
         deadline = time.monotonic() + timeout
+        self.sessions.drain(deadline)
         while self.live_generations() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         cancelled = 0
@@ -207,14 +220,14 @@ class App:
             conn.session.cancel_all("cancelled")
         # Flush every socket at once under one deadline (a stalled reader costs the grace once, not per socket),
         # then close them all; whatever is still blocked is force-closed.
-        grace = min(2.0, max(0.25, timeout / 2))
+        grace = min(1.0, max(0.25, timeout / 4))
         conns = list(self.connections)
 
         closed_cleanly: set[Connection] = set()
 
         async def flush_and_close(conn: Connection) -> None:
             await conn.session.flush(grace)
-            if await self._close(conn, 1001, "server shutting down", deadline=0.5):
+            if await self._close(conn, 1001, "server shutting down", deadline=0.5, abort_after=0.25):
                 closed_cleanly.add(conn)
 
         if conns:
@@ -228,6 +241,8 @@ class App:
                     conn.closing = True
                     conn.session.close()
                     _force_close(conn.send, 1001, "server shutting down", abort_after=0.0)
+        cancelled += sum(len(s.live) for s in self.sessions.held())
+        self.sessions.close_all()
         log.info("drained", extra={"event": "drain_done", "cancelled": cancelled})
 
     # ------------------------------------------------------------------ HTTP
@@ -346,6 +361,11 @@ class App:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # websocket.connect
+        if scope["path"] == "/v1/realtime":
+            from .realtime import serve as serve_realtime  # the OpenAI Realtime API edge
+
+            await serve_realtime(self, scope, receive, send)
+            return
         if scope["path"] != "/ws":
             await self._reject_ws(send, 404, "not_found", f"no WebSocket endpoint at {scope['path']}")
             return
@@ -421,12 +441,18 @@ class App:
                 self.num_preauth -= 1
             return None
 
+        def on_resume(fresh: Session, frame: protocol.Hello) -> protocol.Error | None:
+            assert conn is not None
+            return self._resume(conn, fresh, frame, send_frame, policy_close, on_resume)
+
         session = Session(send_frame, codec, self.registry, self.session_limits, client=client_address(scope),
                           authenticated=authenticated, rate_limiter=self.rate_limiter, hooks=self.hooks,
                           on_policy_close=policy_close, offload=self.offload,
                           quota=self.quota if self.quota.max_generations is not None else None,
-                          on_authenticated=on_authenticated)
+                          on_authenticated=on_authenticated, store=self.sessions, on_resume=on_resume)
         session.rate_key = rate_key
+        if self.config.auth_enabled and token is not None:
+            session.key = key_id(token)
         session.draining = self.draining
         now = time.monotonic()
         conn = Connection(session=session, send=send, opened=now, preauth=not authenticated, quota_key=quota_key,
@@ -438,18 +464,39 @@ class App:
         conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))
         if authenticated:
             session.start()
+        code = 1006
         try:
+            handled = 0
             while True:
                 msg = await receive()
                 if msg["type"] == "websocket.receive":
                     data = msg.get("bytes")
-                    session.on_frame(data if data is not None else msg.get("text", ""))
+                    frame = data if data is not None else msg.get("text", "")
+                    if frame_too_big(frame, self.config.max_frame_bytes):  # a proxy may allow more (Ray: 16 MiB)
+                        self.hooks.rejected("frame_too_big")
+                        await self._close(conn, CLOSE_TOO_BIG, "frame too big")
+                        break
+                    conn.session.on_frame(frame)
+                    handled += 1
+                    if handled % 32 == 0:
+                        # receive() returns without suspending while frames are queued: let other sockets,
+                        # the writers and the watchdog run between batches of a burst
+                        await asyncio.sleep(0)
                 elif msg["type"] == "websocket.disconnect":
+                    code = msg.get("code", 1005)
                     break
         finally:
-            session.close()
             if conn.writer is not None:
                 conn.writer.cancel()
+            # Resume: an acking session whose socket dropped uncleanly (not a client 1000, not a close we
+            # sent) is held for resume_window_s; everything else ends now, as in protocol v1.
+            if not conn.moved:
+                s = conn.session
+                if (code != 1000 and not conn.closing and not self.draining and s.resumable
+                        and self.sessions.hold(s)):
+                    s.detach()
+                else:
+                    s.close()
             self.connections.discard(conn)
             if conn.preauth:
                 conn.preauth = False
@@ -470,6 +517,33 @@ class App:
         self.hooks.rejected("max_preauth_connections")
         self._close_soon(oldest, 1008, "too many unauthenticated connections")
 
+    def _resume(self, conn: Connection, fresh: Session, frame: protocol.Hello,
+                send_frame: Callable[[bytes | str], Awaitable[None]], policy_close: Callable[[int, str], None],
+                on_resume: Callable[[Session, protocol.Hello], protocol.Error | None]) -> protocol.Error | None:
+        """``hello {resume}`` on ``conn``: move the held session onto this socket, or say why not."""
+        assert frame.resume is not None
+        received = frame.received or 0
+        claim = self.sessions.claim(frame.resume, fresh.key, received, fresh.codec.name)
+        if claim.session is None:
+            return protocol.Error(code="resume_failed", reason=claim.public_reason,
+                                  message=f"cannot resume ({claim.public_reason}); this is a fresh session")
+        held: Session = claim.session
+        for other in list(self.connections):  # still attached to a half-open socket: take it over
+            if other.session is held and other is not conn:
+                other.moved = True
+                if other.writer is not None:
+                    other.writer.cancel()
+                held.detach()
+                _force_close(other.send, 4001, "session resumed on another connection")
+        if conn.writer is not None:
+            conn.writer.cancel()
+        fresh.close()
+        conn.session = held
+        frames, nbytes = held.attach(send_frame, received, on_policy_close=policy_close, on_resume=on_resume)
+        conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))
+        self.sessions.resumed(held, frames, nbytes, claim.held_s)
+        return None
+
     def _fits_after_preauth(self) -> bool:
         """Whether one pre-auth socket, once authenticated, still fits in ``max_connections``."""
         authenticated = len(self.connections) - self.num_preauth
@@ -484,11 +558,13 @@ class App:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # The socket failed under us (reset, closed): the receive loop sees the disconnect.
-            conn.session.close()
+            # The socket failed under us (reset, closed): the receive loop sees the disconnect
+            # (and holds the session for resume when it can).
+            if not conn.session.resumable:
+                conn.session.close()
 
     async def _close(self, conn: Connection, code: int, reason: str, flush: bool = False,
-                     deadline: float = 1.0) -> bool:
+                     deadline: float = 1.0, abort_after: float = 2.0) -> bool:
         """Close one socket with ``code``, within ``deadline`` seconds (plus 1 s when ``flush``). Idempotent.
 
         True when the close frame was handed to the transport normally (False: force-closed, or already closing).
@@ -503,13 +579,13 @@ class App:
             await conn.session.flush(1.0)
         conn.session.close()
         if conn.session.send_started is not None or not _writable(conn.send):
-            _force_close(conn.send, code, reason)  # the writer is stuck on a full socket
+            _force_close(conn.send, code, reason, abort_after)  # the writer is stuck on a full socket
             return False
         try:
             async with asyncio.timeout(deadline):
                 await conn.send({"type": "websocket.close", "code": code, "reason": reason})
         except Exception:  # includes TimeoutError: the transport paused under us
-            _force_close(conn.send, code, reason)
+            _force_close(conn.send, code, reason, abort_after)
             return False
         return True
 
@@ -529,6 +605,7 @@ class App:
 
     def _watch_once(self, now: float) -> None:
         cfg = self.config
+        self.sessions.expire(now)
         window = cfg.stall_timeout_s
         for conn in list(self.connections):
             s = conn.session
@@ -637,6 +714,10 @@ def _force_close(send: Send, code: int, reason: str, abort_after: float = 2.0) -
     transport = getattr(proto, "transport", None)
     conn = getattr(proto, "conn", None)
     if transport is None:
+        # Not uvicorn (Ray Serve's replica): a close message is all ASGI offers. Such hosts queue sends without
+        # blocking, so it goes out at once; a host whose send blocks leaves the task waiting until it drains.
+        task = asyncio.ensure_future(send({"type": "websocket.close", "code": code, "reason": reason}))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return
     try:
         if conn is not None and not getattr(proto, "close_sent", True):

@@ -7,13 +7,19 @@ which Python delivers to the main thread) lands there: it sends ``cancel`` for
 the current generation and the chat goes on. Ctrl-C at the prompt, or Ctrl-D,
 ``/quit`` or end of input, leaves.
 
-The conversation is kept and sent as ``messages`` (user/assistant turns), so
-the model sees the whole exchange; ``/reset`` forgets it.
+The conversation is held by the server (``generate {conversation}``): each
+line sends only the new user turn, and the server appends the reply as it was
+delivered. When the history outgrows the model's context the server drops the
+oldest exchange and says so. A local copy of the turns is kept so that, if the
+session is ever lost (the server restarted), the next line starts a new server
+conversation with the whole history. ``/reset`` forgets it on both sides. The
+client resumes the session transparently after a dropped connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import signal
@@ -162,6 +168,7 @@ class Reply:
     completion_tokens: int
     ttft_s: float | None
     elapsed_s: float
+    dropped: int = 0  # conversation turns the server dropped to fit this prompt
 
 
 class _Turn:
@@ -205,9 +212,12 @@ class Chat:
         self.interactive = stdin.isatty()
         self.color = self.interactive and stdout.isatty() and os.environ.get("NO_COLOR") is None
         self.settings = Settings()
-        self.history: list[dict[str, str]] = []
+        self.history: list[dict[str, str]] = []  # local copy of the server-held conversation
         self.loop = LoopThread()
         self.client: Client | None = None
+        self._conv_ids = itertools.count(1)
+        self.conversation = f"chat-{next(self._conv_ids)}"
+        self.synced = False  # the server holds self.history under self.conversation
 
     # ------------------------------------------------------------------ output
 
@@ -239,6 +249,8 @@ class Chat:
             if "auth" in str(exc) and not self.token:
                 self.info("the server wants an API key: pass --token KEY or set RTWS_TOKEN")
             return False
+        self.synced = False  # a new session holds no conversation yet
+        self.conversation = f"chat-{next(self._conv_ids)}"
         ready = self.client.ready
         models = ", ".join(ready.models) if ready is not None else "?"
         self.info(f"connected to {self.url} · model {self.model or models} · /help for commands")
@@ -307,7 +319,13 @@ class Chat:
         if name in ("/help", "/?"):
             self.info(HELP)
         elif name == "/reset":
+            if self.client is not None and self.synced:
+                try:
+                    self.loop.call(self.client.forget(self.conversation), timeout=5.0)
+                except Exception:  # noqa: BLE001, S110 - a dead socket forgets everything anyway
+                    pass
             self.history.clear()
+            self.conversation, self.synced = f"chat-{next(self._conv_ids)}", False
             self.info("conversation cleared")
         elif name in ("/settings", "/show"):
             self.info(self.settings.describe())
@@ -321,38 +339,39 @@ class Chat:
         return True
 
     def say(self, text: str) -> None:
-        """Send one user turn with the history; stream the reply; keep both in the history.
+        """Send one user turn (only it: the server holds the history); stream the reply.
 
-        When the prompt is longer than the model accepts, the oldest exchange is
-        dropped and the turn is sent again, until it fits or no history is left.
+        The server drops the oldest exchange when the history outgrows the context, and
+        says how many turns in ``done.dropped``; the local copy drops the same.
         """
         if (self.client is None or self.client.closed is not None) and not self.connect():
             return
-        while True:
-            turn = _Turn()
-            future = self.loop.submit(self._stream([*self.history, {"role": "user", "content": text}], turn))
-            try:
-                reply = self._wait(future, turn)
-                break
-            except GenerationError as exc:
-                if exc.code == "invalid_params" and exc.message.startswith("prompt is") and self.history:
-                    del self.history[:2]
-                    self.info("(the conversation outgrew the model's context: dropped the oldest exchange)")
-                    continue
-                self.error(f"{exc.code}: {exc.message}")
-                return
-            except (ConnectionLost, ConnectionClosed, OSError) as exc:
-                if turn.printed:
-                    self.out.write("\n")
-                self.error(f"connection lost ({exc}); the next line reconnects")
-                self.client = None
-                return
+        new = {"role": "user", "content": text}
+        # A server that does not hold the conversation yet (new session) gets the whole local history once.
+        messages = [new] if self.synced else [*self.history, new]
+        turn = _Turn()
+        future = self.loop.submit(self._stream(messages, turn))
+        try:
+            reply = self._wait(future, turn)
+        except GenerationError as exc:
+            self.error(f"{exc.code}: {exc.message}")
+            return
+        except (ConnectionLost, ConnectionClosed, OSError) as exc:
+            if turn.printed:
+                self.out.write("\n")
+            self.error(f"connection lost ({exc}); the next line reconnects")
+            self.client = None
+            return
         self.out.write("\n")
         if reply.reason == "cancelled":
             self.info("[stopped]")
+        if reply.dropped:
+            del self.history[:reply.dropped]
+            self.info(f"(the conversation outgrew the model's context: the server dropped the oldest exchange, "
+                      f"{reply.dropped} turns)")
         self.info(self._stats(reply))
-        if reply.text:
-            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+        self.synced = True
+        self.history += [new, {"role": "assistant", "content": reply.text}]
 
     def _wait(self, future: Future[Reply], turn: _Turn) -> Reply:
         """Block for the reply; Ctrl-C meanwhile cancels it (the stream then ends with reason "cancelled")."""
@@ -371,7 +390,7 @@ class Chat:
             options["model"] = self.model
         started = time.monotonic()
         first: float | None = None
-        stream = await self.client.generate(messages=messages, **options)
+        stream = await self.client.generate(messages=messages, conversation=self.conversation, **options)
         turn.started(stream)
         async for chunk in stream:
             if first is None:
@@ -382,7 +401,8 @@ class Chat:
         usage = stream.usage
         return Reply(stream.text, stream.reason or "error", usage.prompt_tokens if usage else 0,
                      usage.completion_tokens if usage else stream.tokens,
-                     None if first is None else first - started, time.monotonic() - started)
+                     None if first is None else first - started, time.monotonic() - started,
+                     stream.done.dropped if stream.done is not None else 0)
 
     @staticmethod
     def _stats(r: Reply) -> str:

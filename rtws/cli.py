@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_config_flags(serve)
+    serve_ray = sub.add_parser(
+        "serve-ray", help="serve on Ray Serve: N engine replicas behind one endpoint (pip install 'rtws[ray]')",
+        description="Serve on Ray Serve (docs/scale-out.md). Same configuration as 'rtws serve', per replica.",
+    )
+    _add_config_flags(serve_ray)
+    from .ray_cli import add_flags as add_ray_flags
+
+    add_ray_flags(serve_ray)
     chat = sub.add_parser("chat", help="chat with a running server from the terminal")
     chat.add_argument("url", nargs="?", default="ws://127.0.0.1:8000/ws", help="server WebSocket URL")
     chat.add_argument("--token", default=None, help="API key (or RTWS_TOKEN)")
@@ -63,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         from .server import serve
 
         return serve(config)
+    if args.command == "serve-ray":
+        from .ray_cli import main as serve_ray_main
+
+        return serve_ray_main(args, {k: v for k, v in vars(args).items()
+                                     if k != "command" and not k.startswith("ray_")})
     if args.command == "chat":
         from .chat import main as chat_main
 

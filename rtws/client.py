@@ -9,12 +9,24 @@
 Many streams can run at once on one client; ``await stream.cancel()`` stops
 one. Error frames become :class:`GenerationError` (for one generation) or
 :class:`ServerError` (for the connection). Imports no torch.
+
+Resume (on by default, ``resume=False`` turns it off): the client acknowledges
+what it receives (``ack``), and when the socket drops without a clean close it
+reconnects and sends ``hello {resume, received}``. The server replays what was
+lost and the streams simply go on: an ``async for`` over a stream's text never
+notices. Generates and cancels that never reached the server are sent again.
+If the session cannot be resumed (expired, server restarted), open streams end
+with :class:`ResumeFailed` and the client goes on with the fresh session.
+
+Server-held conversations: ``generate(messages=[new turns], conversation="c1")``;
+:meth:`Client.history` and :meth:`Client.forget`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +38,7 @@ from websockets.typing import Origin, Subprotocol
 from . import protocol as p
 
 __all__ = ["Client", "Stream", "Result", "RtwsError", "GenerationError", "ServerError", "ConnectionLost",
-           "generate"]
+           "ResumeFailed", "generate"]
 
 
 class RtwsError(Exception):
@@ -57,6 +69,10 @@ class ConnectionLost(RtwsError):
         self.reason = reason
 
 
+class ResumeFailed(ConnectionLost):
+    """The socket dropped and the session could not be resumed: this generation is lost."""
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     text: str
@@ -75,8 +91,11 @@ class Stream:
         self.parts: list[str] = []
         self.reason: str | None = None
         self.usage: p.Usage | None = None
+        self.done: p.Done | None = None  # the done frame (``dropped``: conversation turns dropped to fit)
         self.deltas = 0
         self.tokens = 0
+        self.frame: p.Generate | None = None  # sent again after a resume if the server never got it
+        self.cancel_requested = False
 
     @property
     def text(self) -> str:
@@ -103,6 +122,7 @@ class Stream:
             else:
                 self.reason = item.reason
                 self.usage = item.usage
+                self.done = item
 
     async def result(self) -> Result:
         """Wait for the end; return the whole text and usage."""
@@ -114,13 +134,15 @@ class Stream:
     async def cancel(self) -> None:
         """Ask the server to stop this generation; iteration then ends with reason ``cancelled``."""
         if self.reason is None:
+            self.cancel_requested = True
             await self._client.cancel(self.id)
 
 
 class Client:
-    """One WebSocket session. Use :meth:`connect`."""
+    """One WebSocket session (resumed across dropped sockets unless ``resume=False``). Use :meth:`connect`."""
 
-    def __init__(self, ws: ClientConnection, codec: p.Codec, ready: p.Ready | None) -> None:
+    def __init__(self, ws: ClientConnection, codec: p.Codec, ready: p.Ready | None, *,
+                 reconnect: Any = None, resume: bool = True) -> None:
         self.ws = ws
         self.codec = codec
         self.ready = ready
@@ -128,23 +150,43 @@ class Client:
         self._ids = itertools.count(1)
         self.errors: asyncio.Queue[ServerError] = asyncio.Queue()
         self.closed: ConnectionLost | None = None
+        self._reconnect_fn = reconnect
+        self.resume = resume and reconnect is not None
+        self.received = 0  # frames of this session received (ready not counted): what acks carry
+        self.resumes = 0
+        self.resume_failures = 0
+        self._unacked = 0
+        window = ready.limits.window if ready is not None else None
+        self._ack_every = max(1, (window or 256 * 1024) // 8)  # the protocol asks for an ack every window/8
+        self._replay_left = 0
+        self._closing = False
+        self._online = asyncio.Event()
+        self._online.set()
+        self._history: dict[str, list[asyncio.Future[p.ConversationFrame]]] = {}
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
     async def connect(cls, url: str, *, token: str | None = None, codec: str = "msgpack",
                       auth: str = "hello", origin: str | None = None, open_timeout: float = 30.0,
-                      max_size: int | None = 2**24) -> Client:
+                      max_size: int | None = 2**24, resume: bool = True) -> Client:
         """Open a session and wait for ``ready``.
 
         ``auth="hello"`` sends the token in the first frame (as a browser must);
-        ``auth="header"`` sends ``Authorization: Bearer``.
+        ``auth="header"`` sends ``Authorization: Bearer``. ``resume``: ack frames and
+        resume the session transparently after a dropped socket.
         """
         sub = p.SUBPROTOCOL_JSON if codec == "json" else p.SUBPROTOCOL_MSGPACK
         c = p.codec_for(sub)
         headers = {"Authorization": f"Bearer {token}"} if token and auth == "header" else None
-        ws = await connect(url, subprotocols=[Subprotocol(sub)], additional_headers=headers,
-                           open_timeout=open_timeout, max_size=max_size,
-                           origin=Origin(origin) if origin else None, compression=None)
+
+        async def open_ws(replica: str | None = None) -> ClientConnection:
+            # rtws.replica.<id>: behind rtws.ray's router, a reconnect returns to the replica holding the session
+            offered = [Subprotocol(sub)] + ([Subprotocol("rtws.replica." + replica)] if replica else [])
+            return await connect(url, subprotocols=offered, additional_headers=headers,
+                                 open_timeout=open_timeout, max_size=max_size,
+                                 origin=Origin(origin) if origin else None, compression=None)
+
+        ws = await open_ws()
         try:
             if token and auth == "hello":
                 await ws.send(_wire(c, p.Hello(token=token)))
@@ -154,10 +196,22 @@ class Client:
                     break
                 if isinstance(frame, p.Error):
                     raise ServerError(frame.code, frame.message)
+            if resume and frame.resume_token is not None:
+                await ws.send(_wire(c, p.Ack(received=0)))  # opt in to acks: the session can be resumed
         except BaseException:
             await ws.close()
             raise
-        return cls(ws, c, frame)
+
+        async def reconnect(client: Client) -> ClientConnection:
+            assert client.ready is not None
+            ws = await open_ws(client.ready.replica)
+            hello = p.Hello(token=token if auth == "hello" else None, resume=client.ready.resume_token,
+                            received=client.received)
+            await ws.send(_wire(c, hello))
+            return ws
+
+        usable = resume and frame.resume_token is not None
+        return cls(ws, c, frame, reconnect=reconnect if usable else None, resume=usable)
 
     async def __aenter__(self) -> Client:
         return self
@@ -166,13 +220,23 @@ class Client:
         await self.close()
 
     async def send_frame(self, frame: Any) -> None:
-        await self.ws.send(_wire(self.codec, frame))
+        """Send one frame. While resuming, waits for the new socket; a frame lost with a dropped socket
+        is covered by the resume (generates and cancels are sent again)."""
+        if not self.resume:
+            await self.ws.send(_wire(self.codec, frame))
+            return
+        await self._online.wait()
+        try:
+            await self.ws.send(_wire(self.codec, frame))
+        except ConnectionClosed:
+            if self._closing or not self.resume:
+                raise
 
     async def generate(self, prompt: str | None = None, *, messages: list[dict[str, Any]] | None = None,
                        id: Any = None, **options: Any) -> Stream:
         """Start a generation; return its :class:`Stream` at once (text arrives as it is produced).
 
-        ``options``: model, max_tokens, temperature, top_p, top_k, seed, stop, priority.
+        ``options``: model, max_tokens, temperature, top_p, top_k, seed, stop, priority, conversation.
         """
         if self.closed is not None:
             raise self.closed
@@ -182,6 +246,7 @@ class Client:
         msgs = None if messages is None else [p.Message(**m) for m in messages]
         frame = p.Generate(id=gid, prompt=prompt, messages=msgs, **options)
         stream = Stream(self, gid)
+        stream.frame = frame
         self._streams[gid] = stream
         await self.send_frame(frame)
         return stream
@@ -189,7 +254,20 @@ class Client:
     async def cancel(self, gid: Any) -> None:
         await self.send_frame(p.Cancel(id=gid))
 
+    async def history(self, conversation: str, timeout: float = 30.0) -> p.ConversationFrame:
+        """The turns the server holds for ``conversation``. Raises :class:`ServerError` (unknown_conversation)."""
+        fut: asyncio.Future[p.ConversationFrame] = asyncio.get_running_loop().create_future()
+        self._history.setdefault(conversation, []).append(fut)
+        await self.send_frame(p.History(conversation=conversation))
+        return await asyncio.wait_for(fut, timeout)
+
+    async def forget(self, conversation: str) -> None:
+        """Delete a server-held conversation (fire and forget; an unknown one arrives on :attr:`errors`)."""
+        await self.send_frame(p.Forget(conversation=conversation))
+
     async def close(self) -> None:
+        """Close the session for good (close code 1000: the server ends it at once)."""
+        self._closing = True
         await self.ws.close()
         self._reader.cancel()
         try:
@@ -197,31 +275,129 @@ class Client:
         except (asyncio.CancelledError, Exception):
             pass
 
+    # ------------------------------------------------------------------ reading
+
     async def _read(self) -> None:
         try:
-            async for data in self.ws:
-                frame = self.codec.decode_any(data)
-                if isinstance(frame, (p.Delta, p.Done)):
-                    stream = self._streams.get(frame.id)
-                    if stream is not None:
-                        stream._queue.put_nowait(frame)
-                        if isinstance(frame, p.Done):
-                            del self._streams[frame.id]
-                elif isinstance(frame, p.Error):
-                    stream = self._streams.pop(frame.id, None) if frame.id is not None else None
-                    if stream is not None:
-                        stream._queue.put_nowait(GenerationError(frame.code, frame.message, frame.id,
-                                                                 frame.retry_after))
-                    else:
-                        self.errors.put_nowait(ServerError(frame.code, frame.message, frame.id,
-                                                           frame.retry_after))
-        except ConnectionClosed:
-            pass
+            while True:
+                try:
+                    async for data in self.ws:
+                        await self._on_data(data)
+                except ConnectionClosed:
+                    pass
+                # Resume only after a drop: a close frame from the server means it ended the session.
+                if self._closing or not self.resume or self.ws.protocol.close_rcvd is not None:
+                    break
+                if not await self._resume():
+                    break
         finally:
+            self._online.set()
             self.closed = ConnectionLost(self.ws.close_code, self.ws.close_reason or "")
             for stream in self._streams.values():
                 stream._queue.put_nowait(self.closed)
             self._streams.clear()
+            for futs in self._history.values():
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_exception(self.closed)
+
+    async def _on_data(self, data: bytes | str) -> None:
+        frame = self.codec.decode_any(data)
+        if isinstance(frame, p.Ready):
+            return
+        self.received += 1
+        self._unacked += len(data)
+        if isinstance(frame, (p.Delta, p.Done)):
+            stream = self._streams.get(frame.id)
+            if stream is not None:
+                stream._queue.put_nowait(frame)
+                if isinstance(frame, p.Done):
+                    del self._streams[frame.id]
+        elif isinstance(frame, p.Error):
+            stream = self._streams.pop(frame.id, None) if frame.id is not None else None
+            if stream is not None:
+                stream._queue.put_nowait(GenerationError(frame.code, frame.message, frame.id, frame.retry_after))
+            else:
+                futs = self._history.get(frame.conversation or "", [])
+                if frame.code == "unknown_conversation" and futs:
+                    futs.pop(0).set_exception(ServerError(frame.code, frame.message))
+                else:
+                    self.errors.put_nowait(ServerError(frame.code, frame.message, frame.id, frame.retry_after))
+        elif isinstance(frame, p.ConversationFrame):
+            futs = self._history.get(frame.id, [])
+            if futs:
+                fut = futs.pop(0)
+                if not fut.done():
+                    fut.set_result(frame)
+        if self.resume and (self._unacked >= self._ack_every or isinstance(frame, p.Done)):
+            self._unacked = 0
+            try:
+                await self.ws.send(_wire(self.codec, p.Ack(received=self.received)))
+            except ConnectionClosed:
+                pass
+        if self._replay_left:
+            self._replay_left -= 1
+            if not self._replay_left:
+                await self._after_replay()
+
+    async def _resume(self) -> bool:
+        """Reconnect and resume within the server's window. True: reading goes on (resumed or fresh)."""
+        self._online.clear()
+        assert self.ready is not None and self._reconnect_fn is not None
+        window = self.ready.limits.resume_window_s or 30.0
+        deadline = time.monotonic() + window
+        delay = 0.05
+        old_id = self.ready.session
+        while not self._closing and time.monotonic() < deadline:
+            try:
+                ws = await self._reconnect_fn(self)
+            except (OSError, asyncio.TimeoutError, ConnectionClosed, Exception):
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            fresh: p.Ready | None = None
+            try:
+                while True:
+                    data = await asyncio.wait_for(ws.recv(), 30.0)
+                    frame = self.codec.decode_any(data)
+                    if isinstance(frame, p.Ready):
+                        if frame.resumed and frame.session == old_id:
+                            self.ws, self.ready = ws, frame
+                            self.resumes += 1
+                            self._replay_left = frame.replay
+                            self._online.set()
+                            if not self._replay_left:
+                                await self._after_replay()
+                            return True
+                        fresh = frame
+                    elif isinstance(frame, p.Error) and frame.code == "resume_failed":
+                        self.resume_failures += 1
+                        lost = ResumeFailed(None, f"session could not be resumed ({frame.reason})")
+                        for stream in self._streams.values():
+                            stream._queue.put_nowait(lost)
+                        self._streams.clear()
+                        if fresh is None:  # the server always sends the fresh session's ready first
+                            await ws.close()
+                            return False
+                        self.ws, self.ready = ws, fresh
+                        self.received, self._unacked = 1, 0  # the error is this session's first frame
+                        await ws.send(_wire(self.codec, p.Ack(received=1)))
+                        self._online.set()
+                        return True
+            except (ConnectionClosed, asyncio.TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+        return False
+
+    async def _after_replay(self) -> None:
+        """Everything lost was replayed: send again what the server never got (it is not in ``ready.live``)."""
+        assert self.ready is not None
+        live = set(self.ready.live or ())
+        for gid, stream in list(self._streams.items()):
+            if gid not in live and stream.frame is not None:
+                await self.ws.send(_wire(self.codec, stream.frame))
+            elif stream.cancel_requested:
+                await self.ws.send(_wire(self.codec, p.Cancel(id=gid)))
 
 
 def _wire(codec: p.Codec, frame: Any) -> bytes | str:

@@ -84,6 +84,12 @@ class ServerConfig:
         "help": "generations per client per minute (token bucket; default: unlimited)"})
     rate_limit_burst: int | None = field(default=None, metadata={
         "help": "token bucket size (default: rate_limit_per_minute / 6, at least 1)"})
+    resume_window_s: float = field(default=30.0, metadata={
+        "help": "hold an acking session this long after its socket drops uncleanly, for resume (0: off)"})
+    max_conversations_per_session: int = field(default=16, metadata={
+        "help": "server-held conversations per session, at most"})
+    max_generations_per_conversation: int = field(default=1, metadata={
+        "help": "generations running at once on one conversation, at most"})
     # --- security
     api_keys: tuple[str, ...] = field(default=(), metadata={
         "help": "API keys (comma-separated in RTWS_API_KEYS); empty: auth off"})
@@ -97,7 +103,7 @@ class ServerConfig:
     max_preauth_connections: int = field(default=64, metadata={
         "help": "WebSockets still waiting for hello {token}, at most (their own budget, outside max_connections)"})
     max_connections_per_client: int | None = field(default=None, metadata={
-        "help": "open WebSockets + HTTP streams per client (API key when verified, else address); default: no cap"})
+        "help": "open WebSockets per client (API key when verified, else address); default: no cap"})
     max_generations_per_client: int | None = field(default=None, metadata={
         "help": "queued + running generations per client across its sockets and HTTP; default: no cap"})
     max_control_bytes: int = field(default=256 * 1024, metadata={
@@ -134,6 +140,8 @@ class ServerConfig:
     log_format: str = field(default="auto", metadata={
         "help": "auto (readable lines on a TTY, JSON lines otherwise), text or json"})
     access_log: bool = field(default=False, metadata={"help": "uvicorn access log"})
+    replica_id: str | None = field(default=None, metadata={
+        "help": "name of this server announced in ready.replica and rtws_replica_info (rtws.ray sets one per replica)"})
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -230,7 +238,8 @@ def _validate(c: ServerConfig) -> None:
             need(isinstance(v, tuple) and all(isinstance(x, str) for x in v), f.name, "must be a tuple of strings")
     need(0 <= c.port <= 65535, "port", "must be in 0..65535")
     for name in ("num_slots", "prefill_budget", "max_connections", "max_generations_per_session",
-                 "max_tokens_limit", "max_frame_bytes", "send_high_watermark"):
+                 "max_tokens_limit", "max_frame_bytes", "send_high_watermark", "max_conversations_per_session",
+                 "max_generations_per_conversation"):
         need(getattr(c, name) >= 1, name, "must be >= 1")
     need(c.transport_high_water >= 1024, "transport_high_water", "must be >= 1024")
     for name in ("torch_threads", "torch_interop_threads", "socket_send_buffer", "max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
@@ -253,6 +262,7 @@ def _validate(c: ServerConfig) -> None:
     need(c.max_batch_wait_ms >= 0, "max_batch_wait_ms", "must be >= 0")
     need(c.kv_cache_gb is None or c.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
     need(1 <= c.block_size <= 4096, "block_size", "must be in 1..4096")
+    need(c.resume_window_s >= 0, "resume_window_s", "must be >= 0")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
          "must be auto, cpu or cuda[:N]")
     need(c.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",
@@ -260,5 +270,7 @@ def _validate(c: ServerConfig) -> None:
     need(c.log_level.upper() in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     need(c.log_format in LOG_FORMATS, "log_format", f"must be one of {', '.join(LOG_FORMATS)}")
     need(c.quantization in QUANTIZATIONS, "quantization", f"must be one of {', '.join(QUANTIZATIONS)}")
+    need(c.max_transport_buffer >= c.send_high_watermark + c.transport_high_water, "max_transport_buffer",
+         "must be >= send_high_watermark + transport_high_water (one coalesced frame over the high-water mark)")
     low = c.low_watermark
     need(0 <= low < c.send_high_watermark, "send_low_watermark", "must be >= 0 and below send_high_watermark")

@@ -50,3 +50,12 @@ class Hooks:
 
     def paused(self, reason: str) -> None:
         """A session's generations paused for backpressure."""
+
+    def resumed(self, nbytes: int) -> None:
+        """A held session was resumed; ``nbytes`` of retained frames are being replayed."""
+
+    def resume_failed(self, reason: str) -> None:
+        """A ``hello {resume}`` was refused (``rtws.session_store.REASONS``)."""
+
+    def session_expired(self) -> None:
+        """A session held without a socket ended unresumed (window passed, or drain)."""

@@ -31,7 +31,18 @@ import msgspec
 from . import protocol
 from .engine import TokenEvent
 from .hooks import GenerationRecord
-from .http import BodyTimeout, BodyTooLarge, Receive, Scope, Send, client_address, header, read_body, send_error, send_json
+from .http import (
+    BodyTimeout,
+    BodyTooLarge,
+    Receive,
+    Scope,
+    Send,
+    client_address,
+    header,
+    read_body,
+    send_error,
+    send_json,
+)
 from .scheduler import SamplingParams
 
 if TYPE_CHECKING:

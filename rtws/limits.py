@@ -40,6 +40,13 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return wait
 
+    def peek(self, key: str) -> tuple[float, float]:
+        """``(tokens left now, seconds until the bucket is full again)`` for ``key``, taking nothing."""
+        now = self._clock()
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        return tokens, (self.burst - tokens) / self.rate
+
 
 class ClientQuota:
     """Per-client caps on open connections and on queued + live generations, across sockets and HTTP. Pure.

@@ -217,7 +217,9 @@ class _AppCollector:
         yield versions
         yield from kv_cache_families(app)
         conns = GaugeMetricFamily("rtws_connections", "Open WebSockets and HTTP streams", labels=["transport"])
-        conns.add_metric(["ws"], len(app.connections))
+        realtime = sum(1 for c in app.connections if getattr(c.session, "transport", "ws") == "realtime")
+        conns.add_metric(["ws"], len(app.connections) - realtime)
+        conns.add_metric(["realtime"], realtime)
         conns.add_metric(["http"], app.num_http_streams)
         yield conns
         sessions = GaugeMetricFamily("rtws_sessions", "Authenticated WebSocket sessions")
@@ -232,6 +234,9 @@ class _AppCollector:
         nbytes = CounterMetricFamily("rtws_sent_bytes", "Bytes of frames written to WebSockets")
         nbytes.add_metric([], self.hooks.num_bytes)
         yield nbytes
+        held = GaugeMetricFamily("rtws_sessions_held", "Sessions held without a socket, waiting for a resume")
+        held.add_metric([], app.sessions.num_held)
+        yield held
         yield from self.hooks.steps.families()
 
 
@@ -300,6 +305,12 @@ class MetricsHooks(GenerationLog):
         self.num_frames = 0  # plain ints: frame_sent is the hot path, and it runs on the event loop only
         self.num_bytes = 0
         self.opened = Counter("rtws_connections_opened", "WebSockets accepted", registry=r)
+        self.resumes = Counter("rtws_resumes", "Held sessions resumed on a new socket", registry=r)
+        self.resume_failures = Counter("rtws_resume_failures", "Resume requests refused, by reason "
+                                       "(unknown, other_key, expired, resumed, gap, codec, not_first, off, draining)",
+                                       ["reason"], registry=r)
+        self.replayed = Counter("rtws_replayed_bytes", "Bytes of retained frames replayed on resume", registry=r)
+        self.expired = Counter("rtws_sessions_expired", "Held sessions that ended unresumed", registry=r)
         r.register(_AppCollector(app, self))
 
     # ------------------------------------------------------------------ hooks (event loop)
@@ -333,6 +344,16 @@ class MetricsHooks(GenerationLog):
 
     def paused(self, reason: str) -> None:
         self.pauses.labels(reason).inc()
+
+    def resumed(self, nbytes: int) -> None:
+        self.resumes.inc()
+        self.replayed.inc(nbytes)
+
+    def resume_failed(self, reason: str) -> None:
+        self.resume_failures.labels(reason).inc()
+
+    def session_expired(self) -> None:
+        self.expired.inc()
 
     # ------------------------------------------------------------------ GET /metrics
 

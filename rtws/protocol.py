@@ -55,6 +55,11 @@ class ErrorCode(str, enum.Enum):
     UNAUTHORIZED = "unauthorized"
     OVERLOADED = "overloaded"
     INTERNAL = "internal"
+    # sessions that outlive a socket (docs/protocol.md, "Resume" and "Conversations")
+    RESUME_FAILED = "resume_failed"
+    UNKNOWN_CONVERSATION = "unknown_conversation"
+    TOO_MANY_CONVERSATIONS = "too_many_conversations"
+    CONVERSATION_BUSY = "conversation_busy"
 
 
 FinishReason: TypeAlias = Literal["stop", "length", "cancelled", "error", "timeout"]
@@ -71,6 +76,8 @@ StopList: TypeAlias = Annotated[list[StopString], msgspec.Meta(max_length=MAX_ST
 Role: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ROLE_LENGTH)]
 Name: TypeAlias = Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)]
 ModelName: TypeAlias = Annotated[str, msgspec.Meta(max_length=MAX_MODEL_NAME_LENGTH)]
+ConversationId: TypeAlias = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+FrameCount: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
 # --------------------------------------------------------------------------- client frames
 
@@ -86,9 +93,13 @@ class Message(msgspec.Struct, frozen=True):
 Messages: TypeAlias = Annotated[list[Message], msgspec.Meta(max_length=MAX_MESSAGES)]
 
 
-class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True):
+class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True, omit_defaults=True):
+    """``token`` authenticates; ``resume`` (a ``ready.resume_token``) with ``received`` (the number of
+    frames the client got from that session, ``ready`` frames not counted) reattaches a held session."""
+
     token: Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_LENGTH)] | None = None
     resume: Annotated[str, msgspec.Meta(max_length=MAX_RESUME_LENGTH)] | None = None
+    received: FrameCount | None = None
 
 
 class Generate(msgspec.Struct, tag="generate", tag_field="type", frozen=True):
@@ -103,23 +114,50 @@ class Generate(msgspec.Struct, tag="generate", tag_field="type", frozen=True):
     seed: Seed | None = None
     stop: StopList = []
     priority: Priority = "normal"
+    conversation: ConversationId | None = None
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field="type", frozen=True):
     id: GenId
 
 
-ClientFrame: TypeAlias = Hello | Generate | Cancel
-CLIENT_TYPES: Final = frozenset({"hello", "generate", "cancel"})
+class Ack(msgspec.Struct, tag="ack", tag_field="type", frozen=True):
+    """The client has received ``received`` frames of this session (``ready`` not counted). Cumulative.
+
+    The first ``ack`` turns the acknowledgement window on for the session (send ``ack {received: 0}``
+    right after ``ready``); only acking sessions are held for resume.
+    """
+
+    received: FrameCount
+
+
+class Forget(msgspec.Struct, tag="forget", tag_field="type", frozen=True):
+    """Delete one server-held conversation (its live generations are cancelled)."""
+
+    conversation: ConversationId
+
+
+class History(msgspec.Struct, tag="history", tag_field="type", frozen=True):
+    """Ask for one conversation's turns; answered by a ``conversation`` frame."""
+
+    conversation: ConversationId
+
+
+ClientFrame: TypeAlias = Hello | Generate | Cancel | Ack | Forget | History
+CLIENT_TYPES: Final = frozenset({"hello", "generate", "cancel", "ack", "forget", "history"})
 
 # --------------------------------------------------------------------------- server frames
 
 
-class Limits(msgspec.Struct, frozen=True):
+class Limits(msgspec.Struct, frozen=True, omit_defaults=True):
     max_generations: int
     max_tokens: int
     max_prompt_tokens: int
     max_frame_bytes: int
+    window: int | None = None  # acknowledgement window, bytes sent but not acked
+    resume_window_s: float | None = None  # how long a session is held after an unclean disconnect
+    max_conversations: int | None = None
+    max_conversation_generations: int | None = None
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -128,10 +166,15 @@ class Usage(msgspec.Struct, frozen=True):
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache (optional, v1-compatible)
 
 
-class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True):
+class Ready(msgspec.Struct, tag="ready", tag_field="type", frozen=True, omit_defaults=True):
     session: str
     models: list[str]
     limits: Limits
+    resume_token: str | None = None  # present when resume is on; a new one in every ready
+    resumed: bool = False  # this ready reattached a held session
+    replay: int = 0  # on resume: this many retained frames follow at once, numbered from hello.received + 1
+    live: list[GenId] | None = None  # on resume: generations running or with a done not yet written
+    replica: str | None = None  # which server/replica holds this session (ServerConfig.replica_id); optional
 
 
 class Delta(msgspec.Struct, tag="delta", tag_field="type", frozen=True, array_like=False):
@@ -141,10 +184,11 @@ class Delta(msgspec.Struct, tag="delta", tag_field="type", frozen=True, array_li
     tokens: int
 
 
-class Done(msgspec.Struct, tag="done", tag_field="type", frozen=True):
+class Done(msgspec.Struct, tag="done", tag_field="type", frozen=True, omit_defaults=True):
     id: GenId
     reason: FinishReason
     usage: Usage
+    dropped: int = 0  # conversation turns dropped from the front to fit this prompt in the context
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True, omit_defaults=True):
@@ -152,10 +196,29 @@ class Error(msgspec.Struct, tag="error", tag_field="type", frozen=True, omit_def
     message: str
     id: GenId | None = None
     retry_after: float | None = None
+    reason: str | None = None  # resume_failed: unknown, expired, resumed, gap, codec, off, not_first, draining
+    conversation: str | None = None  # errors about one conversation (forget, history)
 
 
-ServerFrame: TypeAlias = Ready | Delta | Done | Error
-AnyFrame: TypeAlias = Hello | Generate | Cancel | Ready | Delta | Done | Error
+class ConversationItem(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: str
+    role: str
+    content: str
+    name: str | None = None
+    truncated: bool = False  # an assistant reply cut short (cancelled, timeout, error), kept as delivered
+
+
+class ConversationFrame(msgspec.Struct, tag="conversation", tag_field="type", frozen=True):
+    """Answer to ``history``: the turns the server holds, oldest first; ``dropped`` counts turns dropped so far."""
+
+    id: str
+    items: list[ConversationItem]
+    dropped: int = 0
+
+
+ServerFrame: TypeAlias = Ready | Delta | Done | Error | ConversationFrame
+AnyFrame: TypeAlias = (Hello | Generate | Cancel | Ack | Forget | History | Ready | Delta | Done | Error
+                       | ConversationFrame)
 
 
 class ProtocolError(Exception):
@@ -255,7 +318,7 @@ def _valid_id(gid: object) -> bool:
     if isinstance(gid, bool):
         return False
     if isinstance(gid, int):
-        return True
+        return -(2**63) <= gid <= 2**63 - 1  # what GenId accepts (and every codec can echo back)
     return isinstance(gid, str) and 0 < len(gid) <= MAX_ID_LENGTH
 
 
@@ -263,7 +326,7 @@ def _check_generate(frame: Generate) -> None:
     """Cross-field checks msgspec constraints cannot express."""
     if (frame.prompt is None) == (frame.messages is None):
         raise ProtocolError(ErrorCode.INVALID_PARAMS, "exactly one of 'prompt' or 'messages' is required", frame.id)
-    if frame.messages is not None and not frame.messages:
+    if frame.messages is not None and not frame.messages and frame.conversation is None:
         raise ProtocolError(ErrorCode.INVALID_PARAMS, "'messages' must not be empty", frame.id)
     if not math.isfinite(frame.temperature) or not math.isfinite(frame.top_p):
         raise ProtocolError(ErrorCode.INVALID_PARAMS, "temperature and top_p must be finite", frame.id)

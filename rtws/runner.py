@@ -702,12 +702,15 @@ class _StaticDecoder:
             self._graph(b, n, s)
         torch.cuda.synchronize()
 
+    def kv_bucket(self, longest: int) -> int:
+        """The KV length a step reads when its longest row holds ``longest`` positions."""
+        return next(x for x in self.len_buckets if x >= longest)
+
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         r = self.r
         n = len(seqs)
         b = next(x for x in self.buckets if x >= n)
-        longest = max(s.num_cached for s in seqs) + 1
-        kv_len = next(x for x in self.len_buckets if x >= longest)
+        kv_len = self.kv_bucket(max(s.num_cached for s in seqs) + 1)
         nb = kv_len // r.block_size
         dev = r.device
         pad = b - n

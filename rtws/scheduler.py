@@ -374,6 +374,12 @@ class Scheduler:
                 # at the very next decode step.
                 reserve = min(len(self._running), kv.pool.capacity // 4)
                 need = kv.can_hold(seq, seq.num_cached + want)
+                while need > kv.pool.num_free - reserve:  # memory is short: paused sequences give way
+                    victim = self._victim(set())
+                    if victim is None or not victim.paused:
+                        break
+                    self.preempt(victim)
+                    reserve = min(len(self._running), kv.pool.capacity // 4)
                 if need > kv.pool.num_free - reserve or not kv.ensure(seq, seq.num_cached + want):
                     kv.release(seq)
                     seq.num_cached = 0

@@ -11,6 +11,18 @@ the same generation append to its pending entry, so they leave as one
 session pauses its generations in the engine (they keep their KV slot but skip
 steps), below the low watermark it resumes them. A slow reader therefore
 slows only itself.
+
+Acknowledgement window and resume (one mechanism): every frame but ``ready``
+is numbered 1, 2, ... in the order it is written. A client that sends ``ack
+{received: n}`` opts in: from then on every written frame is *retained* until
+acknowledged, and the retained bytes count against the same watermarks, so a
+reader that does not ack pauses its own generations even behind a buffering
+proxy. When the socket drops uncleanly the session can be held
+(:meth:`detach`); generations keep running into the pending buffer until the
+high watermark pauses them. :meth:`attach` on a new socket replays exactly the
+retained frames after the client's ``received`` count, then goes on live.
+Frame state (seq, tokens sent, conversation reply) is updated *before* a frame
+is written, so a write cut by a dropped socket is never half-counted.
 """
 
 from __future__ import annotations
@@ -25,21 +37,27 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .auth import key_id, key_ok
+from .conversations import Conversation, ConversationError, ConversationStore, Mode, NewItem
 from .engine import TokenEvent
 from .hooks import GenerationRecord, Hooks
 from .limits import ClientQuota, RateLimiter
 from .protocol import (
+    Ack,
     Cancel,
     Codec,
+    ConversationFrame,
+    ConversationItem,
     check_prompt_chars,
     codec_for_frame,
     Delta,
     Done,
     Error,
     ErrorCode,
+    Forget,
     Generate,
     GenId,
     Hello,
+    History,
     Limits,
     ProtocolError,
     Ready,
@@ -84,12 +102,21 @@ class SessionLimits:
     low_watermark: int = 64 * 1024
     request_timeout: float | None = None
     api_keys: frozenset[str] = frozenset()
+    max_conversations: int = 16
+    max_conversation_generations: int = 1
+    resume_window_s: float = 30.0
+
+    @property
+    def retained_cap(self) -> int:
+        """Unacknowledged bytes past which an acking client is closed (1008): it acks nothing at all."""
+        return 4 * self.high_watermark + self.max_frame_bytes
     # Control and error frames: queued-but-unsent bytes at most (a client that sends frames without reading
     # the answers is closed 1008 past it), and a token bucket of error frames (burst, then per second).
     max_control_bytes: int = 256 * 1024
     error_burst: int = 256
     error_rate: float = 64.0
     chars_per_token: int = 32  # refuse prompts longer than max_prompt_tokens x this before tokenizing
+    replica: str | None = None  # announced as ready.replica
 
 
 @dataclass(slots=True, eq=False)
@@ -111,6 +138,20 @@ class Generation:
     @property
     def submitted(self) -> bool:
         return self.rid >= 0
+    conversation: Conversation | None = None
+    new_items: list[NewItem] = field(default_factory=list)  # turns added to the conversation at submit
+    committed: bool = False  # the new turns are in the conversation (the reply will be appended)
+    dropped: int = 0
+    delivered: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True, frozen=True)
+class _Sent:
+    """A written frame kept until acknowledged: its number, bytes, and the generation id if it is a done."""
+
+    n: int
+    data: bytes
+    done: GenId | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -137,11 +178,15 @@ class Session:
         rate_limiter: RateLimiter | None = None,
         hooks: Hooks | None = None,
         on_policy_close: Callable[[int, str], None] | None = None,
+        store: Any = None,
+        on_resume: Callable[[Session, Hello], Error | None] | None = None,
         offload: Offload | None = None,
         quota: ClientQuota | None = None,
         on_authenticated: Callable[[Session], str | None] | None = None,
+        transport: str = "ws",
     ) -> None:
         self.id = secrets.token_hex(8)
+        self.transport = transport  # the metrics label and log field ("ws"; "realtime" for /v1/realtime)
         self._send = send
         self.codec = codec
         self.models = models
@@ -166,6 +211,22 @@ class Session:
         self.frames_sent = 0
         self.num_pauses = 0
         self.rate_key = client
+        self.key = ""  # key id of the API key that opened the session ("" when auth is off)
+        self.store = store  # rtws.session_store.SessionStore, or None: no resume tokens
+        self.on_resume = on_resume
+        self.started = False
+        self.attached = True
+        self.conversations = ConversationStore(limits.max_conversations)
+        # acknowledgement window / retained frames
+        self.acking = False
+        self.frames_numbered = 0
+        self.acked = 0
+        self.unacked = 0
+        self.max_held = 0
+        self._retain_from = 1
+        self._retained: collections.deque[_Sent] = collections.deque()
+        self._first: collections.deque[bytes] = collections.deque()  # unnumbered (ready), sent before all else
+        self._replay: collections.deque[bytes] = collections.deque()
         self._offload = offload
         self.quota = quota
         self._on_authenticated = on_authenticated
@@ -180,13 +241,25 @@ class Session:
 
     def start(self) -> None:
         """Queue ``ready`` (call once the socket is accepted and authenticated)."""
-        self._queue_control(Ready(session=self.id, models=self.models.names(), limits=self._limits_frame()))
+        self.started = True
+        self._queue_first(self._ready())
+
+    def _ready(self, resumed: bool = False, live: list[GenId] | None = None, replay: int = 0) -> Ready:
+        token = self.store.issue(self, self.key) if self.store is not None else None
+        return Ready(session=self.id, models=self.models.names(), limits=self._limits_frame(),
+                     resume_token=token, resumed=resumed, live=live, replay=replay,
+                     replica=self.limits.replica)
 
     def _limits_frame(self) -> Limits:
         default = self.models.get(None)
         prompt_cap = default.max_prompt_tokens if default is not None else 0
-        return Limits(max_generations=self.limits.max_generations, max_tokens=self.limits.max_tokens,
-                      max_prompt_tokens=prompt_cap, max_frame_bytes=self.limits.max_frame_bytes)
+        lim = self.limits
+        resume = self.store is not None and self.store.enabled
+        return Limits(max_generations=lim.max_generations, max_tokens=lim.max_tokens,
+                      max_prompt_tokens=prompt_cap, max_frame_bytes=lim.max_frame_bytes,
+                      window=lim.high_watermark, resume_window_s=lim.resume_window_s if resume else None,
+                      max_conversations=lim.max_conversations,
+                      max_conversation_generations=lim.max_conversation_generations)
 
     def on_frame(self, data: bytes | str) -> None:
         """Handle one client frame. Never raises for bad input: answers with an ``error`` frame."""
@@ -201,8 +274,18 @@ class Session:
                 self._generate(frame)
             elif isinstance(frame, Cancel):
                 self._cancel(frame.id)
+            elif isinstance(frame, Ack):
+                self._ack(frame.received)
             elif isinstance(frame, Hello):
                 self._hello(frame)
+            elif isinstance(frame, Forget):
+                self._forget(frame.conversation)
+            elif isinstance(frame, History):
+                self._history(frame.conversation)
+        except ConversationError as exc:  # forget / history
+            self.hooks.rejected(exc.code)
+            cid = frame.conversation if isinstance(frame, (Forget, History)) else None
+            self._queue_control(Error(code=exc.code, message=exc.message, conversation=cid))
         except ProtocolError as exc:
             self.hooks.rejected(exc.code.value)
             self._queue_control(exc.to_frame())
@@ -225,10 +308,26 @@ class Session:
         if self._on_policy_close is not None:
             self._on_policy_close(code, reason)
 
+    def handle(self, frame: Generate | Cancel) -> None:
+        """Apply one already-decoded ``generate`` or ``cancel`` (for adapters such as :mod:`rtws.realtime`).
+
+        Raises :class:`ProtocolError` for a refused frame; a rate-limited
+        ``generate`` is answered with a queued ``error`` frame instead.
+        """
+        self.last_activity = time.monotonic()
+        if isinstance(frame, Generate):
+            self._generate(frame)
+        else:
+            self._cancel(frame.id)
+
+    def queue(self, frame: Any) -> None:
+        """Queue a frame ahead of pending deltas; the codec encodes it now (adapters' own events)."""
+        self._queue_control(frame)
+
     def _hello(self, frame: Hello) -> None:
-        if self.authenticated:
-            return
-        if frame.token is not None and key_ok(frame.token, self.limits.api_keys):
+        if not self.authenticated:
+            if frame.token is None or not key_ok(frame.token, self.limits.api_keys):
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "missing or invalid API key")
             key = "key:" + key_id(frame.token)
             if self._on_authenticated is not None:
                 refusal = self._on_authenticated_check(key)
@@ -238,9 +337,29 @@ class Session:
                     return
             self.authenticated = True
             self.rate_key = key
-            self.start()
+            self.key = key_id(frame.token)
+        if frame.resume is None:
+            if not self.started:
+                self.start()
             return
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, "missing or invalid API key")
+        failure = self._resume(frame)
+        if failure is None:
+            return  # a held session took over this socket; this one is closed
+        if not self.started:
+            self.start()  # the client gets a fresh session: ready first, then the error
+        self._queue_control(failure)
+
+    def _resume(self, frame: Hello) -> Error | None:
+        if self.frames_numbered or self.live or self._pending or len(self.conversations):
+            reason = "not_first"
+            self.hooks.resume_failed(reason)
+            return Error(code=ErrorCode.RESUME_FAILED.value, reason=reason,
+                         message="resume must be the first thing a socket asks; this session keeps going")
+        if self.on_resume is None:
+            self.hooks.resume_failed("off")
+            return Error(code=ErrorCode.RESUME_FAILED.value, reason="off",
+                         message="resume is off on this server; this is a fresh session")
+        return self.on_resume(self, frame)
 
     def _on_authenticated_check(self, key: str) -> str | None:
         assert self._on_authenticated is not None
@@ -278,6 +397,25 @@ class Session:
                                           message=f"rate limit exceeded; retry in {wait:.2f} s",
                                           retry_after=round(wait, 3)))
                 return
+        conv: Conversation | None = None
+        new: list[NewItem] = []
+        mode: Mode = "text" if f.prompt is not None else "chat"
+        if f.conversation is not None:
+            try:
+                conv = self.conversations.get_or_create(f.conversation)
+            except ConversationError as exc:
+                raise ProtocolError(ErrorCode(exc.code), exc.message, f.id) from None
+            if conv.live >= self.limits.max_conversation_generations:
+                raise ProtocolError(ErrorCode.CONVERSATION_BUSY,
+                                    f"conversation {f.conversation!r} already has {conv.live} generation(s) running "
+                                    f"(at most {self.limits.max_conversation_generations})", f.id)
+            if conv.mode is not None and conv.mode != mode:
+                raise ProtocolError(ErrorCode.INVALID_PARAMS, f"conversation {f.conversation!r} was started with "
+                                    f"{'prompt' if conv.mode == 'text' else 'messages'}; keep using it", f.id)
+            new = ([NewItem("user", f.prompt)] if f.prompt is not None else
+                   [NewItem(m.role, m.content, m.name) for m in f.messages or ()])
+            if not new and not conv.items:
+                raise ProtocolError(ErrorCode.INVALID_PARAMS, "the conversation is empty: send messages", f.id)
         quota_key: str | None = None
         if self.quota is not None:
             refusal = self.quota.start_generation(self.rate_key)
@@ -299,9 +437,26 @@ class Session:
                          quota_key=quota_key)
         self.live[f.id] = gen  # counts against the limits (and is cancellable) while it is being tokenized
         prompt = f.prompt
+        work: Callable[[], list[int]]
+        if conv is not None:
+            # Render a snapshot (the tokenizer thread must not read a list the loop appends to); the new
+            # turns and the drops are committed in _submit, once the engine has the prompt.
+            conv.mode = mode
+            conv.live += 1
+            gen.conversation, gen.new_items = conv, new
+            snap = conv.snapshot()
+            limit = _prompt_target(model, f.max_tokens)
+
+            def work() -> list[int]:
+                ids, gen.dropped = snap.fit(new, lambda c, extra, skip: _encode(model, mode, c, extra, skip), limit)
+                return ids
+        else:
+            def work() -> list[int]:
+                ids: list[int] = model.encode(prompt, messages)
+                return ids
         if self._offload is None:
             try:
-                ids = model.encode(prompt, messages)
+                ids = work()
             except ValueError as exc:
                 self._drop(gen)
                 raise ProtocolError(ErrorCode.INVALID_PARAMS, str(exc), f.id) from None
@@ -310,7 +465,7 @@ class Session:
                 raise
             self._submit(gen, ids, params, f.priority)
             return
-        fut = self._offload(lambda: model.encode(prompt, messages))
+        fut = self._offload(work)
         fut.add_done_callback(lambda fut: self._encoded(gen, fut, params, f.priority))
 
     def _encoded(self, gen: Generation, fut: Any, params: SamplingParams, priority: str) -> None:
@@ -348,9 +503,14 @@ class Session:
         except BaseException:
             self._drop(gen)
             raise
+        conv = gen.conversation
+        if conv is not None:
+            conv.drop_oldest(gen.dropped)
+            conv.extend(gen.new_items)
+            gen.committed = True
         if self.paused:
             gen.engine.pause((gen.rid,))
-        self.hooks.generation_started(gen.model.name, "ws")
+        self.hooks.generation_started(gen.model.name, self.transport)
 
     def _drop(self, gen: Generation) -> None:
         """Forget a generation that never reached the engine (refused while tokenizing): no ``done`` follows."""
@@ -358,6 +518,11 @@ class Session:
             del self.live[gen.id]
         gen.finished = True
         self._release(gen)
+        conv, gen.conversation = gen.conversation, None
+        if conv is not None:
+            conv.live -= 1
+            if not conv.items and not conv.live and self.conversations.get_or_none(conv.id) is conv:
+                self.conversations.forget(conv.id)  # created by this refused generate: leave no trace
 
     def _release(self, gen: Generation) -> None:
         if gen.quota_key is not None and self.quota is not None:
@@ -385,6 +550,103 @@ class Session:
         self._pending[gid] = _Pending(gen=gen, done="cancelled", nbytes=_FRAME_OVERHEAD)
         self.buffered += _FRAME_OVERHEAD
         self._wakeup()
+
+    def _forget(self, cid: str) -> None:
+        conv = self.conversations.get(cid)
+        for gid, gen in list(self.live.items()):
+            if gen.conversation is conv:
+                self._cancel(gid)
+        self.conversations.forget(cid)
+
+    def _history(self, cid: str) -> None:
+        conv = self.conversations.get(cid)
+        items = [ConversationItem(id=it.id, role=it.role, content=it.content, name=it.name, truncated=it.truncated)
+                 for it in conv.items]
+        self._queue_control(ConversationFrame(id=conv.id, items=items, dropped=conv.dropped))
+
+    def _finish_conversation(self, gen: Generation, reason: str) -> None:
+        """Append the reply as delivered to its conversation (once, when its ``done`` is written)."""
+        conv, gen.conversation = gen.conversation, None
+        if conv is None:
+            return
+        conv.live -= 1
+        if not gen.committed or self.conversations.get_or_none(conv.id) is not conv:
+            return  # cancelled before it reached the engine, or forgotten meanwhile
+        conv.add("assistant", "".join(gen.delivered), truncated=reason in ("cancelled", "timeout", "error"))
+
+    # ------------------------------------------------------------------ acknowledgement window
+
+    @property
+    def held(self) -> int:
+        """Bytes this session holds for its client: queued, plus written but not acknowledged."""
+        return self.buffered + self.unacked
+
+    def _ack(self, received: int) -> None:
+        if received > self.frames_numbered:
+            raise ProtocolError(ErrorCode.INVALID_PARAMS,
+                                f"ack.received is {received} but only {self.frames_numbered} frames were sent")
+        if not self.acking:
+            self.acking = True
+            self._retain_from = self.frames_numbered + 1
+        self._ack_to(received)
+
+    def _ack_to(self, received: int) -> None:
+        if received > self.acked:
+            self.acked = received
+        retained = self._retained
+        while retained and retained[0].n <= received:
+            self.unacked -= len(retained.popleft().data)
+        if self.paused and self.held <= self._resume_below:
+            self._set_paused(False)
+
+    @property
+    def resumable(self) -> bool:
+        """Can be held after an unclean disconnect: it acks (so replay is exact) and a store issued a token."""
+        return self.acking and not self.closed and self.store is not None and self.store.enabled
+
+    def resume_check(self, received: int, codec: str) -> str | None:
+        """Why a client that has ``received`` frames, speaking ``codec``, cannot resume this session (None: it can)."""
+        if self.closed:
+            return "expired"
+        if codec != self.codec.name:
+            return "codec"
+        if not self.acking:
+            return "gap"
+        if received > self.frames_numbered or received < self.acked or received < self._retain_from - 1:
+            return "gap"
+        return None
+
+    def detach(self) -> None:
+        """The socket dropped but the session is held: stop writing, keep generating (up to the watermark)."""
+        self.attached = False
+        self.send_started = None
+        self._replay.clear()
+        while self._first:
+            self.buffered -= len(self._first.popleft())
+        self._wakeup()
+
+    def attach(self, send: Callable[[bytes | str], Awaitable[None]], received: int, *,
+               on_policy_close: Callable[[int, str], None] | None,
+               on_resume: Callable[[Session, Hello], Error | None] | None) -> tuple[int, int]:
+        """Take a new socket: queue ``ready {resumed}``, then every retained frame after ``received``.
+
+        ``received`` must have passed :meth:`resume_check`. Run :meth:`run_writer` afterwards.
+        Returns ``(frames, bytes)`` queued for replay.
+        """
+        self.detach()
+        self._send = send
+        self._on_policy_close = on_policy_close
+        self.on_resume = on_resume
+        self._ack_to(received)
+        self._replay.extend(f.data for f in self._retained)
+        live: dict[GenId, None] = dict.fromkeys(self.live)
+        for gid, p in self._pending.items():
+            if p.done is not None:
+                live[gid] = None
+        self.attached = True
+        self.last_activity = time.monotonic()
+        self._queue_first(self._ready(resumed=True, live=list(live), replay=len(self._replay)))
+        return len(self._replay), sum(len(d) for d in self._replay)
 
     def _remember(self, gid: GenId) -> None:
         self._recent[gid] = None
@@ -416,7 +678,10 @@ class Session:
             gen.cached_tokens = ev.cached_tokens
         if self.buffered > self.max_buffered:
             self.max_buffered = self.buffered
-        if not self.paused and self.buffered > self.limits.high_watermark:
+        held = self.buffered + self.unacked
+        if held > self.max_held:
+            self.max_held = held
+        if not self.paused and held > self.limits.high_watermark:
             self._set_paused(True)
         self._wakeup()
 
@@ -444,7 +709,11 @@ class Session:
             self.hooks.rejected("error_budget")
             self._policy_close(1008, "too many errors")
             return
-        data = self.codec.encode(frame)
+        try:
+            data = self.codec.encode(frame)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. an id this codec cannot carry
+            log.error("control frame not encodable: %r", exc, extra={"event": "frame_error", "session": self.id})
+            data = self.codec.encode(Error(code=ErrorCode.INTERNAL.value, message="reply could not be encoded"))
         if self.control_bytes + len(data) > self.limits.max_control_bytes:
             log.warning("closing socket over its control budget", extra={
                 "event": "control_budget", "session": self.id, "client": self.client, "queued": self.control_bytes})
@@ -456,6 +725,11 @@ class Session:
         self.buffered += len(data)
         self._wakeup()
 
+    def _queue_first(self, frame: Ready) -> None:
+        data = self.codec.encode(frame)
+        self._first.append(data)
+        self.buffered += len(data)
+        self._wakeup()
     def _take_error_token(self) -> bool:
         now = time.monotonic()
         lim = self.limits
@@ -473,44 +747,86 @@ class Session:
     @property
     def idle(self) -> bool:
         """Nothing live and nothing left to send."""
-        return not self.live and not self._pending and not self._control
+        return not self.live and not self._pending and not self._control and not self._first
+
+    def _number(self, data: bytes, done: GenId | None = None) -> None:
+        self.frames_numbered += 1
+        if self.acking:
+            self._retained.append(_Sent(self.frames_numbered, data, done))
+            self.unacked += len(data)
 
     async def run_writer(self) -> None:
-        """Send queued frames until :meth:`close`. Returns when the socket fails or the session closes."""
+        """Send queued frames until :meth:`close` or :meth:`detach`. Returns when the socket fails or either happens."""
         import asyncio
 
         self._wake = asyncio.Event()
         self._wake.set()
         encode = self.codec.encode
-        while not self.closed:
+        while not self.closed and self.attached:
             await self._wake.wait()
             self._wake.clear()
-            while (self._control or self._pending) and not self.closed:
-                if self._control:
-                    data = self._control.popleft()
+            while not self.closed and self.attached:
+                if self._first:
+                    data = self._first.popleft()
                     self.buffered -= len(data)
                     self.control_bytes -= len(data)
                     await self._write(data)
                     continue
+                if self._replay:
+                    await self._write(self._replay.popleft())
+                    continue
+                if self._control:
+                    data = self._control.popleft()
+                    self.buffered -= len(data)
+                    self._number(data)
+                    await self._write(data)
+                    self._after_write()
+                    continue
+                if not self._pending:
+                    break
                 gid = next(iter(self._pending))
                 p = self._pending.pop(gid)
                 self.buffered -= p.nbytes
                 gen = p.gen
+                # Count and retain both frames before writing either: a write cut by a dropped socket
+                # leaves them retained for replay, never half-counted.
+                delta: bytes | None = None
+                done: bytes | None = None
                 if p.tokens or p.text:
                     text = "".join(p.text)
-                    await self._write(encode(Delta(id=gid, seq=gen.seq, text=text, tokens=p.tokens)), p.tokens)
+                    delta = encode(Delta(id=gid, seq=gen.seq, text=text, tokens=p.tokens))
                     gen.seq += 1
                     gen.sent_tokens += p.tokens
+                    gen.delivered.append(text)
+                    self._number(delta)
                     if gen.first_sent is None:
                         gen.first_sent = time.monotonic()
                         self.hooks.first_token(gen.model.name, gen.first_sent - gen.started)
                 if p.done is not None:
                     usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.sent_tokens,
                                   cached_tokens=gen.cached_tokens)
-                    await self._write(encode(Done(id=gid, reason=p.done, usage=usage)))  # type: ignore[arg-type]
+                    done = encode(Done(id=gid, reason=p.done, usage=usage, dropped=gen.dropped))  # type: ignore[arg-type]
+                    self._finish_conversation(gen, p.done)
                     self._record(gen, p.done)
-                if self.paused and self.buffered <= self.limits.low_watermark:
-                    self._set_paused(False)
+                    self._number(done, gid)
+                if delta is not None:
+                    await self._write(delta, p.tokens)
+                if done is not None:
+                    await self._write(done)
+                self._after_write()
+
+    @property
+    def _resume_below(self) -> int:
+        # An acking client acks at least every window/8 bytes (and at every done); resuming at window/4 or
+        # more means a paused session always gets the ack that wakes it: no window deadlock.
+        lim = self.limits
+        return max(lim.low_watermark, lim.high_watermark // 4) if self.acking else lim.low_watermark
+
+    def _after_write(self) -> None:
+        if self.paused and self.held <= self._resume_below:
+            self._set_paused(False)
+        if self.acking and self.unacked > self.limits.retained_cap:
+            self._policy_close(1008, "acknowledgement window exceeded")
 
     async def _write(self, data: bytes, tokens: int = 0) -> None:
         t0 = self.send_started = time.monotonic()
@@ -525,7 +841,8 @@ class Session:
         now = time.monotonic()
         self.hooks.generation_finished(GenerationRecord(
             id=gen.id, request_id=gen.rid, model=gen.model.name, version=str(getattr(gen.model, "version", "")),
-            client=self.client, session=self.id, transport="ws", reason=reason, prompt_tokens=gen.prompt_tokens,
+            client=self.client, session=self.id, transport=self.transport, reason=reason,
+            prompt_tokens=gen.prompt_tokens,
             completion_tokens=gen.sent_tokens,
             ttft_s=None if gen.first_sent is None else round(gen.first_sent - gen.started, 6),
             total_s=round(now - gen.started, 6), queue_s=gen.queue_s))
@@ -535,7 +852,8 @@ class Session:
         import asyncio
 
         deadline = time.monotonic() + timeout
-        while (self._control or self._pending or self.send_started is not None) and not self.closed:
+        while ((self._first or self._replay or self._control or self._pending or self.send_started is not None)
+               and not self.closed and self.attached):
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.005)
@@ -567,6 +885,33 @@ class Session:
         self.live.clear()
         self._pending.clear()
         self._control.clear()
+        self._first.clear()
+        self._replay.clear()
+        self._retained.clear()
+        self.conversations.clear()
+        self.buffered = self.unacked = 0
+        if self.store is not None:
+            self.store.discard(self)
         self.control_bytes = 0
         self.buffered = 0
         self._wakeup()
+
+
+def _prompt_target(model: Any, max_tokens: int) -> int:
+    """Longest conversation prompt to aim for: the model's prompt cap, leaving room to answer.
+
+    Room is ``min(max_tokens, context / 4)`` tokens, so a long ``max_tokens`` does not wipe the history.
+    """
+    cap: int = model.max_prompt_tokens
+    ctx = getattr(model, "context_len", None)
+    if isinstance(ctx, int) and ctx > 0:
+        cap = min(cap, ctx - min(max_tokens, ctx // 4))
+    return max(1, cap)
+
+
+def _encode(model: Any, mode: str, conv: Conversation, extra: Any, skip: int) -> list[int]:
+    if mode == "text":
+        ids: list[int] = model.encode(conv.text(extra, skip), None)
+    else:
+        ids = model.encode(None, conv.messages(extra, skip))
+    return ids

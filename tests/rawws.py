@@ -51,9 +51,11 @@ def handshake(port: int, *, path: str = "/ws", headers: dict[str, str] | None = 
               subprotocol: str | None = "rtws.v1.msgpack", rcvbuf: int | None = None,
               timeout: float = 10.0) -> tuple[socket.socket, int, bytes]:
     """Open a socket and send a WebSocket upgrade. Returns (socket, HTTP status, bytes read past the headers)."""
+    headers = dict(headers or {})
     s = open_socket(port, rcvbuf, timeout)
     key = base64.b64encode(os.urandom(16)).decode()
-    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+    host = (headers or {}).pop("Host", f"127.0.0.1:{port}")
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
              f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
     if subprotocol:
         lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")

@@ -103,3 +103,26 @@ def test_memory_bench_closes_stalled_readers(tiny_llama_dir: Path, capsys: pytes
     assert value(rows, "sessions x generations") == "3 x 12"
     assert value(rows, "closed as stalled") == "3/3"
     assert float(value(rows, "RSS peak (MiB)")) > 10
+
+
+def test_conversation_bench_compares_conversation_with_resent_messages(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = bench_module("conversation_bench").main(["--turns", "2", "--rounds", "1", "--max-tokens", "3"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = table(out, "conversation_bench: per turn")
+    assert [r[0] for r in rows] == ["1", "2"]
+    # Turn 2: the conversation sends only the new line, the messages mode the whole history.
+    assert int(rows[1][1].replace(",", "")) < int(rows[1][2].replace(",", ""))
+    summary = table(out, "conversation_bench: summary")
+    assert value(summary, "replies identical") == "2/2"
+
+
+def test_resume_bench_reports_resume_latency(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = bench_module("resume_bench").main(["--resumes", "2", "--streams", "2", "--sessions", "1",
+                                            "--load-max-tokens", "8"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = table(out, "resume_bench: latency")
+    assert [r[0] for r in rows] == ["reconnect -> ready {resumed}", "reconnect -> first frame after it",
+                                    "baseline: new session -> first token"]
+    assert all(r[4] == "2" for r in rows)

@@ -195,3 +195,95 @@ def test_model_fault_mid_batch_over_websocket(fuzz_server: RunningServer) -> Non
         engine.fault_injector = None
     assert reasons.count("error") == 1  # the generation at fault ended with reason error, its mates did not...
     assert after in ("length", "stop")  # ...and the engine kept serving
+
+
+# --------------------------------------------------------------------------- numeric extremes, mixed frame kinds
+
+EXTREME_INTS = [0, 1, -1, 2**31 - 1, 2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 10**30]
+EXTREME_FLOATS = [0.0, -0.0, 5e-324, 1e-300, 1.0, 1.0000001, 99.9, 100.0, 100.00001, 1e308,
+                  float("inf"), float("-inf"), float("nan")]
+numbers = st.one_of(st.sampled_from(EXTREME_INTS), st.sampled_from(EXTREME_FLOATS), st.integers(-5, 600))
+numeric_frames = st.fixed_dictionaries(
+    {"type": st.sampled_from(["generate", "generate", "generate", "cancel"]),
+     "id": st.one_of(st.text(min_size=1, max_size=3), st.sampled_from(EXTREME_INTS))},
+    optional={"prompt": st.text(max_size=12), "max_tokens": numbers, "temperature": numbers, "top_p": numbers,
+              "top_k": numbers, "seed": numbers, "priority": st.sampled_from(["high", "low", "normal", "urgent"]),
+              "stop": st.lists(st.text(max_size=3), max_size=3)},
+)
+
+
+def check_streams(frames_out: list[Any]) -> dict[Any, int]:
+    """Per generation id: a done's usage equals the tokens its deltas delivered; nothing follows a done until the
+    id is reused. Returns the number of dones per id."""
+    tokens: dict[Any, int] = {}
+    dones: dict[Any, int] = {}
+    for f in frames_out:
+        if isinstance(f, p.Delta):
+            tokens[f.id] = tokens.get(f.id, 0) + f.tokens
+        elif isinstance(f, p.Done):
+            assert f.usage.completion_tokens == tokens.pop(f.id, 0), f
+            dones[f.id] = dones.get(f.id, 0) + 1
+    return dones
+
+
+async def victim_round(url: str, attack: list[tuple[bytes | str, bool]]) -> tuple[list[Any], list[Any]]:
+    """A victim stream on its own socket while another socket sends ``attack`` (each frame with its own kind,
+    binary or text, on a msgpack socket). Returns (victim frames, attacker frames)."""
+    victim = await connect(url, subprotocols=[p.SUBPROTOCOL_MSGPACK])  # type: ignore[list-item]
+    await victim.recv()
+    await victim.send(p.MSGPACK.encode(p.Generate(id="victim", prompt="a", max_tokens=8)))
+    attacker = await connect(url, subprotocols=[p.SUBPROTOCOL_MSGPACK])  # type: ignore[list-item]
+    await attacker.recv()
+    for data, _ in attack:
+        await attacker.send(data)
+    await attacker.send(p.MSGPACK.encode(p.Generate(id="__sentinel__", prompt="x", max_tokens=1)))
+    a_out: list[Any] = []
+    while True:
+        raw = await asyncio.wait_for(attacker.recv(), 20 * UNIT)
+        f = p.MSGPACK.decode_any(raw)
+        a_out.append(f)
+        if isinstance(f, p.Done) and f.id == "__sentinel__":
+            break
+    await attacker.close()
+    v_out: list[Any] = []
+    while True:
+        f = p.MSGPACK.decode_any(await asyncio.wait_for(victim.recv(), 20 * UNIT))
+        v_out.append(f)
+        if isinstance(f, p.Done) and f.id == "victim":
+            break
+    # anything still to come for the victim would arrive before a later sentinel's done
+    await victim.send(p.MSGPACK.encode(p.Generate(id="__v_sentinel__", prompt="x", max_tokens=1)))
+    while True:
+        f = p.MSGPACK.decode_any(await asyncio.wait_for(victim.recv(), 20 * UNIT))
+        v_out.append(f)
+        if isinstance(f, p.Done) and f.id == "__v_sentinel__":
+            break
+    await victim.close()
+    return v_out, a_out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(st.lists(st.tuples(numeric_frames, st.booleans()), min_size=1, max_size=6))
+def test_numeric_extremes_and_mixed_frame_kinds_never_hurt_a_victim(fuzz_server: RunningServer,
+                                                                    objs: list[tuple[dict[str, Any], bool]]) -> None:
+    """Extreme numbers (2**63, 2**64-1, inf, nan, 1e308, ...) in every numeric field, each frame sent as binary
+    msgpack or as JSON text on the same msgpack socket: every frame is answered with a protocol error or a
+    generation; the victim on another socket gets exactly one done with usage equal to the tokens delivered."""
+    attack: list[tuple[bytes | str, bool]] = []
+    for obj, binary in objs:
+        data = encode(obj, binary)
+        if data is not None:
+            attack.append((data if binary else data.decode("utf-8", "replace"), binary))
+    v_out, a_out = run(victim_round(fuzz_server.url, attack))
+    assert check_streams(v_out) == {"victim": 1, "__v_sentinel__": 1}
+    assert not [f for f in v_out if isinstance(f, p.Error)]
+    victim_done = next(f for f in v_out if isinstance(f, p.Done) and f.id == "victim")
+    assert victim_done.reason in ("length", "stop")
+    check_streams(a_out)
+    for f in a_out:
+        if isinstance(f, p.Error):
+            assert f.code in CODES and f.code != "internal", f
+            assert "Traceback" not in f.message
+        if isinstance(f, p.Done) and f.id != "__sentinel__":
+            assert f.reason != "error", f  # a bad number is refused up front, never a failed engine step

@@ -61,7 +61,7 @@ def test_cuda_graph_decode_matches_eager(dtype: torch.dtype) -> None:
     eager = ModelRunner(model, 16, 256, dev, static_decode=False)
     graphs = ModelRunner(model, 16, 256, dev, static_decode=True, cuda_graphs=True)
     graphs.warmup()
-    assert graphs._static is not None and len(graphs._static.graphs) == 2 * len(graphs._static.buckets)
+    assert graphs._static is not None and len(graphs._static.graphs) == len(graphs._static.warmup_keys())
     a = run_staggered(eager, tok, prompts, lengths)
     b = run_staggered(graphs, tok, prompts, lengths)
     if dtype == torch.float32:
@@ -70,3 +70,29 @@ def test_cuda_graph_decode_matches_eager(dtype: torch.dtype) -> None:
         same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
         assert same >= 0.9 * sum(lengths)
     assert [len(x) for x in b] == lengths
+
+
+def test_cuda_graphs_over_long_max_len_read_length_buckets_and_match_eager() -> None:
+    """max_len 8192 with a small KV budget: graphs per (batch, KV-length) bucket, same tokens as eager."""
+    dev = torch.device("cuda")
+    model, tok = load_model("gpt2-random", dev, torch.float32)
+    model.config.n_positions = 8192  # the positional table is 1024; the prompts stay far below it
+    prompts = [[(5 * i + j) % 1000 + 10 for j in range(6 + 5 * i)] for i in range(10)]
+    lengths = [30 + 11 * (i % 4) for i in range(10)]
+    eager = ModelRunner(model, 16, 1024, dev, static_decode=False, kv_cache_gb=0.05)
+    graphs = ModelRunner(model, 16, 1024, dev, static_decode=True, cuda_graphs=True, kv_cache_gb=0.05)
+    graphs.warmup()
+    assert graphs._static is not None and graphs._static.kv_bucket(100) == 128
+    assert run_staggered(eager, tok, prompts, lengths) == run_staggered(graphs, tok, prompts, lengths)
+
+
+def test_default_kv_budget_is_a_fraction_of_free_memory() -> None:
+    from rtws.runner import CUDA_KV_CACHE_FRACTION
+
+    dev = torch.device("cuda")
+    model, _ = load_model("gpt2-random", dev, torch.float16)
+    free_before, _ = torch.cuda.mem_get_info(dev)
+    r = ModelRunner(model, 8, 1024, dev, static_decode=False)
+    assert r.kv_cache_bytes <= CUDA_KV_CACHE_FRACTION * free_before + r.block_size * r.bytes_per_token
+    del r
+    torch.cuda.empty_cache()

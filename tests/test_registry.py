@@ -106,8 +106,9 @@ def on_loop(srv: RunningServer, coro: Any, timeout: float = 60 * UNIT) -> Any:
     return asyncio.run_coroutine_threadsafe(coro, srv.server._loop).result(timeout)
 
 
-def metric_samples(srv: RunningServer) -> list[Any]:
-    code, text, _ = http(srv.http, "GET", "/metrics", key=None)
+def metric_samples(srv: RunningServer, key: str | None = None) -> list[Any]:
+    keys = srv.app.config.metrics_api_keys or srv.app.config.api_keys  # /metrics needs a key when auth is on
+    code, text, _ = http(srv.http, "GET", "/metrics", key=key if key is not None else (keys[0] if keys else None))
     assert code == 200
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 
@@ -335,7 +336,7 @@ def test_admin_api_needs_an_admin_key(server_factory: ServerFactory, tiny_llama_
         assert code == 401
     code, listing, _ = http(srv.http, "GET", "/admin/models", key=ADMIN)
     assert code == 200 and [m["name"] for m in listing["models"]] == [srv.app.registry.default_name]
-    rejected = [s for s in metric_samples(srv) if s.name == "rtws_rejected_total"]
+    rejected = [s for s in metric_samples(srv, key="user-key") if s.name == "rtws_rejected_total"]
     assert {s.labels["code"]: s.value for s in rejected}["admin_unauthorized"] == 8
 
 

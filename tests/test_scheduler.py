@@ -128,3 +128,21 @@ def test_admission_respects_max_batch_size_and_free_blocks() -> None:
         s.add(seq(i, n=6))  # 2 blocks each: only one fits (3 usable)
     plan = s.schedule(0.0)
     assert [c.seq.rid for c in plan.prefill] == [0] and s.num_waiting == 3
+
+
+def test_a_waiting_request_preempts_paused_sequences_when_memory_is_short() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=4, prefix_cache=False)  # 3 usable blocks
+    s = Scheduler(8, kv=kv, prefill_budget=64)
+    a = seq(0, n=8)  # 2 blocks
+    s.add(a)
+    run_step(s, s.schedule(0.0))
+    s.set_paused(0, True)
+    b = seq(1, n=8)  # needs 2 blocks; 1 free: the paused one gives way
+    s.add(b)
+    plan = s.schedule(1.0)
+    assert [c.seq.rid for c in plan.prefill] == [1] and a.status is SeqStatus.WAITING and a.paused
+    run_step(s, plan)
+    s.set_paused(0, False)
+    s.finish(b)
+    plan = s.schedule(2.0)  # resumed: recomputed from prompt + its token
+    assert [(c.seq.rid, c.start, c.end) for c in plan.prefill] == [(0, 0, 9)]

@@ -175,11 +175,14 @@ def test_page_streams_a_reply_and_stop_ends_it(open_page: Any, long_server: Runn
     assert len(gens) == 2
     assert gens[0]["messages"] == [{"role": "user", "content": "But soft\nwhat light?"}]
     assert gens[0]["temperature"] == 0 and gens[0]["max_tokens"] == 4000 and gens[0]["stop"] == []
-    assert gens[1]["messages"] == [
-        {"role": "user", "content": "But soft\nwhat light?"},
-        {"role": "assistant", "content": first_text},
-        {"role": "user", "content": "Speak on."},
-    ]
+    # The server holds the conversation: the second turn sends only its new line; the history, with the
+    # stopped reply kept exactly as delivered (and marked truncated), is on the server.
+    assert gens[1]["messages"] == [{"role": "user", "content": "Speak on."}]
+    assert gens[0]["conversation"] == gens[1]["conversation"]
+    (conn,) = list(long_server.app.connections)
+    items = conn.session.conversations.get(gens[0]["conversation"]).items
+    assert [(i.role, i.content, i.truncated) for i in items[:3]] == [
+        ("user", "But soft\nwhat light?", False), ("assistant", first_text, True), ("user", "Speak on.", False)]
     assert [f["id"] for f in w.frames("cancel", "sent")] == [gens[0]["id"], gens[1]["id"]]
     for g in gens:
         # The server said "cancelled", and not one delta for it came after its done.
@@ -323,7 +326,7 @@ def test_api_key_goes_in_hello_and_a_bad_one_is_shown(open_page: Any, server_fac
     page.fill("#token", "sekrit")
     page.press("#token", "Tab")
     expect(page.locator("#status")).to_have_attribute("data-state", "connected")
-    assert w.sent[-1] == {"type": "hello", "token": "sekrit"}
+    assert w.frames("hello", "sent")[-1] == {"type": "hello", "token": "sekrit"}  # (an ack follows: resume on)
     _set_controls(page, max_tokens="3")
     _send(page, "Hello")
     expect(page.locator(".reply").nth(0)).to_have_attribute("data-state", "done")
@@ -352,12 +355,66 @@ def test_history_slides_when_the_conversation_outgrows_the_context(open_page: An
     for i, line in enumerate(lines):
         _send(page, line)
         expect(page.locator(".reply").nth(i)).to_have_attribute("data-state", "done")
-    # Some turn was too long with the whole history: the page dropped the oldest turns and resent.
-    rejected = [f for f in w.frames("error") if f["message"].startswith("prompt is")]
-    assert rejected and all(f["code"] == "invalid_params" for f in rejected)
+    # The server holds the conversation: each turn sent only its new line, and when the history outgrew
+    # the context the server dropped the oldest turns (done.dropped) instead of refusing the prompt.
+    assert w.frames("error") == []
+    gens = w.frames("generate", "sent")
+    assert len({g["conversation"] for g in gens}) == 1
+    assert [g["messages"] for g in gens] == [[{"role": "user", "content": line}] for line in lines]
+    dones = w.frames("done")
+    assert sum(d.get("dropped", 0) for d in dones) > 0
     expect(page.locator(".turn").nth(0)).to_have_class(re.compile(r"\bdropped\b"))
     assert page.locator(".reply[data-state=error]").count() == 0
+    assert [d["reason"] for d in dones] == ["length"] * 4
+    assert all(d["usage"]["prompt_tokens"] <= 60 for d in dones)
+
+
+def _abort_server_side(server: RunningServer) -> None:
+    """Drop every WebSocket of ``server`` the way a network does: the TCP connection goes, no close frame."""
+    for conn in list(server.app.connections):
+        proto = conn.send.__self__
+        proto.loop.call_soon_threadsafe(proto.transport.abort)
+
+
+def test_a_dropped_socket_resumes_mid_reply_with_nothing_lost_or_repeated(open_page: Any,
+                                                                          long_server: RunningServer) -> None:
+    from rtws.client import Client
+
+    from conftest import run
+
+    async def reference() -> str:
+        async with await Client.connect(long_server.url, resume=False) as c:
+            s = await c.generate(messages=[{"role": "user", "content": "Hold, a moment."}], max_tokens=3000,
+                                 temperature=0.0)
+            return (await s.result()).text
+
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # Playwright's sync API owns this thread's loop
+        expected = pool.submit(run, reference()).result()
+    w = open_page(long_server)
+    page = w.page
+    _set_controls(page, temperature="0", stop="", max_tokens="3000")
+    _send(page, "Hold, a moment.")
+    reply = page.locator(".reply").nth(0)
+    expect(reply.locator(".text")).to_have_text(_longer_than(30))
+    expect(reply).to_have_attribute("data-state", "streaming")
+    _abort_server_side(long_server)
+    expect(page.locator("#status-text")).to_have_text("reconnected, resumed", timeout=20 * MS)
+    expect(reply).to_have_attribute("data-state", "done", timeout=60 * MS)
+    expect(reply).to_have_attribute("data-reason", "length")
+    assert reply.locator(".text").text_content() == expected
+    readies = w.frames("ready")
+    assert len(readies) >= 2 and readies[-1]["resumed"] and readies[-1]["session"] == readies[0]["session"]
+    hellos = [f for f in w.frames("hello", "sent") if "resume" in f]
+    assert hellos and hellos[0]["resume"] == readies[0]["resume_token"]
+    assert [d["id"] for d in w.frames("done")] == [reply.get_attribute("data-id")]  # exactly one done
+    assert w.frames("ack", "sent"), "the page acks what it receives"
+    # The next turn goes on in the same server-held conversation, sending only the new line.
+    _set_controls(page, max_tokens="4")
+    _send(page, "Go on.")
+    expect(page.locator(".reply").nth(1)).to_have_attribute("data-state", "done")
     last = w.frames("generate", "sent")[-1]
-    assert {"role": "user", "content": "First line."} not in last["messages"]
-    assert last["messages"][-1] == {"role": "user", "content": "Fourth line."}
-    assert [d["reason"] for d in w.frames("done")] == ["length"] * 4
+    assert last["messages"] == [{"role": "user", "content": "Go on."}]
+    assert last["conversation"] == w.frames("generate", "sent")[0]["conversation"]
+    assert w.page_errors == [] and w.bad_console(allow_ws_failures=True) == []

@@ -4,6 +4,13 @@
 // The connection knows frames, not the page: it reports state changes and
 // decoded server frames to callbacks, and `send(frame)` encodes a client frame.
 // Frames are plain objects with a `type` field, exactly as in the protocol.
+//
+// Resume (docs/protocol.md): every server frame but `ready` is counted; the
+// connection acks (`ack {received}`) at every `done` and every window/8 bytes.
+// When the socket drops without a close frame it reconnects at once and sends
+// `hello {resume, received}`: the server replays what was lost, and the page
+// sees one continuous stream of frames (`onState(CONNECTED, {resumed: true})`).
+// A close frame from the server (restart, drain) ends the session: no resume.
 
 import { decode, encode } from "@msgpack/msgpack";
 
@@ -42,7 +49,12 @@ export class Connection {
    * @param {(message: string) => void} opts.onProtocolError a frame that could not be decoded.
    * @param {object} [opts.backoff] {initialMs, maxMs, factor}.
    */
-  constructor(url, { token = () => null, onState, onFrame, onProtocolError, backoff = {} }) {
+  constructor(url, {
+    token = () => null, onState, onFrame, onProtocolError, backoff = {},
+    onResumed = () => {}, onResumeFailed = () => {},
+  }) {
+    this.onResumed = onResumed; // (ready) after a resume's replay: everything lost has arrived again
+    this.onResumeFailed = onResumeFailed; // (error) the session is gone: live generations are lost
     this.url = url;
     this.token = token;
     this.onState = onState;
@@ -54,6 +66,16 @@ export class Connection {
     this.state = State.STOPPED;
     this.attempt = 0;
     this.timer = null;
+    this.received = 0; // frames of this session received (ready not counted)
+    this.unacked = 0; // bytes received since the last ack
+    this.resumeToken = null; // from the session's latest ready; null: nothing to resume
+    this.replica = null; // ready.replica: the Ray Serve replica holding the session (offered when resuming)
+    this.session = null; // the session id being resumed
+    this.replayLeft = 0;
+    this.resumes = 0;
+    this.fresh = null;
+    this.lostAt = null;
+    this.resumeWindowS = 30;
   }
 
   get connected() {
@@ -92,11 +114,20 @@ export class Connection {
     this.onState(state, info);
   }
 
+  _ack() {
+    this.unacked = 0;
+    this.send({ type: "ack", received: this.received });
+  }
+
   _open() {
-    this._setState(State.CONNECTING, { attempt: this.attempt });
+    const resuming = this.resumeToken !== null;
+    this._setState(State.CONNECTING, { attempt: this.attempt, resuming });
     let ws;
     try {
-      ws = new WebSocket(this.url, [SUBPROTOCOL]);
+      // Behind rtws.ray's router, `rtws.replica.<id>` (never chosen by the server) sends a resuming
+      // socket back to the replica that holds the session (docs/scale-out.md).
+      const replica = resuming ? this.replica : null;
+      ws = new WebSocket(this.url, replica ? [SUBPROTOCOL, `rtws.replica.${replica}`] : [SUBPROTOCOL]);
     } catch (err) {
       // A malformed URL throws synchronously; nothing will ever connect.
       this.onProtocolError(`cannot open ${this.url}: ${err.message}`);
@@ -106,8 +137,12 @@ export class Connection {
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     ws.onopen = () => {
-      const token = this.token();
-      if (token) this.send({ type: "hello", token });
+      const token = this.token() ?? undefined;
+      if (this.resumeToken !== null) {
+        this.send({ type: "hello", token, resume: this.resumeToken, received: this.received });
+      } else if (token) {
+        this.send({ type: "hello", token });
+      }
     };
     ws.onmessage = (ev) => {
       if (ws !== this.ws) return;
@@ -127,11 +162,61 @@ export class Connection {
         return;
       }
       if (frame.type === "ready") {
+        if (this.resumeToken !== null && !frame.resumed) {
+          // The server's fresh session (auth off: sent before it read our hello). The verdict on the
+          // resume follows: a `ready {resumed}` of our old session, or `error {resume_failed}`.
+          this.fresh = frame;
+          return;
+        }
         this.attempt = 0;
+        this.lostAt = null;
         this.ready = frame;
-        this._setState(State.CONNECTED, { ready: frame });
+        this.resumeToken = frame.resume_token ?? null;
+        this.replica = frame.replica ?? null;
+        this.resumeWindowS = frame.limits?.resume_window_s ?? 30;
+        if (frame.resumed) {
+          this.resumes += 1;
+          this.replayLeft = frame.replay ?? 0;
+        } else {
+          this.received = 0;
+          this.unacked = 0;
+          if (this.resumeToken !== null) this._ack(); // opt in: the session can be resumed
+        }
+        this.session = frame.session;
+        this._setState(State.CONNECTED, { ready: frame, resumed: Boolean(frame.resumed) });
+        this.onFrame(frame);
+        if (frame.resumed && this.replayLeft === 0) this.onResumed(frame);
+        return;
+      }
+      this.received += 1;
+      this.unacked += ev.data.byteLength;
+      if (frame.type === "error" && frame.code === "resume_failed") {
+        // A fresh session instead (the old one expired, or the server restarted): say so, go on with it.
+        const fresh = this.fresh ?? null;
+        this.fresh = null;
+        this.resumeToken = null;
+        this.received = 1;
+        this.attempt = 0;
+        this.onResumeFailed(frame);
+        if (fresh !== null) {
+          this.ready = fresh;
+          this.resumeToken = fresh.resume_token ?? null;
+          this.session = fresh.session;
+          this._setState(State.CONNECTED, { ready: fresh, resumed: false });
+          this.onFrame(fresh);
+          if (this.resumeToken !== null) this._ack();
+        }
+        return;
       }
       this.onFrame(frame);
+      const win = this.ready?.limits?.window;
+      if (this.resumeToken !== null && (frame.type === "done" || (win && this.unacked >= win / 8))) {
+        this._ack();
+      }
+      if (this.replayLeft > 0) {
+        this.replayLeft -= 1;
+        if (this.replayLeft === 0) this.onResumed(this.ready);
+      }
     };
     // The browser reports a failed connect as `error` then `close`; only `close` matters.
     ws.onerror = () => {};
@@ -139,11 +224,27 @@ export class Connection {
       if (ws !== this.ws) return;
       this.ws = null;
       this.ready = null;
+      this.fresh = null;
       if (this.state === State.STOPPED) return;
-      const delay = backoffDelay(this.attempt, this.backoff);
+      // A drop (no close frame) of a session that can be resumed: try at once, then back off, for as long
+      // as the server holds it. A close frame means the server ended the session: start afresh.
+      const windowMs = (this.resumeWindowS ?? 30) * 1000;
+      // 1006: the socket went without a close frame (a network drop); any code the server sent ends it.
+      if (ev.code !== 1006 || this.resumeToken === null) {
+        this.resumeToken = null;
+        this.lostAt = null;
+      } else if (this.lostAt === null || this.lostAt === undefined) {
+        this.lostAt = Date.now();
+        this.attempt = 0;
+      } else if (Date.now() - this.lostAt > windowMs) {
+        this.resumeToken = null;
+        this.lostAt = null;
+      }
+      const resuming = this.resumeToken !== null;
+      const delay = resuming && this.attempt === 0 ? 0 : backoffDelay(this.attempt, this.backoff);
       this.attempt += 1;
       this.timer = setTimeout(() => this._open(), delay);
-      this._setState(State.WAITING, { retryAt: Date.now() + delay, code: ev.code, reason: ev.reason });
+      this._setState(State.WAITING, { retryAt: Date.now() + delay, code: ev.code, reason: ev.reason, resuming });
     };
   }
 }

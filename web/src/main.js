@@ -3,6 +3,12 @@
 // State lives in one `App` object. Server frames arrive through Connection
 // callbacks; text is appended to the DOM once per animation frame, and at once
 // when a generation ends, so nothing is drawn for a generation after its `done`.
+//
+// The conversation is held by the server (`generate {conversation}`): a turn
+// sends only the new line. The page keeps its own copy of the turns and sends
+// the whole history once, under a new conversation id, whenever the server's
+// copy may differ (a new session, compare mode, a reply picked by hand).
+// After a dropped connection the session is resumed and replies go on.
 
 import { Connection, State, defaultUrl } from "./connection.js";
 import { DEFAULTS, formatMs, readSettings, tokensPerSecond } from "./settings.js";
@@ -176,6 +182,7 @@ class Turn {
 
   keep(reply) {
     this.kept = reply;
+    this.app.synced = false; // the server holds another reply for this turn
     this.update();
   }
 
@@ -203,6 +210,9 @@ class App {
     this.nextId = 1;
     this.ready = null;
     this.model = null;
+    this.convSeq = 0;
+    this.conversation = null; // the server-held conversation of this session, or null
+    this.synced = false; // the server's conversation equals this page's history
     this.inputs = {
       temperature: $("temperature"),
       topP: $("top-p"),
@@ -218,6 +228,8 @@ class App {
       onState: (state, info) => this.onState(state, info),
       onFrame: (frame) => this.onFrame(frame),
       onProtocolError: (msg) => this.banner(`protocol error: ${msg}`),
+      onResumed: (ready) => this.onResumed(ready),
+      onResumeFailed: (err) => this.onResumeFailed(err),
     });
     this.updateButtons();
     this.conn.start();
@@ -311,10 +323,14 @@ class App {
     clearInterval(this.countdown);
     if (state === State.CONNECTED) {
       status.dataset.state = "connected";
-      text.textContent = "connected";
+      text.textContent = info.resumed ? "reconnected, resumed" : "connected";
     } else if (state === State.CONNECTING) {
       status.dataset.state = "connecting";
-      text.textContent = info.attempt ? "reconnecting…" : "connecting…";
+      text.textContent = info.resuming ? "connection lost · resuming…" : info.attempt ? "reconnecting…" : "connecting…";
+    } else if (state === State.WAITING && info.resuming) {
+      // Dropped, but the server holds the session: live replies wait for the resume.
+      status.dataset.state = "connecting";
+      text.textContent = "connection lost · resuming…";
     } else if (state === State.WAITING) {
       status.dataset.state = "offline";
       const tick = () => {
@@ -353,6 +369,12 @@ class App {
         if (r) {
           this.live.delete(f.id);
           r.onDone(f);
+          if (r.frame.conversation !== undefined && r.frame.conversation === this.conversation) {
+            if (f.dropped > 0) this.markDropped(f.dropped, r.turn.index);
+            // The server appended the reply as delivered; one the page leaves out of its own history
+            // (empty, failed) makes the copies differ: the next turn then starts a new conversation.
+            this.synced = r.usable;
+          }
           this.updateButtons();
         }
         break;
@@ -362,7 +384,8 @@ class App {
         const retry = typeof f.retry_after === "number" ? ` (retry in ${f.retry_after.toFixed(1)} s)` : "";
         if (r) {
           this.live.delete(f.id);
-          const tooLong = f.code === "invalid_params" && /^prompt is \d+ tokens/.test(f.message);
+          const tooLong = f.code === "invalid_params" && /^prompt is \d+ tokens/.test(f.message) &&
+            r.frame.conversation === undefined;
           if (!(tooLong && this.retryShorter(r))) r.onError(f.code, f.message + retry);
           this.updateButtons();
         } else {
@@ -378,6 +401,11 @@ class App {
 
   onReady(ready) {
     this.ready = ready;
+    if (!ready.resumed) {
+      // A new session holds no conversation: the next turn sends the whole history.
+      this.conversation = null;
+      this.synced = false;
+    }
     const models = Array.isArray(ready.models) ? ready.models : [];
     const box = $("model");
     box.replaceChildren();
@@ -397,6 +425,40 @@ class App {
     }
     const max = ready.limits?.max_tokens;
     $("max-hint").textContent = typeof max === "number" ? `server max ${max}` : "";
+  }
+
+  /** A resume's replay is done: send again what never reached the server (not in `ready.live`). */
+  onResumed(ready) {
+    const known = new Set(Array.isArray(ready.live) ? ready.live : []);
+    for (const [id, reply] of this.live) {
+      if (!known.has(id)) this.conn.send(reply.frame);
+      else if (reply.state === "stopping") this.conn.send({ type: "cancel", id });
+    }
+  }
+
+  onResumeFailed(err) {
+    this.loseAll();
+    this.banner(`the connection dropped and the session could not be resumed (${err.reason ?? err.message})`);
+  }
+
+  /** Start a new server-held conversation (forgetting the previous one). */
+  newConversation() {
+    if (this.conversation !== null) this.conn.send({ type: "forget", conversation: this.conversation });
+    this.convSeq += 1;
+    this.conversation = `web-${this.convSeq}`;
+    this.synced = false;
+  }
+
+  /** The server dropped the `n` oldest turns of the conversation to fit the context: show it. */
+  markDropped(n, upTo) {
+    let exchanges = Math.ceil(n / 2);
+    while (exchanges > 0 && this.contextStart < upTo) {
+      const dropped = this.turns[this.contextStart];
+      dropped.el.classList.add("dropped");
+      dropped.el.title = "no longer sent to the model: the conversation outgrew its context";
+      this.contextStart += 1;
+      if (dropped.chosen) exchanges -= 1;
+    }
   }
 
   // ---------------------------------------------------------------- actions
@@ -435,7 +497,21 @@ class App {
     const compare = $("compare").checked;
     const turn = new Turn(this, text, compare);
     turn.index = this.turns.length;
-    const messages = this.messagesFor(turn);
+    let messages;
+    let conversation;
+    if (compare) {
+      // Several replies for one turn: sent as plain messages; the server's copy is no longer ours.
+      messages = this.messagesFor(turn);
+      this.synced = false;
+    } else {
+      if (!this.synced) {
+        this.newConversation();
+        messages = this.messagesFor(turn);
+      } else {
+        messages = [{ role: "user", content: text }];
+      }
+      conversation = this.conversation;
+    }
     this.turns.push(turn);
     $("empty").hidden = true;
     $("chat").append(turn.el);
@@ -450,6 +526,7 @@ class App {
         type: "generate",
         id,
         messages,
+        conversation,
         model: this.model ?? undefined,
         max_tokens: s.max_tokens,
         temperature,
@@ -517,6 +594,9 @@ class App {
     this.live.clear();
     this.turns = [];
     this.contextStart = 0;
+    if (this.conn.connected && this.conversation !== null) this.conn.send({ type: "forget", conversation: this.conversation });
+    this.conversation = null;
+    this.synced = false;
     for (const node of [...$("chat").children]) if (node.id !== "empty") node.remove();
     $("empty").hidden = false;
     this.updateButtons();

@@ -1,0 +1,668 @@
+"""rtws on a real local Ray cluster (loopback only) and Ray Serve: 2 replicas behind Serve's proxy.
+
+One cluster and one Serve application for the module (starting them costs
+about 20 s on 2 cores); the scale-down and redeploy tests run last because they
+change the deployment. Select with ``-m ray``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from rtws import ray_env
+
+ray_env.apply(loopback=True)  # before the first `import ray` in this process (Ray reads it at import)
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from conftest import UNIT  # noqa: E402
+from test_http_api import parse_sse, post  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+from rtws import protocol as p  # noqa: E402
+from rtws.client import Client  # noqa: E402
+from rtws.config import ServerConfig  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "rtws"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    port: int
+    config: ServerConfig
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def deploy(self, replicas: int, **config_changes: Any) -> None:
+        from rtws.ray import RayOptions, build_application
+
+        cfg = self.config.replace(**config_changes) if config_changes else self.config
+        serve.run(build_application(cfg, RayOptions(replicas=replicas, routing_stats_period_s=0.5)),
+                  name=APP, route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama_long_dir: Path) -> Iterator[Cluster]:
+    from rtws.ray import start_local_cluster
+
+    start_local_cluster(num_cpus=8, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+                                         "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = ServerConfig(model=str(tiny_llama_long_dir), model_name="tiny", num_slots=32, torch_threads=1,
+                           log_level="WARNING", max_connections=64, drain_timeout_s=8.0, stall_timeout_s=10.0)
+        c = Cluster(port, cfg)
+        c.deploy(2)
+        yield c
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _session(url: str, subprotocols: list[str] | None = None) -> tuple[Any, p.Ready]:
+    """A raw WebSocket (msgpack) and its ready frame."""
+    ws = await connect(url, subprotocols=subprotocols or [p.SUBPROTOCOL_MSGPACK], compression=None,
+                       max_size=2**24, open_timeout=30 * UNIT)
+    frame = p.codec_for(p.SUBPROTOCOL_MSGPACK).decode_any(await asyncio.wait_for(ws.recv(), 30 * UNIT))
+    assert isinstance(frame, p.Ready), frame
+    return ws, frame
+
+
+def _send(ws: Any, frame: Any) -> Any:
+    return ws.send(p.codec_for(p.SUBPROTOCOL_MSGPACK).encode(frame))
+
+
+def _decode(data: Any) -> Any:
+    return p.codec_for(p.SUBPROTOCOL_MSGPACK).decode_any(data)
+
+
+# ---------------------------------------------------------------------- no cluster needed
+
+
+def test_drain_hook_matches_installed_ray() -> None:
+    """The one private Ray hook: fails loudly here when Ray renames or reshapes it."""
+    import inspect
+
+    from ray.serve._private import replica as replica_module
+
+    from rtws.ray import install_drain_hook
+
+    install_drain_hook()
+    fn = replica_module.Replica._drain_ongoing_requests
+    assert getattr(fn, "__rtws_drain_hook__", False)
+    assert inspect.iscoroutinefunction(fn)
+    params = list(inspect.signature(fn.__wrapped__).parameters)
+    assert params[:2] == ["self", "min_draining_period_s"], params
+    install_drain_hook()  # idempotent: no double wrapping
+    assert replica_module.Replica._drain_ongoing_requests is fn
+
+
+def test_router_rules_are_pure() -> None:
+    from rtws.ray_router import affinity_key, load_of
+
+    assert affinity_key("rtws.v1.msgpack, rtws.replica.abc123") == "abc123"
+    assert affinity_key("rtws.replica.x") == "x"
+    assert affinity_key("rtws.v1.json") is None and affinity_key("") is None and affinity_key("rtws.replica.") is None
+    assert load_of({"live_generations": 3}, 9) < load_of({"live_generations": 4}, 0)  # generations first
+    assert load_of({"live_generations": 3}, 1) < load_of({"live_generations": 3}, 2)  # then open sockets
+    assert load_of({"live_generations": 0, "draining": True}) > load_of({"live_generations": 99}, 99)
+    assert load_of(None) == (0, 0, 0)
+
+
+def test_deployment_options_follow_the_config() -> None:
+    from rtws.ray import RayOptions, deployment_options, replica_config, resolve_num_gpus
+
+    cfg = ServerConfig(max_connections=300, drain_timeout_s=12.0, num_slots=40, device="cuda:1")
+    opts = deployment_options(cfg, RayOptions(replicas=3), num_gpus=resolve_num_gpus(cfg, RayOptions()))
+    assert opts["num_replicas"] == 3 and opts["max_ongoing_requests"] >= cfg.max_connections
+    assert opts["ray_actor_options"]["num_gpus"] == 1.0
+    assert opts["graceful_shutdown_timeout_s"] > cfg.drain_timeout_s
+    assert replica_config(cfg, 1.0).device == "cuda"  # Ray shows each replica its own GPU as cuda:0
+    assert resolve_num_gpus(cfg.replace(device="cpu"), RayOptions()) == 0.0
+    auto = deployment_options(cfg, RayOptions(replicas=2, max_replicas=6))
+    a = auto["autoscaling_config"]
+    assert "num_replicas" not in auto and a.min_replicas == 1 and a.max_replicas == 6 and a.initial_replicas == 2
+    assert a.target_ongoing_requests == 30.0  # 3/4 of num_slots live generations per replica
+    with pytest.raises(ValueError, match="replicas"):
+        RayOptions(replicas=0)
+
+
+def test_autoscaling_policy_counts_live_generations() -> None:
+    from types import SimpleNamespace
+
+    from rtws.ray import autoscale_on_live_generations
+
+    conf = SimpleNamespace(get_target_ongoing_requests=lambda: 10.0)
+    ctx = SimpleNamespace(aggregated_metrics={"live_generations": {"a": 25.0, "b": 15.0}}, total_num_requests=2,
+                          config=conf)
+    assert autoscale_on_live_generations(ctx)[0] == 4.0  # 40 live / 10 per replica; sockets (2) do not count
+    ctx.aggregated_metrics = {}
+    assert autoscale_on_live_generations(ctx)[0] == 0.2  # before the first report: sockets
+
+
+def test_serve_run_builder_and_cli_flags() -> None:
+    """``serve run rtws.ray:app key=value`` and ``rtws serve-ray`` parse into the same deployment."""
+    import subprocess
+    import sys
+
+    from rtws.ray import app
+
+    built = app({"replicas": "3", "num_slots": "8", "max_connections": "100", "model": "/some/model"})
+    dep = built._bound_deployment  # Serve's Application wraps one bound deployment
+    assert dep.num_replicas == 3 and dep.max_ongoing_requests >= 100
+    assert dep.init_args[0]["num_slots"] == 8 and dep.init_args[0]["model"] == "/some/model"
+    with pytest.raises(ValueError, match="unknown rtws.ray argument"):
+        app({"replica": "2"})
+    out = subprocess.run([sys.executable, "-m", "rtws", "serve-ray", "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    for flag in ("--replicas", "--max-replicas", "--num-gpus", "--ray-address", "--num-slots", "--max-frame-bytes"):
+        assert flag in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "rtws", "serve-ray", "--replicas", "0"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert bad.returncode == 2 and "replicas" in bad.stderr
+
+
+# ---------------------------------------------------------------------- on the cluster
+
+
+def _ray_pids() -> set[int]:
+    """This process and every descendant (Ray's GCS, raylet, agents, workers)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found = {os.getpid()}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                grew = True
+    return found
+
+
+def _listeners(pids: set[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket the processes hold (from /proc, no psutil)."""
+    inode_pid: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inode_pid[target[8:-1]] = pid
+        except OSError:
+            pass
+    out = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state != "0A" or inode not in inode_pid:  # 0A: LISTEN
+                    continue
+                hex_addr, hex_port = local.split(":")
+                raw = bytes.fromhex(hex_addr)
+                if v6:
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    addr = socket.inet_ntop(socket.AF_INET6, words)
+                else:
+                    addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
+                out.append((inode_pid[inode], addr, int(hex_port, 16)))
+    return out
+
+
+def test_ray_listens_on_loopback_only(cluster: Cluster) -> None:
+    listeners = _listeners(_ray_pids())
+    ports = {port for _, _, port in listeners}
+    assert cluster.port in ports  # Serve's proxy is among them: the scan sees Ray's processes
+    assert len(listeners) >= 6, listeners  # GCS, raylet, agents, controller, replicas, this driver
+    loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+    public = [entry for entry in listeners if entry[1] not in loopback]
+    assert not public, f"listening beyond loopback: {public}"
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+
+
+def test_sessions_multiplex_across_both_replicas(cluster: Cluster) -> None:
+    async def session(i: int) -> tuple[str, list[str]]:
+        async with await Client.connect(cluster.ws, open_timeout=30 * UNIT) as c:
+            assert c.ready is not None and c.ready.replica
+            streams = [await c.generate(f"s{i} g{j}", max_tokens=12, seed=i * 10 + j) for j in range(4)]
+            results = await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), 120 * UNIT)
+            return c.ready.replica, [r.reason for r in results]
+
+    async def main() -> list[tuple[str, list[str]]]:
+        return list(await asyncio.gather(*(session(i) for i in range(16))))
+
+    out = run(main())
+    assert all(reasons == ["length"] * 4 for _, reasons in out), out
+    spread = Counter(replica for replica, _ in out)
+    assert len(spread) == 2, spread  # both replicas served sessions
+    assert min(spread.values()) >= 4, spread  # least-loaded routing, not all on one
+
+
+def test_cancel_through_the_proxy(cluster: Cluster) -> None:
+    async def main() -> None:
+        ws, _ = await _session(cluster.ws)
+        try:
+            await _send(ws, p.Generate(id="c", prompt="ROMEO:", max_tokens=3000))
+            deltas = 0
+            while deltas < 3:
+                f = _decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
+                if isinstance(f, p.Delta):
+                    deltas += 1
+            await _send(ws, p.Cancel(id="c"))
+            while True:
+                f = _decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
+                if isinstance(f, p.Done):
+                    assert f.reason == "cancelled" and f.usage.completion_tokens < 3000
+                    break
+                assert isinstance(f, p.Delta) and f.id == "c"
+            # Nothing with that id after its done (the proxy must not reorder or replay).
+            with contextlib.suppress(asyncio.TimeoutError):
+                while True:
+                    f = _decode(await asyncio.wait_for(ws.recv(), 0.5 * UNIT))
+                    assert getattr(f, "id", None) != "c", f
+        finally:
+            await ws.close()
+
+    run(main())
+
+
+def test_affinity_by_subprotocol(cluster: Cluster) -> None:
+    """A socket offering rtws.replica.<id> lands on that replica (what a reconnecting browser offers)."""
+    async def main() -> None:
+        ids: set[str] = set()
+        for _ in range(12):
+            ws, ready = await _session(cluster.ws)
+            assert ready.replica
+            ids.add(ready.replica)
+            await ws.close()
+            if len(ids) == 2:
+                break
+        assert len(ids) == 2, ids
+        for rid in sorted(ids):
+            for _ in range(6):
+                ws, ready = await _session(cluster.ws, [p.SUBPROTOCOL_MSGPACK, f"rtws.replica.{rid}"])
+                assert ready.replica == rid
+                assert ws.subprotocol == p.SUBPROTOCOL_MSGPACK  # the affinity entry is never chosen
+                await ws.close()
+        # A replica that no longer exists: routed as a new session, still served.
+        ws, ready = await _session(cluster.ws, [p.SUBPROTOCOL_MSGPACK, "rtws.replica.gone"])
+        assert ready.replica in ids
+        await ws.close()
+
+    run(main())
+
+
+def test_new_sessions_go_to_the_least_loaded_replica(cluster: Cluster) -> None:
+    async def main() -> None:
+        probe, ready = await _session(cluster.ws)
+        busy = ready.replica
+        assert busy
+        for j in range(10):  # load one replica with long generations
+            await _send(probe, p.Generate(id=f"load{j}", prompt="x", max_tokens=3000))
+        await asyncio.sleep(2.0 * UNIT)  # > routing_stats_period_s: the router has seen the load
+        landed = []
+        for _ in range(6):
+            ws, r = await _session(cluster.ws)
+            landed.append(r.replica)
+            await ws.close()
+        await probe.close()
+        assert busy not in landed, (busy, landed)
+
+    run(main())
+    time.sleep(1.0 * UNIT)  # the closed socket's generations are cancelled; let the stats settle
+
+
+def test_frame_limit_enforced_behind_the_proxy(cluster: Cluster) -> None:
+    """The proxy allows 16 MiB frames; rtws itself closes 1009 above max_frame_bytes, others unaffected."""
+    async def main() -> None:
+        other = await Client.connect(cluster.ws, open_timeout=30 * UNIT)
+        stream = await other.generate("steady", max_tokens=40)
+        ws, _ = await _session(cluster.ws)
+        big = p.codec_for(p.SUBPROTOCOL_MSGPACK).encode(
+            p.Generate(id="big", prompt="a" * cluster.config.max_frame_bytes, max_tokens=1))
+        assert len(big) > cluster.config.max_frame_bytes
+        await ws.send(big)
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                f = _decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
+                assert not isinstance(f, p.Error), f  # no bad_frame: the frame is refused, not parsed
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009, info.value
+        result = await asyncio.wait_for(stream.result(), 60 * UNIT)
+        assert result.reason == "length" and result.completion_tokens == 40
+        await other.close()
+
+    run(main())
+
+
+def test_infer_sse_through_the_proxy(cluster: Cluster) -> None:
+    r = post(cluster.http, "/infer", {"prompt": "ROMEO:", "max_tokens": 8, "seed": 3}, timeout=60 * UNIT)
+    assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.body)
+    assert events[-1][0] == "done"
+    done = msgspec.json.decode(events[-1][1])
+    assert done["reason"] == "length" and done["usage"]["completion_tokens"] == 8
+    text = "".join(msgspec.json.decode(data)["text"] for ev, data in events if ev == "message")
+    same = post(cluster.http, "/infer", {"prompt": "ROMEO:", "max_tokens": 8, "seed": 3, "stream": False},
+                timeout=60 * UNIT).json()
+    assert same["text"] == text  # both replicas hold the same weights: seeded output is replica-independent
+
+
+def test_openai_client_through_the_proxy(cluster: Cluster) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.http + "/v1", api_key="unused", max_retries=0, timeout=60 * UNIT)
+    try:
+        c = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=6, seed=1)
+        assert c.choices[0].finish_reason == "length" and c.usage is not None and c.usage.completion_tokens == 6
+        chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=6, stream=True))
+        assert chunks[-1].choices[0].finish_reason == "length" or chunks[-2].choices[0].finish_reason == "length"
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+    finally:
+        client.close()
+
+
+def test_metrics_name_the_replica(cluster: Cluster) -> None:
+    import urllib.request
+
+    seen = set()
+    for _ in range(8):
+        with urllib.request.urlopen(cluster.http + "/metrics", timeout=30 * UNIT) as r:
+            body = r.read().decode()
+        line = next(ln for ln in body.splitlines() if ln.startswith("rtws_replica_info{"))
+        assert 'deployment="rtws"' in line and line.endswith(" 1.0")
+        seen.add(line.split('replica="', 1)[1].split('"', 1)[0])
+    assert seen and all(seen)
+
+
+def _scrape(cluster: Cluster, replica: str) -> dict[str, float]:
+    """``/metrics`` of one replica: the affinity header pins plain HTTP requests too. Returns name -> sum."""
+    import urllib.request
+
+    req = urllib.request.Request(cluster.http + "/metrics", headers={"Sec-WebSocket-Protocol": f"rtws.replica.{replica}"})
+    with urllib.request.urlopen(req, timeout=30 * UNIT) as r:
+        body = r.read().decode()
+    assert f'replica="{replica}"' in body, "the router did not pin the scrape"
+    out: dict[str, float] = {}
+    for ln in body.splitlines():
+        if ln and not ln.startswith("#"):
+            name = ln.split("{", 1)[0].split(" ", 1)[0]
+            out[name] = out.get(name, 0.0) + float(ln.rsplit(" ", 1)[1])
+    return out
+
+
+def test_slow_reader_pauses_at_the_window_through_the_proxy(cluster: Cluster) -> None:
+    """Serve's send never blocks, so socket backpressure cannot reach the session behind the proxy; the
+    acknowledgement window does. A client that acks once (opting in) and then reads nothing has its
+    generations paused once a window of bytes is unacknowledged, and the replica stops sending."""
+    async def main() -> None:
+        ws, ready = await _session(cluster.ws)
+        window = ready.limits.window
+        assert window and ready.replica
+        await _send(ws, p.Ack(received=0))
+        for j in range(16):
+            await _send(ws, p.Generate(id=f"s{j}", prompt="x", max_tokens=4000))
+        deadline = time.monotonic() + 90 * UNIT
+        paused = 0.0
+        while time.monotonic() < deadline:  # read nothing, ack nothing
+            await asyncio.sleep(0.5)
+            m = await asyncio.to_thread(_scrape, cluster, ready.replica)
+            paused = m.get("rtws_requests_paused", 0.0)
+            if paused >= 16:
+                break
+        assert paused >= 16, f"only {paused} of 16 generations paused"
+        first = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
+        await asyncio.sleep(1.5 * UNIT)
+        second = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
+        assert second - first < window // 4, (first, second, window)  # the replica stopped writing
+        # Reading and acking resumes them: the client takes what was sent and acks it.
+        received = 0
+        with contextlib.suppress(asyncio.TimeoutError):
+            while True:
+                f = _decode(await asyncio.wait_for(ws.recv(), 2.0 * UNIT))
+                received += 1
+                if received % 64 == 0:
+                    await _send(ws, p.Ack(received=received))
+                if received > 2000:
+                    break
+        assert received > 2000  # more than was sent before the pause: the generations went on
+        await ws.close()
+
+    run(main())
+
+
+def test_resume_lands_on_the_same_replica(cluster: Cluster) -> None:
+    """A dropped socket: the Python client reconnects offering rtws.replica.<id>, the router pins it to that
+    replica, which replays the unacknowledged frames: the text is complete and not duplicated. Offered to the
+    other replica, the resume gets the documented resume_failed error and a fresh session."""
+    async def main() -> None:
+        client = await Client.connect(cluster.ws, open_timeout=30 * UNIT)
+        assert client.ready is not None and client.ready.replica and client.ready.resume_token
+        replica, token = client.ready.replica, client.ready.resume_token
+        stream = await client.generate("ROMEO:", max_tokens=120, seed=5)
+        parts = 0
+        async for _ in stream:
+            parts += 1
+            if parts == 10:
+                client.ws.transport.abort()  # an unclean drop: the server holds the session
+                break
+        result = await asyncio.wait_for(stream.result(), 60 * UNIT)
+        assert client.resumes == 1 and client.ready.replica == replica and client.ready.resumed
+        full = (await asyncio.to_thread(post, cluster.http, "/infer",
+                                        {"prompt": "ROMEO:", "max_tokens": 120, "seed": 5, "stream": False},
+                                        None, 60 * UNIT)).json()
+        assert result.text == full["text"] and result.completion_tokens == 120
+        await client.close()
+
+        # The same kind of resume sent to the other replica: it does not hold the session.
+        for _ in range(12):
+            ws, ready = await _session(cluster.ws)
+            await ws.close()
+            if ready.replica != replica:
+                foreign = ready.replica
+                break
+        else:
+            raise AssertionError("no second replica")
+        ws = await connect(cluster.ws, subprotocols=[p.SUBPROTOCOL_MSGPACK, f"rtws.replica.{foreign}"],
+                           compression=None, open_timeout=30 * UNIT)
+        await _send(ws, p.Hello(resume=token, received=0))
+        frames = [_decode(await asyncio.wait_for(ws.recv(), 30 * UNIT)) for _ in range(2)]
+        errors = [f for f in frames if isinstance(f, p.Error)]
+        readies = [f for f in frames if isinstance(f, p.Ready)]
+        assert errors and errors[0].code == "resume_failed", frames
+        assert readies and readies[0].replica == foreign and not readies[0].resumed
+        await ws.close()
+
+    run(main())
+
+
+# ---------------------------------------------------------------------- drain (changes the deployment: last)
+
+
+@dataclass
+class _Outcome:
+    replica: str
+    close_code: int | None = None
+    done: dict[str, str] | None = None
+    accepted: int = 0
+    overloaded: int = 0
+    errors: list[str] | None = None
+    unanswered: list[str] | None = None
+
+
+async def _live_session(url: str, stop: asyncio.Event) -> _Outcome:
+    """Start 1 long generation, then keep offering short ones until the socket closes or ``stop``."""
+    ws, ready = await _session(url)
+    out = _Outcome(replica=ready.replica or "", done={}, errors=[])
+    assert out.done is not None and out.errors is not None
+    live: set[str] = set()
+    await _send(ws, p.Generate(id="long", prompt="x", max_tokens=4000))  # outlives the drain's timeout
+    live.add("long")
+    out.accepted += 1
+    n = 0
+
+    async def offer() -> None:
+        nonlocal n
+        while not stop.is_set():
+            await asyncio.sleep(0.25)
+            n += 1
+            with contextlib.suppress(ConnectionClosed):
+                await _send(ws, p.Generate(id=f"p{n}", prompt="y", max_tokens=2))
+                live.add(f"p{n}")
+
+    offerer = asyncio.get_running_loop().create_task(offer())
+    cancel_sent = False
+    deadline = time.monotonic() + 180 * UNIT
+    try:
+        while time.monotonic() < deadline:
+            if stop.is_set() and not cancel_sent and "long" not in out.done:
+                cancel_sent = True
+                with contextlib.suppress(ConnectionClosed):
+                    await _send(ws, p.Cancel(id="long"))
+            try:
+                f = _decode(await asyncio.wait_for(ws.recv(), 0.5))
+            except ConnectionClosed as exc:
+                out.close_code = exc.rcvd.code if exc.rcvd is not None else None
+                break
+            except asyncio.TimeoutError:
+                f = None
+            if isinstance(f, p.Done):
+                out.done[str(f.id)] = f.reason
+            elif isinstance(f, p.Error) and f.id is not None:
+                live.discard(str(f.id))
+                if f.code == "overloaded":
+                    out.overloaded += 1
+                else:
+                    out.errors.append(f.code)
+            if stop.is_set() and not (live - set(out.done)):
+                break
+    finally:
+        offerer.cancel()
+        with contextlib.suppress(BaseException):
+            await offerer
+        await ws.close()
+    # Every generation the server accepted ended with its done. A probe can go unanswered only when it
+    # crossed the server's close on the wire (during a drain every probe is refused with overloaded).
+    out.accepted = len(live)
+    out.unanswered = sorted(live - set(out.done))
+    return out
+
+
+def _drain_run(cluster: Cluster, change: Any) -> list[_Outcome]:
+    async def main() -> list[_Outcome]:
+        stop = asyncio.Event()
+        tasks = [asyncio.get_running_loop().create_task(_live_session(cluster.ws, stop)) for _ in range(16)]
+        await asyncio.sleep(2.0 * UNIT)  # all 16 streaming
+        deployer = threading.Thread(target=change, daemon=True)
+        deployer.start()
+        while deployer.is_alive():
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0 * UNIT)
+        stop.set()  # sessions still open cancel their long generation and collect its done
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), 120 * UNIT))
+
+    return list(run(main()))
+
+
+def _check_drained(outcomes: list[_Outcome], removed: set[str]) -> None:
+    drained = [o for o in outcomes if o.replica in removed]
+    assert drained, ("no session on a removed replica", removed, [o.replica for o in outcomes])
+    for o in drained:
+        assert o.close_code == 1001, o  # "going away", not 1006
+        assert o.done is not None and o.done.get("long") in ("length", "cancelled"), o
+        assert o.overloaded >= 1, o  # new work during the drain was refused with overloaded
+        assert not o.errors, o
+        assert o.unanswered is not None and len(o.unanswered) <= 1 and "long" not in o.unanswered, o
+    for o in outcomes:
+        assert o.done is not None and "long" in o.done, o
+
+
+def _replica_ids(cluster: Cluster, tries: int = 12) -> set[str]:
+    async def main() -> set[str]:
+        ids = set()
+        for _ in range(tries):
+            ws, ready = await _session(cluster.ws)
+            ids.add(ready.replica or "")
+            await ws.close()
+        return ids
+
+    return set(run(main()))
+
+
+def _running_replicas() -> int:
+    status = serve.status().applications[APP].deployments[APP]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def _wait_for_replicas(n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _running_replicas() != n:
+        assert time.monotonic() < deadline, f"still {_running_replicas()} replicas, waiting for {n}"
+        time.sleep(0.2)
+
+
+def test_scale_down_drains_live_streams(cluster: Cluster) -> None:
+    """2 -> 1 replicas while 16 streams run. With Serve's Python API every serve.run is a new version, so Serve
+    starts the new replica and stops both old ones through the same graceful replica shutdown that an
+    autoscaler scale-down uses (Replica._perform_graceful_shutdown, where install_drain_hook runs App.drain)."""
+    before = _replica_ids(cluster)
+    assert len(before) == 2, (before, _running_replicas())
+    outcomes = _drain_run(cluster, lambda: cluster.deploy(1))
+    _wait_for_replicas(1, 60 * UNIT)
+    after = _replica_ids(cluster, 4)
+    assert len(after) == 1 and not (after & before)
+    _check_drained(outcomes, before)
+
+
+def test_redeploy_drains_every_old_replica(cluster: Cluster) -> None:
+    """serve.run of a new version replaces every replica (rolling update) while 16 streams run."""
+    before = _replica_ids(cluster, 4)
+    assert len(before) == 1
+    outcomes = _drain_run(cluster, lambda: cluster.deploy(2))
+    after = _replica_ids(cluster)
+    assert not (before & after) and len(after) == 2
+    _check_drained(outcomes, before)
