@@ -12,7 +12,7 @@ One real server (``bench/serve_child.py``, built like ``rtws serve``, with API k
    read, ``cancel`` floods that never read, trickle readers, silent and slowloris TCP connections, keyless
    sockets holding the pre-auth budget, 512 KiB prompts, ``top_k`` 2**63 / NaN numbers, text garbage frames,
    trickled HTTP bodies;
-3. **burst**: 1,000 ``generate`` frames sent at once over 20 sockets (short generations), for the server's
+3. **burst**: 1,000 ``generate`` frames sent at once over 40 sockets (short generations), for the server's
    event-loop lag during the burst.
 
 Printed next to each other: normal streams' TTFT p99 and ITL p99 (client-side: gap between deltas divided by
@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ServerProcess, lag_row, ms, percentile, print_header, print_table, raise_nofile  # noqa: E402
 
-KEY = "hostile-bench-key"
+KEY = "hostile-bench-key"  # the normal streams' client
+ATTACK_KEY = "attacker-key"  # authenticated attackers are another client (keyless ones hold the pre-auth budget)
 ATTACKS = ["ping_flood", "cancel_flood", "trickle", "silent", "slowloris", "preauth", "huge_prompt",
            "bad_numbers", "text_garbage", "body_trickle"]
 
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens per normal generation")
     p.add_argument("--burst", type=int, default=1000, help="generate frames in the burst phase (0: skip)")
     p.add_argument("--num-slots", type=int, default=64)
+    p.add_argument("--per-client", type=int, default=None,
+                   help="max_generations_per_client (default: num_slots // 2; 0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of: " + ", ".join(ATTACKS))
     p.add_argument("--only-burst", action="store_true",
                    help="run only the burst phase (also against older servers, for a before/after)")
     return p
@@ -120,7 +124,7 @@ async def attacker(kind: str, port: int, end: float, counts: dict[str, int]) -> 
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 if kind == "body_trickle":
                     writer.write(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 500\r\n\r\n{")
+                                 b"Authorization: Bearer " + ATTACK_KEY.encode() + b"\r\nContent-Length: 500\r\n\r\n{")
                 payload = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
                 i = 0
                 while time.monotonic() < end and not reader.at_eof():
@@ -135,13 +139,13 @@ async def attacker(kind: str, port: int, end: float, counts: dict[str, int]) -> 
                     except asyncio.TimeoutError:
                         pass
             else:
-                reader, writer = await ws_open(port, None if kind == "preauth" else KEY)
+                reader, writer = await ws_open(port, None if kind == "preauth" else ATTACK_KEY)
                 if kind == "ping_flood":
                     batch = client_frame(0x9, b"p" * 125) * 64
                     while time.monotonic() < end and not writer.is_closing():
                         writer.write(batch)
                         await asyncio.wait_for(writer.drain(), 5.0)
-                        await asyncio.sleep(0)
+                        await asyncio.sleep(0.01)  # 6,400 pings/s per connection: a flood, not a CPU hog here
                 elif kind == "cancel_flood":
                     batch = mp_frame({"type": "cancel", "id": "X" * 128}) * 100
                     while time.monotonic() < end:
@@ -188,17 +192,20 @@ async def attacker(kind: str, port: int, end: float, counts: dict[str, int]) -> 
         await asyncio.sleep(0.2)
 
 
-def attackers_main(port: int, n: int, duration: float, out: Any) -> None:
+def attackers_main(port: int, n: int, duration: float, out: Any, attacks: list[str] = ATTACKS) -> None:
     os.nice(5)
 
     async def main() -> dict[str, int]:
         end = time.monotonic() + duration
         counts: dict[str, int] = {}
-        await asyncio.gather(*(attacker(ATTACKS[i % len(ATTACKS)], port, end, counts) for i in range(n)),
+        await asyncio.gather(*(attacker(attacks[i % len(attacks)], port, end, counts) for i in range(n)),
                              return_exceptions=True)
         return counts
 
-    out.put(asyncio.run(main()))
+    counts = asyncio.run(main())
+    t = os.times()
+    counts["cpu_s"] = int(t.user + t.system)
+    out.put(counts)
 
 
 # --------------------------------------------------------------------------- normal streams
@@ -273,18 +280,26 @@ class RssSampler:
         self._t.join()
 
 
+BURST_PER_SOCKET = 25  # under the per-client cap: each burst socket is its own client (own key)
+
+
+def burst_keys(n: int) -> list[str]:
+    return [f"burst-key-{i}" for i in range(-(-n // BURST_PER_SOCKET))]
+
+
 async def burst(url: str, n: int) -> tuple[int, int]:
-    """``n`` generate frames at once over 20 sockets; wait for every answer. Returns (done, errors)."""
+    """``n`` generate frames at once over n/25 sockets (one key each); wait for every answer -> (done, errors)."""
     from websockets.asyncio.client import connect
 
-    socks = 20
-    per = n // socks
+    keys = burst_keys(n)
+    socks = len(keys)
+    per = BURST_PER_SOCKET
     done = errors = 0
 
     async def one(i: int) -> tuple[int, int]:
         d = e = 0
         async with connect(url, subprotocols=["rtws.v1.msgpack"],  # type: ignore[list-item]
-                           additional_headers={"Authorization": f"Bearer {KEY}"}, open_timeout=60) as ws:
+                           additional_headers={"Authorization": f"Bearer {keys[i]}"}, open_timeout=60) as ws:
             await ws.recv()
             frames = [msgspec.msgpack.encode({"type": "generate", "id": j, "prompt": f"burst {i} {j}",
                                               "max_tokens": 2}) for j in range(per)]
@@ -315,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     raise_nofile(8192)
     print_header("hostile_bench", args)
-    cfg: dict[str, Any] = {"api_keys": [KEY], "num_slots": args.num_slots,
+    # The documented hostile-clients setup: clients have keys, and a per-client cap of half the slots, so one
+    # client (here: every authenticated attacker shares ATTACK_KEY) cannot hold the slots the others need.
+    cfg: dict[str, Any] = {"api_keys": [KEY, ATTACK_KEY, *burst_keys(args.burst)], "num_slots": args.num_slots,
                            "max_generations_per_session": 64, "max_connections": 2048}
+    if args.per_client != 0:  # 0: no per-client cap (and no such field: lets --only-burst run older servers)
+        cfg["max_generations_per_client"] = args.per_client or max(1, args.num_slots // 2)
     if args.model:
         cfg["model"] = args.model
     if args.threads:
@@ -337,16 +356,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         server.command("lag_reset")
+        cpu0 = server.cpu_seconds()
         with RssSampler(server) as rss:
             rss0 = rss.peak
             base = asyncio.run(run_normal(url, args.streams, args.duration, args.max_tokens))
         base_lag = server.command("lag")
+        base_cpu = server.cpu_seconds() - cpu0
         rows.append(phase_rows("baseline", base, base_lag, rss0, rss.peak))
 
         q: Any = mp.get_context("spawn").Queue()
         proc = mp.get_context("spawn").Process(target=attackers_main,
-                                                args=(server.port, args.attackers, args.duration + 2.0, q))
+                                                args=(server.port, args.attackers, args.duration + 2.0, q,
+                                                      [a for a in args.attacks.split(",") if a]))
         server.command("lag_reset")
+        cpu0 = server.cpu_seconds()
         with RssSampler(server) as rss:
             rss0 = rss.peak
             proc.start()
@@ -355,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             counts = q.get(timeout=args.duration + 120)
             proc.join(30)
         attack_lag = server.command("lag")
+        attack_cpu = server.cpu_seconds() - cpu0
+        events = {e: len(server.log_events(e)) for e in ("stalled", "ws_refused", "error_budget", "control_budget",
+                                                          "transport_buffer", "raw_connection_refused")}
         rows.append(phase_rows(f"+ {args.attackers} attackers", hostile, attack_lag, rss0, rss.peak))
         attack_peak, attack_rss0 = rss.peak, rss0
 
@@ -376,8 +402,13 @@ def main(argv: list[str] | None = None) -> int:
                 ["phase", "p50", "p99", "max", "samples"],
                 [lag_row("baseline", base_lag), lag_row("under attack", attack_lag)]
                 + ([burst_row] if burst_row else []))
+    attacker_cpu = counts.pop("cpu_s", 0)
     print_table("attack connections (each ends when the server closes it; then it reconnects)",
                 ["attack", "connections made"], [[k, str(v)] for k, v in sorted(counts.items())])
+    print_table("server-side refusals logged during the attack phase (WARNING events)", ["event", "count"],
+                [[k, str(v)] for k, v in events.items()])
+    print_table("CPU seconds per phase", ["process", "baseline", "attack"],
+                [["server", f"{base_cpu:.1f}", f"{attack_cpu:.1f}"], ["attackers", "-", f"{attacker_cpu:.1f}"]])
     itl_ratio = percentile(hostile["itl"], 99) / percentile(base["itl"], 99)
     growth = (attack_peak - attack_rss0) / 1024
     print_table("hostile_bench summary (targets from issue 14)", ["figure", "value", "target"], [

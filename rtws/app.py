@@ -420,6 +420,8 @@ class App:
 
         def policy_close(code: int, reason: str) -> None:
             if conn is not None:
+                if reason in _ABUSE_REASONS:
+                    _stop_reading(conn.send)  # parse nothing more from a flooder while its close runs
                 self.spawn(self._close(conn, code, reason, flush=True))
 
         def on_authenticated(s: Session) -> str | None:
@@ -681,6 +683,16 @@ class _LogBudget:
             return True
         self.dropped += 1
         return False
+
+
+_ABUSE_REASONS = frozenset({"too many errors", "control frames not read"})
+
+
+def _stop_reading(send: Send) -> None:
+    """Tell rtws's uvicorn protocol (:mod:`rtws.transport`) to parse nothing more from this peer."""
+    stop = getattr(getattr(send, "__self__", None), "stop_reading", None)
+    if callable(stop):
+        stop()
 
 
 def _transport(send: Send) -> Any:

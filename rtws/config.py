@@ -113,6 +113,10 @@ class ServerConfig:
     ping_rate_per_s: float = field(default=10.0, metadata={
         "help": "client pings answered per second per socket (burst ping_burst); past it the socket is closed 1008"})
     ping_burst: int = field(default=50, metadata={"help": "client pings allowed in a burst"})
+    ws_frames_per_s: float = field(default=200.0, metadata={
+        "help": "inbound WebSocket frames per socket per second, sustained; past it the server stops reading "
+                "that socket until its budget refills (burst ws_frame_burst)"})
+    ws_frame_burst: int = field(default=1000, metadata={"help": "inbound WebSocket frames allowed in a burst"})
     stall_min_bytes_per_s: int = field(default=64 * 1024, metadata={
         "help": "a socket blocked on its reader for most of a stall_timeout_s window that took fewer bytes/s "
                 "than this is closed 1008"})
@@ -246,13 +250,13 @@ def _validate(c: ServerConfig) -> None:
         v = getattr(c, name)
         need(v is None or v >= 1, name, "must be >= 1")
     for name in ("max_preauth_connections", "max_control_bytes", "max_transport_buffer", "ping_burst",
-                 "stall_min_bytes_per_s", "prompt_chars_per_token"):
+                 "stall_min_bytes_per_s", "prompt_chars_per_token", "ws_frame_burst"):
         need(getattr(c, name) >= 1, name, "must be >= 1")
     for name in ("max_connections_per_client", "max_generations_per_client", "max_raw_connections",
                  "max_connections_per_address"):
         v = getattr(c, name)
         need(v is None or v >= 1, name, "must be >= 1")
-    for name in ("auth_timeout_s", "ping_rate_per_s", "header_timeout_s", "body_timeout_s"):
+    for name in ("auth_timeout_s", "ping_rate_per_s", "header_timeout_s", "body_timeout_s", "ws_frames_per_s"):
         need(getattr(c, name) > 0, name, "must be > 0")
     for name in ("stall_timeout_s", "drain_timeout_s", "priority_aging_s"):
         need(getattr(c, name) > 0, name, "must be > 0")

@@ -338,7 +338,10 @@ class Engine:
     def _step(self, plan: StepPlan, events: list[TokenEvent]) -> None:
         now = time.monotonic()
         for seq in plan.exhausted:  # the KV pool cannot hold one more token even for it alone
-            self._finish(seq, "length", events, now)
+            if seq.in_prefill and not seq.output_ids:
+                self._finish(seq, "error", events, now, error="prompt does not fit the KV cache")
+            else:
+                self._finish(seq, "length", events, now)
         if plan.empty:
             return
         tokens = self._compute(plan, events)

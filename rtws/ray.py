@@ -496,7 +496,8 @@ def serve_ray(config: ServerConfig, options: RayOptions, address: str | None = N
         serve.run(build_application(config, options), name=options.name, route_prefix="/")
         log.info("listening", extra={"event": "listening", "host": config.host, "port": config.port,
                                      "replicas": options.replicas})
-        print(f"rtws on Ray Serve: http://{config.host}:{config.port} ({options.replicas} replicas)", flush=True)
+        print(f"rtws on Ray Serve: http://{config.host}:{config.port} ({options.replicas} replica"
+              f"{'s' if options.replicas != 1 else ''})", flush=True)
         if on_ready is not None:
             on_ready()
         while not stop.wait(0.5):  # short waits: signal handlers run between them

@@ -49,7 +49,7 @@ from .protocol import Cancel, Delta, Done, Error, Generate, Message, ProtocolErr
 
 if TYPE_CHECKING:
     from .app import App
-    from .session import Session
+    from .session import Offload, Session
 
 log = logging.getLogger("rtws.realtime")
 
@@ -154,6 +154,8 @@ class Response:
     conversation: ConversationView | None
     max_output_tokens: int | str
     metadata: dict[str, str] | None
+    event_id: str | None = None  # the response.create's, for errors that end the response late
+    fitting: bool = False  # its prompt is being fitted to the context in the tokenizer thread (not in the engine)
     text: list[str] = field(default_factory=list)
 
 
@@ -164,6 +166,7 @@ class SessionConfig:
     model: str
     instructions: str = ""
     max_output_tokens: int | str = "inf"
+    truncation: str = "auto"  # "auto": the oldest items leave the prompt (not the conversation) when it is too long
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -192,8 +195,9 @@ class RealtimeConnection:
 
     def __init__(self, config: SessionConfig, max_tokens_limit: int,
                  rate_limit: Callable[[], ev.RateLimit | None] | None = None, *,
-                 max_item_bytes: int = 64 * 1024) -> None:
+                 max_item_bytes: int = 64 * 1024, offload: Offload | None = None) -> None:
         self.config = config
+        self.offload = offload  # the tokenizer thread: fits long conversations to the context (truncation "auto")
         self.max_tokens_limit = max_tokens_limit
         self.rate_limit = rate_limit
         # Events a client asks for (item echoes, retrieves, errors) are control frames, bounded by the
@@ -253,7 +257,7 @@ class RealtimeConnection:
         assert self.session is not None
         return ev.SessionOut(id="sess_" + self.session.id, model=c.model, instructions=c.instructions,
                              max_output_tokens=c.max_output_tokens, output_modalities=["text"],
-                             temperature=c.temperature)
+                             truncation=c.truncation, temperature=c.temperature)
 
     # ------------------------------------------------------------------ inbound
 
@@ -347,7 +351,10 @@ class RealtimeConnection:
             if self.session.models.get(s.model) is None:
                 raise RealtimeError("model_not_found", f"unknown model {s.model[:64]!r}", "session.model")
         self._check_max_tokens(s.max_output_tokens, "session.max_output_tokens")
+        truncation = _truncation(s.truncation)
         # Validated: apply all at once.
+        if truncation is not None:
+            c.truncation = truncation
         if s.model is not None:
             c.model = s.model
         if s.instructions is not None:
@@ -462,6 +469,28 @@ class RealtimeConnection:
             top_p=r.top_p if r.top_p is not None else c.top_p,
             top_k=r.top_k if r.top_k is not None else c.top_k,
             seed=r.seed if r.seed is not None else c.seed)
+        model = session.models.get(c.model)
+        if in_conversation and r.input is None and c.truncation == "auto" and self.offload is not None \
+                and model is not None:
+            # Fit the history to the context first (tokenizer thread), then generate: see _fitted.
+            resp = self._open(rid, True, limit, r.metadata, event.event_id, accepted=False)
+            resp.fitting = True
+            system = messages[:1] if instructions else []
+            history = self.conversation.conv.snapshot()
+            history.items = [it for it in history.items if it.id not in self.conversation.in_progress]
+            target = _prompt_target(model, max_tokens)
+
+            def work() -> int:
+                def encode(cv: Conversation, extra: Any, skip: int) -> list[int]:
+                    ids: list[int] = model.encode(None, [{"role": m.role, "content": m.content} for m in system]
+                                                  + cv.messages(skip=skip))
+                    return ids
+
+                return history.fit((), encode, target)[1]
+
+            fut = self.offload(work)
+            fut.add_done_callback(lambda f: self._fitted(resp, frame, system, history, f))
+            return
         self._creating = (rid, event.event_id)
         try:
             session.handle(frame)
@@ -469,6 +498,41 @@ class RealtimeConnection:
             self._creating = None
         if rid not in session.live:
             return  # refused by the session (rate limit): the error event is queued
+        self._open(rid, in_conversation, limit, r.metadata, event.event_id)
+
+    def _fitted(self, resp: Response, frame: Generate, system: list[Message], history: Conversation,
+                fut: Any) -> None:
+        """The tokenizer thread fitted ``resp``'s history (on the loop): generate, unless it ended meanwhile."""
+        session = self.session
+        if session is None or session.closed or self.responses.get(resp.id) is not resp:
+            return  # cancelled (its response.done is queued) or the socket is gone
+        resp.fitting = False
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            code = "invalid_params" if isinstance(exc, ValueError) else "internal"
+            if code == "internal":
+                log.error("fitting a conversation failed", exc_info=exc, extra={"event": "frame_error",
+                                                                                "session": session.id})
+            session.queue(Error(code=code, message=str(exc)[:300] if code == "invalid_params" else
+                                "internal error preparing the prompt", id=resp.id))
+            return
+        skip: int = fut.result()
+        messages = system + [Message(role=m["role"], content=m["content"]) for m in history.messages(skip=skip)]
+        try:
+            session.handle(msgspec.structs.replace(frame, messages=messages))
+        except ProtocolError as err:  # refused now (too many generations, draining, ...): end it failed
+            session.hooks.rejected(err.code.value)
+            session.queue(Error(code=err.code.value, message=err.message, id=resp.id))
+            return
+        if resp.id in session.live:
+            events = self._rate_limits()
+            if events:
+                self._emit(*events)
+        # else: a rate-limited generate queued an error with resp's id: _native_error ended the response.
+
+    def _open(self, rid: str, in_conversation: bool, limit: int | str, metadata: dict[str, str] | None,
+              event_id: str | None, accepted: bool = True) -> Response:
+        """Register a response and queue its opening events (before any of its deltas)."""
         conv = self.conversation if in_conversation else None
         prev: str | None = None
         if conv is not None:
@@ -478,7 +542,8 @@ class RealtimeConnection:
             prev = conv.previous_id(item)
         else:
             item = StoredItem(id=f"item_{rid[5:]}", role="assistant", content="")
-        resp = Response(id=rid, item=item, conversation=conv, max_output_tokens=limit, metadata=r.metadata)
+        resp = Response(id=rid, item=item, conversation=conv, max_output_tokens=limit, metadata=metadata,
+                        event_id=event_id)
         self.responses[rid] = resp
         if conv is not None:
             self.active = resp
@@ -490,11 +555,14 @@ class RealtimeConnection:
             events.append(ev.ItemAdded(event_id=self._eid(), previous_item_id=prev, item=out))
         events.append(ev.ContentPartAdded(event_id=self._eid(), response_id=rid, item_id=item.id, output_index=0,
                                           content_index=0, part=ev.PartOut(text="")))
-        if self.rate_limit is not None:
-            rl = self.rate_limit()
-            if rl is not None:
-                events.append(ev.RateLimitsUpdated(event_id=self._eid(), rate_limits=[rl]))
+        if accepted:
+            events += self._rate_limits()
         self._emit(*events)
+        return resp
+
+    def _rate_limits(self) -> list[Any]:
+        rl = self.rate_limit() if self.rate_limit is not None else None
+        return [ev.RateLimitsUpdated(event_id=self._eid(), rate_limits=[rl])] if rl is not None else []
 
     def _response_out(self, resp: Response, status: str, details: ev.StatusDetails | None = None,
                       usage: ev.UsageOut | None = None) -> ev.ResponseOut:
@@ -518,7 +586,11 @@ class RealtimeConnection:
             if rid in self._recent:
                 return  # already done: cancelling it is a no-op
             raise RealtimeError("response_not_found", f"no response {rid[:64]!r}", "response_id")
-        if rid in session.live:
+        resp = self.responses.get(rid)
+        if resp is not None and resp.fitting:  # not in the engine yet: it ends here
+            del self.responses[rid]
+            self._emit(*self._close_response(resp, "cancelled", None))
+        elif rid in session.live:
             session.handle(Cancel(id=rid))
         # else: finished in the engine, its done is queued and about to be written
 
@@ -598,6 +670,8 @@ class RealtimeConnection:
         event_id = None
         if self._creating is not None and frame.id == self._creating[0]:
             event_id = self._creating[1]
+        elif frame.id is not None and str(frame.id) in self.responses:
+            event_id = self.responses[str(frame.id)].event_id
         message = frame.message
         if frame.retry_after is not None:
             message = f"{message} (retry_after {frame.retry_after} s)"
@@ -622,6 +696,28 @@ def _out(conv: ConversationView | None, item: StoredItem, in_progress: bool = Fa
         return ev.ItemOut(id=item.id, role=item.role, status="in_progress", content=[])
     return ev.ItemOut(id=item.id, role=item.role, status="incomplete" if item.truncated else "completed",
                       content=[ev.ContentOut(type=part_type(item.role), text=item.content)])
+
+
+def _truncation(value: Any) -> str | None:
+    """``session.truncation`` -> "auto" / "disabled" (None: not given). A retention ratio reads as "auto"."""
+    if value is None:
+        return None
+    if value in ("auto", "disabled"):
+        return str(value)
+    if isinstance(value, dict) and value.get("type") == "retention_ratio":
+        return "auto"
+    raise RealtimeError("invalid_value", "truncation must be 'auto', 'disabled' or a retention_ratio object",
+                        "session.truncation")
+
+
+def _prompt_target(model: Any, max_tokens: int) -> int:
+    """Longest prompt to fit a conversation into: the model's prompt cap, leaving ``min(max_tokens, context/4)``
+    tokens to answer (the rule ``generate {conversation}`` uses, so both front doors keep the same history)."""
+    cap: int = model.max_prompt_tokens
+    ctx = getattr(model, "context_len", None)
+    if isinstance(ctx, int) and ctx > 0:
+        cap = min(cap, ctx - min(max_tokens, ctx // 4))
+    return max(1, cap)
 
 
 def _check_modalities(mods: list[str] | None, param: str) -> None:
@@ -767,7 +863,8 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
 
     limits = app.session_limits
     rt = RealtimeConnection(SessionConfig(model=model_name or served.name), limits.max_tokens,
-                            rate_limit_probe(app, rate_key), max_item_bytes=limits.max_control_bytes // 4)
+                            rate_limit_probe(app, rate_key), max_item_bytes=limits.max_control_bytes // 4,
+                            offload=app.offload)
     session = Session(send_events, rt.codec, app.registry, limits, client=client_address(scope),
                       authenticated=True, rate_limiter=app.rate_limiter, hooks=app.hooks,
                       on_policy_close=policy_close, offload=app.offload,

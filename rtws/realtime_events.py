@@ -53,6 +53,7 @@ class SessionIn(msgspec.Struct, frozen=True):
     tools: list[Any] | None = None
     tool_choice: Any = None
     audio: Any = None
+    truncation: Any = None  # "auto" | "disabled" | {"type": "retention_ratio", ...} (read as "auto")
     # Sampling: not in OpenAI's GA session object (its beta one had ``temperature``); rtws extensions.
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] | None = None
@@ -198,6 +199,7 @@ class SessionOut(msgspec.Struct, frozen=True):
     object: str = "realtime.session"
     tools: list[Any] = []
     tool_choice: str = "auto"
+    truncation: str = "auto"
     temperature: float | None = None
 
 

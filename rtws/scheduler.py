@@ -328,6 +328,8 @@ class Scheduler:
                 n = self._fit_chunk(seq, want)  # what free blocks allow, preempting no one
                 if n <= 0:
                     if not self._room(seq, seq.num_cached + want, scheduled):
+                        if len(self._running) == 1:
+                            exhausted.append(seq)  # alone and the pool cannot hold its prompt
                         continue  # everything else is scheduled: wait for blocks to come back
                     n = want
                 prefill.append(PrefillChunk(seq, seq.num_cached, seq.num_cached + n))
@@ -380,7 +382,10 @@ class Scheduler:
                         break
                     self.preempt(victim)
                     reserve = min(len(self._running), kv.pool.capacity // 4)
-                if need > kv.pool.num_free - reserve or not kv.ensure(seq, seq.num_cached + want):
+                if need > kv.pool.num_free - reserve and not self._running:  # alone: start with what fits
+                    held = len(seq.block_table) * kv.block_size - seq.num_cached
+                    want = min(want, held + max(0, kv.pool.num_free - reserve) * kv.block_size)
+                if want <= 0 or not kv.ensure(seq, seq.num_cached + want):
                     kv.release(seq)
                     seq.num_cached = 0
                     break  # the head of the queue waits; admitting others behind it would starve it

@@ -51,6 +51,8 @@ class GuardSettings:
     ping_rate_per_s: float = 10.0
     ping_burst: int = 50
     max_transport_buffer: int = 1 << 20
+    frames_per_s: float = 200.0  # inbound WebSocket frames per socket, sustained (then reads pause)
+    frame_burst: int = 1000
     refusals_logged_at: float = 0.0  # rate-limits the "connection refused" warning to one a second
 
 
@@ -151,6 +153,12 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._g = _settings(self.config)
         self._slot: str | None = None
+        self._refused = False
+        self._frame_tokens = float(self._g.frame_burst) if self._g is not None else 0.0
+        self._frame_at = time.monotonic()
+        self._backlog = b""
+        self._pings = 0
+        self._throttle: asyncio.TimerHandle | None = None
         self._ping_tokens = float(self._g.ping_burst) if self._g is not None else 0.0
         self._ping_at = time.monotonic()
 
@@ -158,18 +166,86 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         if self._slot is not None and self._g is not None:
             self._g.guard.close(self._slot)
             self._slot = None
+        if self._throttle is not None:
+            self._throttle.cancel()
+            self._throttle = None
+        self._backlog = b""
         super().connection_lost(exc)
+
+    _SLICE = 8 * 1024
+
+    def stop_reading(self) -> None:
+        """Parse nothing more from this peer (it is being closed for abuse): its data is dropped unread."""
+        self._refused = True
+        self._backlog = b""
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        """Parse in slices within the socket's inbound frame budget; past it, keep the rest of this read and
+        pause reading until the budget refills (a flood slows itself down, costing the loop a bounded amount).
+        Nothing is parsed once the socket was refused."""
+        if self._g is None:
+            super().data_received(data)
+            return
+        if self._refused:
+            return
+        if self._throttle is not None or self._backlog:
+            self._backlog += data  # arrived before the pause took effect; bounded by one read
+            self.transport.pause_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        g = self._g
+        assert g is not None
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            if self._refused:
+                self._backlog = b""
+                return
+            now = time.monotonic()
+            self._frame_tokens = min(float(g.frame_burst), self._frame_tokens + (now - self._frame_at) * g.frames_per_s)
+            self._frame_at = now
+            if self._frame_tokens <= 0:
+                self._backlog = bytes(view[pos:])
+                self.transport.pause_reading()
+                delay = max(0.01, (1.0 - self._frame_tokens) / g.frames_per_s)
+                self._throttle = self.loop.call_later(delay, self._unthrottle)
+                return
+            before = self.queue.qsize() + self._pings
+            super().data_received(bytes(view[pos:pos + self._SLICE]))
+            self._frame_tokens -= self.queue.qsize() + self._pings - before
+            pos += self._SLICE
+
+    def _unthrottle(self) -> None:
+        self._throttle = None
+        if self._refused or self.transport.is_closing():
+            return
+        data, self._backlog = self._backlog, b""
+        if data:
+            self._feed(data)
+        if self._throttle is None and not self.read_paused:
+            self.transport.resume_reading()
+
+    async def receive(self) -> Any:
+        message = await super().receive()
+        if self._throttle is not None or self._refused:
+            self.transport.pause_reading()  # uvicorn resumes reading once its queue is empty: not while throttled
+        return message
 
     def handle_ping(self) -> None:
         g = self._g
         if g is None:
             super().handle_ping()
             return
-        if self.close_sent or self.transport.is_closing():
+        if self._refused or self.close_sent or self.transport.is_closing():
             return
         now = time.monotonic()
         self._ping_tokens = min(float(g.ping_burst), self._ping_tokens + (now - self._ping_at) * g.ping_rate_per_s)
         self._ping_at = now
+        self._pings += 1
         if self._ping_tokens < 1.0:
             self._refuse("ping flood")
             return
@@ -180,6 +256,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def _refuse(self, reason: str) -> None:
         """Close 1008 now; abort (dropping whatever is buffered) when the peer is not reading anyway."""
+        self._refused = True
         log.warning("closing WebSocket: %s", reason, extra={"event": "ws_refused", "client": self._slot,
                                                            "reason": reason})
         self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008, "reason": reason})

@@ -126,3 +126,20 @@ def test_resume_bench_reports_resume_latency(capsys: pytest.CaptureFixture[str])
     assert [r[0] for r in rows] == ["reconnect -> ready {resumed}", "reconnect -> first frame after it",
                                     "baseline: new session -> first token"]
     assert all(r[4] == "2" for r in rows)
+
+
+def test_peers_bench_compares_rtws_rows_and_checks_texts(tiny_llama_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Peers (transformers serve, llama-server) are skipped here; the rtws rows and the text check run for real.
+    rc = bench_module("peers_bench").main(["--model", str(tiny_llama_dir), "--concurrency", "1,2", "--requests", "3",
+                                           "--prompt-len", "8", "--max-tokens-range", "2,5", "--repeat", "2",
+                                           "--no-transformers", "--llama-server", "/nonexistent/llama-server"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = table(out, "peers_bench:")
+    assert [(r[0], r[1]) for r in rows] == [("rtws /v1/completions", "1"), ("rtws /ws (one socket)", "1"),
+                                            ("rtws /v1/completions", "2"), ("rtws /ws (one socket)", "2")]
+    assert all(r[3] == "1.00x" for r in rows if r[0] == "rtws /v1/completions")
+    checks = table(out, "greedy texts vs")
+    assert all(r[2] == "3/3" and r[4] == "ok" for r in checks)
+    assert "not measured: llama-server F32" in out

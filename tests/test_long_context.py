@@ -38,6 +38,14 @@ def test_pool_size_follows_the_budget_not_max_len(long_dir: Path) -> None:
     assert big._static is not None and small._static is not None
     assert big._static.kv_bucket(130) == small._static.kv_bucket(130) == 256
     assert big._static.len_buckets[-1] == CONTEXT
+    # 64 short rows beside one long one are decoded as two groups, each reading up to its own longest row.
+    from rtws.scheduler import SamplingParams, Sequence
+
+    rows = [Sequence(rid=i, prompt_ids=[1], params=SamplingParams(), num_cached=20 + i % 5) for i in range(64)]
+    rows.append(Sequence(rid=99, prompt_ids=[1], params=SamplingParams(), num_cached=20_000))
+    groups = big._length_groups(rows)
+    assert [len(g) for g in groups] == [64, 1] and groups[1][0].rid == 99
+    assert big._length_groups(rows[:64]) == [rows[:64]]  # similar lengths: one group
 
 
 @pytest.mark.slow

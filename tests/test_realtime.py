@@ -702,3 +702,34 @@ def test_drain_ends_realtime_responses_cancelled_and_closes_1001(server_factory:
     done = [e for e in events if e.type == "response.done"]
     assert len(done) == 1 and done[0].response.status == "cancelled"
     assert events[-1].type == "response.done" and code == 1001
+
+
+def test_truncation_auto_fits_a_long_conversation_and_disabled_refuses_it(srv: RunningServer) -> None:
+    """The tiny model has a 256-token context: 12 long turns do not fit. "auto" drops the oldest from the
+    prompt (they stay in the conversation); "disabled" ends the response failed."""
+    async def main() -> tuple[list[Any], list[Any], Any]:
+        ws = await open_raw(srv)
+        for i in range(12):
+            await send_recv(ws, {"type": "conversation.item.create", "item": user(f"Turn {i}: " + "the " * 25,
+                                                                                  id=f"t{i}")},
+                            "conversation.item.done")
+        auto = await send_recv(ws, {"type": "response.create", "response": {"max_output_tokens": 8}},
+                               "response.done")
+        (first,) = await send_recv(ws, {"type": "conversation.item.retrieve", "item_id": "t0"})
+        await send_recv(ws, {"type": "session.update", "session": {"truncation": "disabled"}})
+        await ws.send(json.dumps({"type": "response.create", "event_id": "off",
+                                  "response": {"max_output_tokens": 8}}))
+        off: list[Any] = []
+        while not off or off[-1].type not in ("response.done",) and not (
+                off[-1].type == "error" and "response.created" not in [e.type for e in off]):
+            off.append(parse(await asyncio.wait_for(ws.recv(), 10 * UNIT)))
+        await ws.close()
+        return auto, off, first
+
+    auto, off, first = run(main())
+    done = auto[-1].response
+    assert done.status in ("completed", "incomplete") and 0 < done.usage.input_tokens <= 255
+    assert first.type == "conversation.item.retrieved" and first.item.id == "t0"  # still in the conversation
+    errors = [e for e in off if e.type == "error"]
+    assert errors and errors[0].error.code == "invalid_params" and errors[0].error.event_id == "off"
+    assert off[-1].type == "error" or off[-1].response.status == "failed"

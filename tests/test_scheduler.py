@@ -146,3 +146,15 @@ def test_a_waiting_request_preempts_paused_sequences_when_memory_is_short() -> N
     s.finish(b)
     plan = s.schedule(2.0)  # resumed: recomputed from prompt + its token
     assert [(c.seq.rid, c.start, c.end) for c in plan.prefill] == [(0, 0, 9)]
+
+
+def test_a_prompt_larger_than_the_pool_is_exhausted_not_stuck() -> None:
+    kv = KVCacheManager(num_blocks=3, block_size=4, prefix_cache=False)  # 8 positions
+    s = Scheduler(4, kv=kv, prefill_budget=64)
+    a = seq(0, n=20)
+    s.add(a)
+    plan = s.schedule(0.0)
+    assert [(c.start, c.end) for c in plan.prefill] == [(0, 8)]  # what fits
+    s.commit(plan)
+    plan = s.schedule(1.0)
+    assert plan.prefill == [] and plan.exhausted == [a]

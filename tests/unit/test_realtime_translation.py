@@ -242,3 +242,90 @@ def test_random_events_never_raise_and_every_event_parses() -> None:
         asyncio.run(main())
 
     check()
+
+
+class ManualOffload:
+    """An offload whose results the test delivers by hand (``finish``), on the loop, like the tokenizer thread's."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, asyncio.Future[Any]]] = []
+
+    def __call__(self, fn: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.jobs.append((fn, fut))
+        return fut
+
+    def finish(self) -> None:
+        for fn, fut in self.jobs:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # noqa: BLE001
+                fut.set_exception(exc)
+        self.jobs.clear()
+
+
+def make_fitting(context_len: int) -> tuple[RealtimeConnection, Session, FakeEngine, FakeModel, Lines, ManualOffload]:
+    engine = FakeEngine()
+    model = FakeModel(engine, context_len)
+    lines = Lines()
+    offload = ManualOffload()
+    rt = RealtimeConnection(SessionConfig(model="fake", instructions="S"), 100, offload=offload)
+    s = Session(lines.send, rt.codec, FakeModels(model), SessionLimits(), transport="realtime")
+    rt.attach(s)
+    return rt, s, engine, model, lines, offload
+
+
+def test_truncation_auto_drops_the_oldest_items_from_the_prompt_only() -> None:
+    async def main() -> None:
+        rt, s, engine, model, lines, offload = make_fitting(context_len=80)
+        writer = asyncio.get_running_loop().create_task(s.run_writer())
+        s.start()
+        for i in range(6):
+            send(rt, type="conversation.item.create", item=user(f"turn {i} " + "x" * 10, id=f"u{i}"))
+        send(rt, type="response.create", response={"max_output_tokens": 8})
+        await settle()
+        assert not engine.live and len(offload.jobs) == 1  # opened, fitting in the tokenizer thread
+        offload.finish()
+        await settle()
+        (rid,) = engine.live
+        prompt = model.rendered[-1]
+        assert prompt.startswith("system: S\n") and "turn 5" in prompt and "turn 0" not in prompt
+        assert len(prompt) <= 80 - 8
+        assert [it.id for it in rt.conversation.conv.items][:6] == [f"u{i}" for i in range(6)]  # nothing deleted
+        engine.emit(rid, "ok", finish="stop")
+        await settle()
+        assert lines.take()[-1].response.status == "completed"
+        # truncation "disabled": the same history is refused, and the response ends failed
+        send(rt, type="session.update", session={"truncation": "disabled"})
+        send(rt, type="response.create", event_id="long", response={"max_output_tokens": 8})
+        await settle()
+        events = lines.take()
+        assert events[0].session.truncation == "disabled"
+        errors = [e for e in events if e.type == "error"]
+        assert errors and errors[0].error.code == "invalid_params" and errors[0].error.event_id == "long"
+        assert not offload.jobs and rt.active is None
+        s.close()
+        await writer
+
+    asyncio.run(main())
+
+
+def test_a_response_cancelled_while_its_prompt_is_fitted_never_reaches_the_engine() -> None:
+    async def main() -> None:
+        rt, s, engine, model, lines, offload = make_fitting(context_len=4096)
+        writer = asyncio.get_running_loop().create_task(s.run_writer())
+        s.start()
+        send(rt, type="conversation.item.create", item=user("q"))
+        send(rt, type="response.create")
+        await settle()
+        send(rt, type="response.cancel")
+        await settle()
+        done = lines.take()[-1]
+        assert done.type == "response.done" and done.response.status == "cancelled" and rt.active is None
+        offload.finish()  # the fit completes after the cancel: nothing starts
+        await settle()
+        assert not engine.live and not engine.prompts and not lines.take()
+        s.close()
+        await writer
+
+    asyncio.run(main())

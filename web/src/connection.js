@@ -69,6 +69,7 @@ export class Connection {
     this.received = 0; // frames of this session received (ready not counted)
     this.unacked = 0; // bytes received since the last ack
     this.resumeToken = null; // from the session's latest ready; null: nothing to resume
+    this.replica = null; // ready.replica: the Ray Serve replica holding the session (offered when resuming)
     this.session = null; // the session id being resumed
     this.replayLeft = 0;
     this.resumes = 0;
@@ -123,7 +124,10 @@ export class Connection {
     this._setState(State.CONNECTING, { attempt: this.attempt, resuming });
     let ws;
     try {
-      ws = new WebSocket(this.url, [SUBPROTOCOL]);
+      // Behind rtws.ray's router, `rtws.replica.<id>` (never chosen by the server) sends a resuming
+      // socket back to the replica that holds the session (docs/scale-out.md).
+      const replica = resuming ? this.replica : null;
+      ws = new WebSocket(this.url, replica ? [SUBPROTOCOL, `rtws.replica.${replica}`] : [SUBPROTOCOL]);
     } catch (err) {
       // A malformed URL throws synchronously; nothing will ever connect.
       this.onProtocolError(`cannot open ${this.url}: ${err.message}`);
@@ -168,6 +172,7 @@ export class Connection {
         this.lostAt = null;
         this.ready = frame;
         this.resumeToken = frame.resume_token ?? null;
+        this.replica = frame.replica ?? null;
         this.resumeWindowS = frame.limits?.resume_window_s ?? 30;
         if (frame.resumed) {
           this.resumes += 1;
