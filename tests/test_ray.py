@@ -621,13 +621,24 @@ def _check_drained(outcomes: list[_Outcome], removed: set[str]) -> None:
         assert o.done is not None and "long" in o.done, o
 
 
-def _replica_ids(cluster: Cluster, tries: int = 12) -> set[str]:
+def _replica_ids(cluster: Cluster, tries: int = 12, want: int | None = None) -> set[str]:
+    """Replica ids that ``tries`` sequential sessions landed on.
+
+    With ``want``, keep going (up to 20 s) until that many ids were seen: a replica that ran streams in an
+    earlier test reports its live generations up to a stats period late, and until then new sessions all go
+    to the other one (least-loaded routing, tested on its own above).
+    """
     async def main() -> set[str]:
         ids = set()
-        for _ in range(tries):
+        deadline = time.monotonic() + 20 * UNIT
+        n = 0
+        while n < tries or (want is not None and len(ids) < want and time.monotonic() < deadline):
             ws, ready = await _session(cluster.ws)
             ids.add(ready.replica or "")
             await ws.close()
+            n += 1
+            if n >= tries and want is not None and len(ids) < want:
+                await asyncio.sleep(0.25)
         return ids
 
     return set(run(main()))
@@ -649,7 +660,7 @@ def test_scale_down_drains_live_streams(cluster: Cluster) -> None:
     """2 -> 1 replicas while 16 streams run. With Serve's Python API every serve.run is a new version, so Serve
     starts the new replica and stops both old ones through the same graceful replica shutdown that an
     autoscaler scale-down uses (Replica._perform_graceful_shutdown, where install_drain_hook runs App.drain)."""
-    before = _replica_ids(cluster)
+    before = _replica_ids(cluster, want=2)
     assert len(before) == 2, (before, _running_replicas())
     outcomes = _drain_run(cluster, lambda: cluster.deploy(1))
     _wait_for_replicas(1, 60 * UNIT)
@@ -663,6 +674,6 @@ def test_redeploy_drains_every_old_replica(cluster: Cluster) -> None:
     before = _replica_ids(cluster, 4)
     assert len(before) == 1
     outcomes = _drain_run(cluster, lambda: cluster.deploy(2))
-    after = _replica_ids(cluster)
+    after = _replica_ids(cluster, want=2)
     assert not (before & after) and len(after) == 2
     _check_drained(outcomes, before)
