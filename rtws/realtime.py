@@ -44,7 +44,7 @@ from . import realtime_events as ev
 from .auth import key_id, key_ok
 from .conversations import Conversation, ConversationError
 from .conversations import Item as StoredItem
-from .http import Receive, Scope, Send, bearer_token, client_address, header
+from .http import Receive, Scope, Send, bearer_token, client_address
 from .protocol import Cancel, Delta, Done, Error, Generate, Message, ProtocolError, Ready
 
 if TYPE_CHECKING:

@@ -682,7 +682,7 @@ class _StaticDecoder:
         self.capture = capture
         self.buckets = _buckets(runner.num_slots)
         self.len_buckets = _len_buckets(runner.max_blocks_per_seq, runner.block_size)
-        dev, bmax, mb, bs = runner.device, self.buckets[-1], runner.max_blocks_per_seq, runner.block_size
+        dev, bmax, mb = runner.device, self.buckets[-1], runner.max_blocks_per_seq
         self.ids = torch.zeros(bmax, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(bmax, 1, dtype=torch.long, device=dev)
         self.tables = torch.zeros(bmax, mb, dtype=torch.long, device=dev)

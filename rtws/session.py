@@ -47,8 +47,6 @@ from .protocol import (
     Codec,
     ConversationFrame,
     ConversationItem,
-    check_prompt_chars,
-    codec_for_frame,
     Delta,
     Done,
     Error,
@@ -62,6 +60,8 @@ from .protocol import (
     ProtocolError,
     Ready,
     Usage,
+    check_prompt_chars,
+    codec_for_frame,
 )
 from .scheduler import SamplingParams
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-
 LOOP_CORE_FROM = 4  # from this many usable cores on, the event loop keeps one
 
 

@@ -16,10 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from models import build_model  # noqa: E402
-
 # CI runs the property tests derandomized (the same examples every run); locally they explore afresh.
 from hypothesis import settings as _hyp_settings  # noqa: E402
+from models import build_model  # noqa: E402
 
 _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):

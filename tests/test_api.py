@@ -15,11 +15,10 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
+from conftest import UNIT, run
 
 from rtws import InferenceServer, ModelConfig
 from rtws.config import ServerConfig
-
-from conftest import UNIT, run
 
 
 @pytest.fixture(autouse=True)

@@ -17,13 +17,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import UNIT
+from models import build_tokenizer
 
 from rtws.engine import Engine, EngineConfig, TokenEvent
 from rtws.runner import ModelRunner, UnsupportedModelError, check_supported
 from rtws.scheduler import SamplingParams
-
-from conftest import UNIT
-from models import build_tokenizer
 
 W = 16  # sliding window
 TOTAL = 100  # prompt + completion tokens per request

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from conftest import UNIT, ServerFactory, run
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from rtws import protocol as p
 from rtws.client import Client
-
-from conftest import UNIT, ServerFactory, run
 
 HIGH = 1024
 

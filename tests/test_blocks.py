@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine import Collector, reference
 
 from rtws.engine import Engine, EngineConfig
 from rtws.kv_blocks import NULL_BLOCK, BlockPool, block_hash, root_hash
 from rtws.runner import ModelRunner, load_model
 from rtws.scheduler import SamplingParams
-
-from test_engine import Collector, reference
 
 
 def test_allocate_and_free_never_hand_out_the_null_block() -> None:

@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
+from conftest import UNIT, ServerFactory, run
 from websockets.asyncio.client import connect
 
 from rtws import protocol as p
 from rtws.client import Client, GenerationError
-
-from conftest import UNIT, RunningServer, ServerFactory, run
 
 TURNS = ["Good morrow.", "What news?", "Art thou well?", "Speak, I pray.", "Farewell then.", "Return anon!"]
 

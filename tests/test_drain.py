@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import UNIT, run
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from rtws.client import Client
-
-from conftest import UNIT, run
 
 
 def start_serve(model: Path, *args: str) -> tuple[subprocess.Popen[str], int]:

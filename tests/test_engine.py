@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import UNIT
 
 from rtws.engine import Engine, EngineConfig, TokenEvent
 from rtws.runner import ModelRunner, load_model
 from rtws.scheduler import SamplingParams, StepPlan
-
-from conftest import UNIT
 
 
 def make_engine(path: Path, num_slots: int = 8, prefill_budget: int = 64, static_decode: bool = False,

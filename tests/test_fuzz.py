@@ -10,14 +10,13 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import UNIT, RunningServer, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
 from rtws import protocol as p
 from rtws.client import Client
-
-from conftest import UNIT, RunningServer, run
 
 CODES = {c.value for c in p.ErrorCode}
 

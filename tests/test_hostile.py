@@ -19,13 +19,12 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import UNIT, RunningServer, ServerFactory, run
+from rawws import OP_PING, FrameReader, client_frame, handshake, rss_mib, send_msgpack, send_text
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from rtws.client import Client
-
-from conftest import UNIT, RunningServer, ServerFactory, run
-from rawws import OP_PING, FrameReader, client_frame, handshake, rss_mib, send_msgpack, send_text
 
 KEY = "k1-hostile"
 

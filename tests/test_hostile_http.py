@@ -16,12 +16,10 @@ from typing import Any
 
 import msgspec
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
-
-
 from conftest import UNIT, ServerFactory, run
 from rawws import handshake, open_socket
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 KEY = "k-http-hostile"
 

@@ -14,12 +14,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 import pytest
+from conftest import UNIT, RunningServer
 
 from rtws import protocol
 from rtws.hooks import GenerationRecord, Hooks
 from rtws.http_api import InferRequest
-
-from conftest import UNIT, RunningServer
 
 # --------------------------------------------------------------------------- helpers (also used by test_openai)
 

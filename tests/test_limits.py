@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import UNIT, ServerFactory, run
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from rtws import protocol as p
 from rtws.client import Client, GenerationError, ServerError
-
-from conftest import UNIT, ServerFactory, run
 
 KEY = "sk-test-0123456789"
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import UNIT, ServerFactory
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import UNIT, ServerFactory, run
 
 from rtws.client import Client
 from rtws.logs import JsonFormatter, setup_logging
-
-from conftest import UNIT, ServerFactory, run
 
 GENERATION_FIELDS = {"event", "id", "request_id", "session", "model", "version", "client", "transport", "reason",
                      "prompt_tokens", "completion_tokens", "ttft_ms", "total_ms", "queue_ms"}

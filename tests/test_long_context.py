@@ -9,15 +9,14 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-
-from rtws.engine import Engine, EngineConfig
-from rtws.runner import ModelRunner, load_model
-from rtws.scheduler import SamplingParams
-
 from conftest import UNIT, ServerFactory
 from models import build_model
 from test_engine import Collector, reference
 from test_http_api import post
+
+from rtws.engine import Engine, EngineConfig
+from rtws.runner import ModelRunner, load_model
+from rtws.scheduler import SamplingParams
 
 CONTEXT = 32768
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import prometheus_client
 import pytest
+from conftest import UNIT, RunningServer, ServerFactory, run
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
@@ -19,8 +20,6 @@ from rtws import protocol as p
 from rtws.client import Client, GenerationError
 from rtws.config import ServerConfig
 from rtws.server import build_app
-
-from conftest import UNIT, RunningServer, ServerFactory, run
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PROMPTS = ["ROMEO:", "Hello", "JULIET:\nO", "What light", "a"]

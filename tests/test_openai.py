@@ -14,7 +14,6 @@ from typing import Any
 
 import openai
 import pytest
-
 from conftest import UNIT, RunningServer
 from test_http_api import parse_sse, post
 

@@ -10,16 +10,15 @@ from typing import Any
 
 import openai
 import torch
+from conftest import UNIT, ServerFactory, run
+from test_engine import Collector, reference
+from test_metrics import scrape, total
 
 from rtws.client import Client
 from rtws.engine import Engine, EngineConfig
 from rtws.model import ModelSpec, ServedModel, cache_salt, load
 from rtws.runner import ModelRunner, load_model
 from rtws.scheduler import SamplingParams
-
-from conftest import UNIT, ServerFactory, run
-from test_engine import Collector, reference
-from test_metrics import scrape, total
 
 SYSTEM = ("You are a careful assistant who speaks in the manner of the Bard. " * 4).strip()
 

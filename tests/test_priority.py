@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import UNIT, ServerFactory, run
 
 from rtws.client import Client
 from rtws.scheduler import PRIORITY_LEVELS, SamplingParams, Scheduler, Sequence, StepPlan
-
-from conftest import UNIT, ServerFactory, run
 
 
 def add(s: Scheduler, rid: int, priority: str = "normal", at: float = 0.0, prompt: int = 4) -> Sequence:

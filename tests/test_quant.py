@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ServerFactory
 
 from rtws.load_errors import ModelLoadError
 from rtws.loading import checked_load
 from rtws.model import ModelSpec
-
-from conftest import ServerFactory
 
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo", "First Citizen:\nBefore we proceed", "KING HENRY:", "To be, or not"]
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-
 from conftest import UNIT
 
 SEED_README = Path(__file__).resolve().parents[1].parent / "shared" / "seed" / "realtime-ai-serve-README.md"

@@ -463,7 +463,7 @@ def test_slow_reader_pauses_at_the_window_through_the_proxy(cluster: Cluster) ->
         received = 0
         with contextlib.suppress(asyncio.TimeoutError):
             while True:
-                f = _decode(await asyncio.wait_for(ws.recv(), 2.0 * UNIT))
+                _decode(await asyncio.wait_for(ws.recv(), 2.0 * UNIT))
                 received += 1
                 if received % 64 == 0:
                     await _send(ws, p.Ack(received=received))

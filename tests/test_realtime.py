@@ -20,14 +20,13 @@ from typing import Any, get_args
 import msgspec
 import openai
 import pytest
+from conftest import UNIT, RunningServer, ServerFactory, run
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from rtws import protocol as p
 from rtws.client import Client
 from rtws.logs import JsonFormatter
-
-from conftest import UNIT, RunningServer, ServerFactory, run
 
 KEY = "sk-realtime-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import UNIT, RunningServer, ServerFactory, run
+from models import build_model
 from prometheus_client.parser import text_string_to_metric_families
 
 from rtws.client import Client, GenerationError
 from rtws.registry import SwapError
 from rtws.server import spec_from_config
-
-from conftest import UNIT, RunningServer, ServerFactory, run
-from models import build_model
 
 ADMIN = "admin-secret"
 PROMPT = "ROMEO:"

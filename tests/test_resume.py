@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import UNIT, RunningServer, ServerFactory, run
 from websockets.asyncio.client import ClientConnection, connect
 
 from rtws import protocol as p
 from rtws.client import Client
-
-from conftest import UNIT, RunningServer, ServerFactory, run
 
 N = 8
 MAX_TOKENS = 120

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rtws.kv_blocks import KVCacheManager
-from rtws.scheduler import PRIORITY_LEVELS, SamplingParams, Scheduler, Sequence, SeqStatus, StepPlan
+from rtws.scheduler import PRIORITY_LEVELS, SamplingParams, Scheduler, SeqStatus, Sequence, StepPlan
 
 
 def seq(rid: int, n: int = 4, priority: str = "normal", tokens: list[int] | None = None) -> Sequence:

@@ -378,9 +378,9 @@ def _abort_server_side(server: RunningServer) -> None:
 
 def test_a_dropped_socket_resumes_mid_reply_with_nothing_lost_or_repeated(open_page: Any,
                                                                           long_server: RunningServer) -> None:
-    from rtws.client import Client
-
     from conftest import run
+
+    from rtws.client import Client
 
     async def reference() -> str:
         async with await Client.connect(long_server.url, resume=False) as c:

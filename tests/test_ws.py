@@ -8,12 +8,11 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import UNIT, RunningServer, run
 from websockets.asyncio.client import connect
 
 from rtws import protocol as p
 from rtws.client import Client, GenerationError
-
-from conftest import UNIT, RunningServer, run
 
 
 async def raw(server: RunningServer, sub: str = p.SUBPROTOCOL_MSGPACK) -> Any:
