@@ -273,7 +273,7 @@ async def run_engine(engine: Any, prompts: Sequence[list[int]], max_tokens: Sequ
     divided by the tokens the later event carries (an event may carry several
     tokens when some produced no text yet).
     """
-    from rtws.scheduler import SamplingParams
+    from rtws.generation import SamplingParams
 
     loop = asyncio.get_running_loop()
     done = loop.create_future()

@@ -53,9 +53,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from rtws.default_model import DEFAULT_MODEL_PATH
-    from rtws.engine import Engine, EngineConfig, TokenEvent
+    from rtws.engine import Engine, EngineConfig
+    from rtws.generation import SamplingParams, TokenEvent
     from rtws.runner import ModelRunner
-    from rtws.scheduler import SamplingParams, StepPlan
+    from rtws.scheduler import StepPlan
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_PATH)
@@ -116,8 +117,9 @@ def interleaved_steps(args: argparse.Namespace, max_lens: list[int], paths: list
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from rtws.generation import SamplingParams
     from rtws.runner import ModelRunner
-    from rtws.scheduler import SamplingParams, Sequence, StepPlan
+    from rtws.scheduler import Sequence, StepPlan
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

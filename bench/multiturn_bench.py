@@ -51,7 +51,7 @@ def build(prefix_cache: bool, args: argparse.Namespace) -> Any:
 
 async def ttft(eng: Any, prompt: list[int], n: int) -> tuple[float, list[int], int]:
     """Submit, wait for the end; return (seconds to the first token, the reply's ids, cached_tokens)."""
-    from rtws.scheduler import SamplingParams
+    from rtws.generation import SamplingParams
 
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()

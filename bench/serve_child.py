@@ -132,7 +132,7 @@ def main() -> int:
         when written; doing this first keeps KV page-ins out of RSS deltas
         meant to measure sessions and buffers.
         """
-        from rtws.scheduler import SamplingParams
+        from rtws.generation import SamplingParams
 
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()

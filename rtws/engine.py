@@ -23,34 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .detok import TextStream
+from .generation import SamplingParams, TokenEvent
 from .kv_blocks import KVCacheManager
-from .scheduler import PRIORITY_LEVELS, SamplingParams, Scheduler, Sequence, StepPlan
+from .scheduler import PRIORITY_LEVELS, Scheduler, Sequence, StepPlan
 
 log = logging.getLogger("rtws.engine")
-
-
-@dataclass(slots=True)
-class TokenEvent:
-    """What one step produced for one generation, delivered on the event loop.
-
-    ``tokens`` counts the generated tokens this event accounts for (some
-    tokens produce no text yet: an incomplete UTF-8 character, a possible stop
-    string). ``finish`` is set on the generation's last event, which also
-    carries ``cached_tokens``: how many prompt tokens the prefix cache supplied
-    (computed by an earlier request, not by this one).
-    """
-
-    rid: int
-    text: str
-    tokens: int
-    finish: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float | None = None
-    queue_s: float | None = None
-    error: str | None = None
-    token_ids: list[int] | None = None
-    cached_tokens: int | None = None
 
 
 Sink = Callable[[TokenEvent], None]

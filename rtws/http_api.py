@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 import msgspec
 
 from . import protocol
-from .engine import TokenEvent
+from .generation import SamplingParams, TokenEvent
 from .hooks import GenerationRecord
 from .http import (
     BodyTimeout,
@@ -43,7 +43,6 @@ from .http import (
     send_error,
     send_json,
 )
-from .scheduler import SamplingParams
 
 if TYPE_CHECKING:
     from .app import App

@@ -39,7 +39,8 @@ from .logs import GenerationLog
 
 if TYPE_CHECKING:
     from .app import App
-    from .engine import Engine, TokenEvent
+    from .engine import Engine
+    from .generation import TokenEvent
     from .scheduler import StepPlan
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)

@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .engine import Engine, EngineConfig, StepObserver, TokenEvent
-from .scheduler import SamplingParams
+from .engine import Engine, EngineConfig, StepObserver
+from .generation import SamplingParams, TokenEvent
 
 log = logging.getLogger("rtws.model")
 

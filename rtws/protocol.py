@@ -16,6 +16,8 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
+from .generation import FinishReason
+
 SUBPROTOCOL_MSGPACK: Final = "rtws.v1.msgpack"
 SUBPROTOCOL_JSON: Final = "rtws.v1.json"
 SUBPROTOCOLS: Final = (SUBPROTOCOL_MSGPACK, SUBPROTOCOL_JSON)
@@ -62,7 +64,6 @@ class ErrorCode(str, enum.Enum):
     CONVERSATION_BUSY = "conversation_busy"
 
 
-FinishReason: TypeAlias = Literal["stop", "length", "cancelled", "error", "timeout"]
 Priority: TypeAlias = Literal["high", "normal", "low"]
 GenId: TypeAlias = (Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
                     | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)])

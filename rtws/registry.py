@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .scheduler import SamplingParams
+from .generation import SamplingParams
 
 log = logging.getLogger("rtws.registry")
 

@@ -632,7 +632,7 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Run one tiny forward (into the null block) and capture the decode graphs, before any request."""
-        from .scheduler import SamplingParams
+        from .generation import SamplingParams
 
         seq = Sequence(rid=-1, prompt_ids=[0, 0], params=SamplingParams(max_tokens=1, temperature=0.0))
         seq.block_table = [NULL_BLOCK]

@@ -33,6 +33,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final
 
+from .generation import SamplingParams
 from .kv_blocks import KVCacheManager
 
 PRIORITY_LEVELS: Final = {"high": 0, "normal": 1, "low": 2}
@@ -42,19 +43,6 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    """Per-request sampling. ``temperature == 0`` means greedy."""
-
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
 
 
 @dataclass(slots=True, eq=False)

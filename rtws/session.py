@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .auth import key_id, key_ok
 from .conversations import Conversation, ConversationError, ConversationStore, Mode, NewItem
-from .engine import TokenEvent
+from .generation import SamplingParams, TokenEvent
 from .hooks import GenerationRecord, Hooks
 from .limits import ClientQuota, RateLimiter
 from .protocol import (
@@ -63,7 +63,6 @@ from .protocol import (
     check_prompt_chars,
     codec_for_frame,
 )
-from .scheduler import SamplingParams
 
 if TYPE_CHECKING:
     import asyncio

@@ -20,9 +20,9 @@ import torch
 from conftest import UNIT
 from models import build_tokenizer
 
-from rtws.engine import Engine, EngineConfig, TokenEvent
+from rtws.engine import Engine, EngineConfig
+from rtws.generation import SamplingParams, TokenEvent
 from rtws.runner import ModelRunner, UnsupportedModelError, check_supported
-from rtws.scheduler import SamplingParams
 
 W = 16  # sliding window
 TOTAL = 100  # prompt + completion tokens per request

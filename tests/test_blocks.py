@@ -10,9 +10,9 @@ import torch
 from test_engine import Collector, reference
 
 from rtws.engine import Engine, EngineConfig
+from rtws.generation import SamplingParams
 from rtws.kv_blocks import NULL_BLOCK, BlockPool, block_hash, root_hash
 from rtws.runner import ModelRunner, load_model
-from rtws.scheduler import SamplingParams
 
 
 def test_allocate_and_free_never_hand_out_the_null_block() -> None:

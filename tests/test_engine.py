@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import UNIT
 
-from rtws.engine import Engine, EngineConfig, TokenEvent
+from rtws.engine import Engine, EngineConfig
+from rtws.generation import SamplingParams, TokenEvent
 from rtws.runner import ModelRunner, load_model
-from rtws.scheduler import SamplingParams, StepPlan
+from rtws.scheduler import StepPlan
 
 
 def make_engine(path: Path, num_slots: int = 8, prefill_budget: int = 64, static_decode: bool = False,

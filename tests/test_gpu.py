@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from rtws.engine import Engine, EngineConfig, TokenEvent
+from rtws.engine import Engine, EngineConfig
+from rtws.generation import SamplingParams, TokenEvent
 from rtws.runner import ModelRunner, load_model
-from rtws.scheduler import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

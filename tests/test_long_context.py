@@ -15,8 +15,8 @@ from test_engine import Collector, reference
 from test_http_api import post
 
 from rtws.engine import Engine, EngineConfig
+from rtws.generation import SamplingParams
 from rtws.runner import ModelRunner, load_model
-from rtws.scheduler import SamplingParams
 
 CONTEXT = 32768
 
@@ -38,7 +38,8 @@ def test_pool_size_follows_the_budget_not_max_len(long_dir: Path) -> None:
     assert big._static.kv_bucket(130) == small._static.kv_bucket(130) == 256
     assert big._static.len_buckets[-1] == CONTEXT
     # 64 short rows beside one long one are decoded as two groups, each reading up to its own longest row.
-    from rtws.scheduler import SamplingParams, Sequence
+    from rtws.generation import SamplingParams
+    from rtws.scheduler import Sequence
 
     rows = [Sequence(rid=i, prompt_ids=[1], params=SamplingParams(), num_cached=20 + i % 5) for i in range(64)]
     rows.append(Sequence(rid=99, prompt_ids=[1], params=SamplingParams(), num_cached=20_000))

@@ -16,9 +16,9 @@ from test_metrics import scrape, total
 
 from rtws.client import Client
 from rtws.engine import Engine, EngineConfig
+from rtws.generation import SamplingParams
 from rtws.model import ModelSpec, ServedModel, cache_salt, load
 from rtws.runner import ModelRunner, load_model
-from rtws.scheduler import SamplingParams
 
 SYSTEM = ("You are a careful assistant who speaks in the manner of the Bard. " * 4).strip()
 

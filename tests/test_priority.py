@@ -15,7 +15,8 @@ import pytest
 from conftest import UNIT, ServerFactory, run
 
 from rtws.client import Client
-from rtws.scheduler import PRIORITY_LEVELS, SamplingParams, Scheduler, Sequence, StepPlan
+from rtws.generation import SamplingParams
+from rtws.scheduler import PRIORITY_LEVELS, Scheduler, Sequence, StepPlan
 
 
 def add(s: Scheduler, rid: int, priority: str = "normal", at: float = 0.0, prompt: int = 4) -> Sequence:

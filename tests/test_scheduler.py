@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from rtws.generation import SamplingParams
 from rtws.kv_blocks import KVCacheManager
-from rtws.scheduler import PRIORITY_LEVELS, SamplingParams, Scheduler, SeqStatus, Sequence, StepPlan
+from rtws.scheduler import PRIORITY_LEVELS, Scheduler, SeqStatus, Sequence, StepPlan
 
 
 def seq(rid: int, n: int = 4, priority: str = "normal", tokens: list[int] | None = None) -> Sequence:

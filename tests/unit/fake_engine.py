@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtws import protocol as p
-from rtws.engine import TokenEvent
+from rtws.generation import TokenEvent
 from rtws.session import Session, SessionLimits
 from rtws.session_store import SessionStore
 
