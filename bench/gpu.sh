@@ -43,7 +43,7 @@ assert cuda or sys.argv[1] == "cpu", "CUDA not available to torch"
 PY
 
 step "GPU tests (pytest -m gpu)"
-gpu_files=$(grep -l "mark.gpu" tests/*.py 2>/dev/null || true)
+gpu_files=$(grep -rl --include="*.py" "mark.gpu" tests 2>/dev/null || true)
 if [ -n "$gpu_files" ]; then
   timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider $gpu_files 2>&1 | tee "$OUT/pytest_gpu.txt"
   echo "pytest exit ${PIPESTATUS[0]}" | tee -a "$OUT/pytest_gpu.txt"

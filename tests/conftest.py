@@ -1,38 +1,27 @@
-"""Shared fixtures: tiny real models, and real servers (uvicorn on port 0) in a background thread."""
+"""Fixtures only: tiny real models, and real servers (uvicorn on port 0) in a background thread.
+
+Shared code lives in ``tests/helpers`` (``from tests.helpers.server import UNIT, run, ...``).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from hypothesis import settings as _hyp_settings
+from tests.helpers.models import build_model
+from tests.helpers.server import RunningServer, ServerFactory
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # CI runs the property tests derandomized (the same examples every run); locally they explore afresh.
-from hypothesis import settings as _hyp_settings  # noqa: E402
-from models import build_model  # noqa: E402
-
 _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     _hyp_settings.load_profile("ci")
-
-T = TypeVar("T")
-
-# Every timeout in the tests is a multiple of this unit; raise it on a slow machine.
-UNIT = float(os.environ.get("RTWS_TEST_UNIT", "1.0"))
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a client-side coroutine on a fresh loop (the server has its own loop in its own thread)."""
-    return asyncio.run(coro)
 
 
 @pytest.fixture(scope="session")
@@ -58,39 +47,6 @@ def default_model_dir() -> Path:
     if not (Path(DEFAULT_MODEL_PATH) / "model.safetensors").exists():
         pytest.skip("bundled default model not trained yet")
     return Path(DEFAULT_MODEL_PATH)
-
-
-@dataclass
-class RunningServer:
-    server: Any
-    thread: Any
-
-    @property
-    def port(self) -> int:
-        return int(self.server.port)
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def app(self) -> Any:
-        return self.server.app
-
-    def engine(self, name: str | None = None) -> Any:
-        return self.app.registry.get(name).engine
-
-    def stop(self, drain: bool = False) -> None:
-        from rtws.server import stop_thread
-
-        stop_thread(self.server, self.thread, drain=drain)
-
-
-ServerFactory = Callable[..., RunningServer]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 FALLBACK_TEXT = (
     "ROMEO:\nBut soft, what light through yonder window breaks?\n\n"
     "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?\n\n"

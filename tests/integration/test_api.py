@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-from conftest import UNIT, run
+from tests.helpers.server import UNIT, run
 
 from rtws import InferenceServer, ModelConfig
 from rtws.config import ServerConfig

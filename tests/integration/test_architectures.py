@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import UNIT
-from models import build_tokenizer
+from tests.helpers.models import build_tokenizer
+from tests.helpers.server import UNIT
 
 from rtws.engine import Engine, EngineConfig
 from rtws.generation import SamplingParams, TokenEvent

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import UNIT, ServerFactory, run
+from tests.helpers.server import UNIT, ServerFactory, run
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 

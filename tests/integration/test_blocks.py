@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import Collector, reference
+from tests.integration.test_engine import Collector, reference
 
 from rtws.engine import Engine, EngineConfig
 from rtws.generation import SamplingParams

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import UNIT, RunningServer, ServerFactory
+from tests.helpers.server import UNIT, RunningServer, ServerFactory
 
 from rtws.chat import CommandError, Settings, apply_command, unescape
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from conftest import UNIT, ServerFactory, run
+from tests.helpers.server import UNIT, ServerFactory, run
 from websockets.asyncio.client import connect
 
 from rtws import protocol as p

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from rtws.default_model import DEFAULT_MODEL_PATH
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CORPUS = REPO_ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 MAX_BYTES = 10 * 1000 * 1000  # "at most 10 MB", read strictly (decimal megabytes)
 

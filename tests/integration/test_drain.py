@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UNIT, run
+from tests.helpers.server import UNIT, run
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 

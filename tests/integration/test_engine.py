@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import UNIT
+from tests.helpers.server import UNIT
 
 from rtws.engine import Engine, EngineConfig
 from rtws.generation import SamplingParams, TokenEvent

@@ -10,9 +10,9 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import UNIT, RunningServer, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers.server import UNIT, RunningServer, run
 from websockets.asyncio.client import connect
 
 from rtws import protocol as p

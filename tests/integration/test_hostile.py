@@ -19,8 +19,8 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import UNIT, RunningServer, ServerFactory, run
-from rawws import OP_PING, FrameReader, client_frame, handshake, rss_mib, send_msgpack, send_text
+from tests.helpers.rawws import OP_PING, FrameReader, client_frame, handshake, rss_mib, send_msgpack, send_text
+from tests.helpers.server import UNIT, RunningServer, ServerFactory, run
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import UNIT, ServerFactory, run
-from rawws import handshake, open_socket
+from tests.helpers.rawws import handshake, open_socket
+from tests.helpers.server import UNIT, ServerFactory, run
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 

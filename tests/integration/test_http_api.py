@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 import pytest
-from conftest import UNIT, RunningServer
+from tests.helpers.server import UNIT, RunningServer
 
 from rtws import protocol
 from rtws.hooks import GenerationRecord, Hooks

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UNIT, ServerFactory
+from tests.helpers.server import UNIT, ServerFactory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def serve(model: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

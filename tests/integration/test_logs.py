@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UNIT, ServerFactory, run
+from tests.helpers.server import UNIT, ServerFactory, run
 
 from rtws.client import Client
 from rtws.logs import JsonFormatter, setup_logging

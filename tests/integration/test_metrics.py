@@ -12,8 +12,8 @@ from typing import Any
 
 import prometheus_client
 import pytest
-from conftest import UNIT, RunningServer, ServerFactory, run
 from prometheus_client.parser import text_string_to_metric_families
+from tests.helpers.server import UNIT, RunningServer, ServerFactory, run
 from websockets.asyncio.client import connect
 
 from rtws import protocol as p

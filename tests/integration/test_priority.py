@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import UNIT, ServerFactory, run
+from tests.helpers.server import UNIT, ServerFactory, run
 
 from rtws.client import Client
 from rtws.generation import SamplingParams

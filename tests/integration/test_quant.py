@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerFactory
+from tests.helpers.server import ServerFactory
 
 from rtws.load_errors import ModelLoadError
 from rtws.loading import checked_load

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import UNIT
+from tests.helpers.server import UNIT
 
-SEED_README = Path(__file__).resolve().parents[1].parent / "shared" / "seed" / "realtime-ai-serve-README.md"
+SEED_README = Path(__file__).resolve().parents[2].parent / "shared" / "seed" / "realtime-ai-serve-README.md"
 
 SERVER = '''from realtime_serve import InferenceServer, ModelConfig
 

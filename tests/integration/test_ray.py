@@ -28,8 +28,8 @@ ray_env.apply(loopback=True)  # before the first `import ray` in this process (R
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from conftest import UNIT  # noqa: E402
-from test_http_api import parse_sse, post  # noqa: E402
+from tests.helpers.server import UNIT  # noqa: E402
+from tests.integration.test_http_api import parse_sse, post  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
@@ -39,7 +39,7 @@ from rtws.config import ServerConfig  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 APP = "rtws"
 
 

@@ -20,7 +20,7 @@ from typing import Any, get_args
 import msgspec
 import openai
 import pytest
-from conftest import UNIT, RunningServer, ServerFactory, run
+from tests.helpers.server import UNIT, RunningServer, ServerFactory, run
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -627,7 +627,7 @@ def test_decoding_never_raises_on_junk(srv: RunningServer) -> None:
 
 def test_the_docs_example_runs(srv: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
     """docs/realtime.md's SDK example, verbatim but for the address, key and model name."""
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "realtime.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "realtime.md").read_text()
     code = doc.split("```python\n", 1)[1].split("```", 1)[0]
     assert len(code.strip().splitlines()) <= 22
     code = (code.replace("http://127.0.0.1:8000", srv.http).replace("ws://127.0.0.1:8000", f"ws://127.0.0.1:{srv.port}")

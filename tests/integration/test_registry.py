@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UNIT, RunningServer, ServerFactory, run
-from models import build_model
 from prometheus_client.parser import text_string_to_metric_families
+from tests.helpers.models import build_model
+from tests.helpers.server import UNIT, RunningServer, ServerFactory, run
 
 from rtws.client import Client, GenerationError
 from rtws.registry import SwapError

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UNIT, RunningServer, ServerFactory, run
+from tests.helpers.server import UNIT, RunningServer, ServerFactory, run
 from websockets.asyncio.client import ClientConnection, connect
 
 from rtws import protocol as p

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UNIT, ServerFactory
+from tests.helpers.server import UNIT, ServerFactory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXT_LINE = re.compile(r"^\d\d:\d\d:\d\d (\x1b\[[0-9;]*m)?(DEBUG|INFO |WARNING|ERROR|CRITICAL)(\x1b\[0m)? \S")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import UNIT, RunningServer, ServerFactory
+from tests.helpers.server import UNIT, RunningServer, ServerFactory
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -26,7 +26,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
 pytestmark = pytest.mark.browser
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -378,7 +378,7 @@ def _abort_server_side(server: RunningServer) -> None:
 
 def test_a_dropped_socket_resumes_mid_reply_with_nothing_lost_or_repeated(open_page: Any,
                                                                           long_server: RunningServer) -> None:
-    from conftest import run
+    from tests.helpers.server import run
 
     from rtws.client import Client
 

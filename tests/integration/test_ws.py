@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import UNIT, RunningServer, run
+from tests.helpers.server import UNIT, RunningServer, run
 from websockets.asyncio.client import connect
 
 from rtws import protocol as p

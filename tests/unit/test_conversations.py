@@ -6,7 +6,7 @@ import asyncio
 
 import msgspec
 import pytest
-from fake_engine import frame, make_session, settle
+from tests.helpers.fake_engine import frame, make_session, settle
 
 from rtws import protocol as p
 from rtws.conversations import Conversation, ConversationError, ConversationStore, NewItem

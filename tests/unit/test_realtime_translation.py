@@ -11,7 +11,7 @@ import asyncio
 import json
 from typing import Any, get_args
 
-from fake_engine import FakeEngine, FakeModel, FakeModels, settle
+from tests.helpers.fake_engine import FakeEngine, FakeModel, FakeModels, settle
 
 from rtws import protocol as p
 from rtws.realtime import RealtimeConnection, SessionConfig

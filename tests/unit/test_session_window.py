@@ -6,7 +6,7 @@ import asyncio
 import random
 from typing import Any
 
-from fake_engine import Wire, frame, make_session, settle
+from tests.helpers.fake_engine import Wire, frame, make_session, settle
 
 from rtws import protocol as p
 

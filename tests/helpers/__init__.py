@@ -1,0 +1,1 @@
+"""Code the tests share (imported as ``tests.helpers.<module>``); fixtures stay in ``tests/conftest.py``."""

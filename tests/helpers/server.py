@@ -1,0 +1,52 @@
+"""Real servers for tests: uvicorn on port 0 in a background thread, the timeout unit, a client-loop runner."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Every timeout in the tests is a multiple of this unit; raise it on a slow machine.
+UNIT = float(os.environ.get("RTWS_TEST_UNIT", "1.0"))
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a client-side coroutine on a fresh loop (the server has its own loop in its own thread)."""
+    return asyncio.run(coro)
+
+
+@dataclass
+class RunningServer:
+    server: Any
+    thread: Any
+
+    @property
+    def port(self) -> int:
+        return int(self.server.port)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def app(self) -> Any:
+        return self.server.app
+
+    def engine(self, name: str | None = None) -> Any:
+        return self.app.registry.get(name).engine
+
+    def stop(self, drain: bool = False) -> None:
+        from rtws.server import stop_thread
+
+        stop_thread(self.server, self.thread, drain=drain)
+
+
+ServerFactory = Callable[..., RunningServer]
