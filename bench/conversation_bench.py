@@ -49,7 +49,7 @@ class Chat:
         from websockets.asyncio.client import connect
 
         ws = await connect(url, compression=None)
-        raw = msgspec.msgpack.decode(await ws.recv())
+        raw = msgspec.msgpack.decode(await ws.recv(decode=False))
         assert raw["type"] == "ready", raw
         return cls(ws, mode, max_tokens, system)
 

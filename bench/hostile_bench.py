@@ -217,7 +217,7 @@ async def normal_stream(url: str, end: float, max_tokens: int, res: dict[str, li
     async with connect(url, subprotocols=["rtws.v1.msgpack"],  # type: ignore[list-item]
                        additional_headers={"Authorization": f"Bearer {KEY}"}, max_size=2**24,
                        open_timeout=60) as ws:
-        msgspec.msgpack.decode(await ws.recv())  # ready
+        msgspec.msgpack.decode(await ws.recv(decode=False))  # ready
         n = 0
         while time.monotonic() < end:
             gid = f"n{n}"
@@ -228,7 +228,7 @@ async def normal_stream(url: str, end: float, max_tokens: int, res: dict[str, li
             first = last = None
             tokens = 0
             while True:
-                f = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 120))
+                f = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(decode=False), 120))
                 if f.get("id") != gid:
                     continue
                 now = time.perf_counter()
@@ -306,7 +306,7 @@ async def burst(url: str, n: int) -> tuple[int, int]:
             for f in frames:
                 await ws.send(f)
             while d + e < per:
-                f = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 300))
+                f = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(decode=False), 300))
                 if f["type"] == "done":
                     d += 1
                 elif f["type"] == "error":

@@ -35,7 +35,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from rtws import protocol as p
@@ -307,7 +307,7 @@ class RawConn:
         self.writer.write(head + mask + masked)
 
     def stop_reading(self) -> None:
-        self.writer.transport.pause_reading()
+        cast(asyncio.Transport, self.writer.transport).pause_reading()
 
     def abort(self) -> None:
         self.writer.transport.abort()
@@ -531,7 +531,7 @@ class Fleet:
     def _collect(self, op: str, n: int | None = None) -> list[dict[str, Any]]:
         import queue
 
-        out = []
+        out: list[dict[str, Any]] = []
         want = len(self.procs) if n is None else n
         deadline = time.monotonic() + self.timeout
         while len(out) < want:

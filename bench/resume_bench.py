@@ -54,7 +54,7 @@ async def _load(url: str, sessions: int, streams: int, max_tokens: int) -> None:
             await start()
         while not stop.is_set():
             try:
-                f = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 1.0))
+                f = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(decode=False), 1.0))
             except asyncio.TimeoutError:
                 continue
             if f["type"] == "done":

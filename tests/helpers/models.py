@@ -7,6 +7,7 @@ AutoTokenizer exactly like a user's model; only the weights are random.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 FALLBACK_TEXT = (
@@ -54,6 +55,7 @@ def build_model(out: Path, arch: str = "llama", seed: int = 0, context: int = 25
     torch.manual_seed(seed)
     special = dict(eos_token_id=0, bos_token_id=0, pad_token_id=0) if eos else dict(
         eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    config: Any
     if arch == "llama":
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=400, max_position_embeddings=context,

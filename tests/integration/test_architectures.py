@@ -29,7 +29,7 @@ TOTAL = 100  # prompt + completion tokens per request
 VOCAB = 400
 BASE: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+MOE: dict[str, Any] = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
 
 def _cfg(name: str) -> Any:
@@ -40,7 +40,7 @@ def _cfg(name: str) -> Any:
         "llama": lambda: tf.LlamaConfig(**b),
         "qwen2": lambda: tf.Qwen2Config(**b),
         "qwen3": lambda: tf.Qwen3Config(**b, head_dim=8),
-        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**b, **MOE, head_dim=8),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**b, **MOE, head_dim=8),  # type: ignore[call-arg]
         "phi3": lambda: tf.Phi3Config(**b, pad_token_id=0),
         "gemma": lambda: tf.GemmaConfig(**b, head_dim=8),
         "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256),
@@ -69,7 +69,7 @@ def _cfg(name: str) -> Any:
         "qwen2_window": lambda: tf.Qwen2Config(**b, use_sliding_window=True, sliding_window=W, max_window_layers=1),
         "phi3_window": lambda: tf.Phi3Config(**b, sliding_window=W, pad_token_id=0),
         "gemma2": lambda: tf.Gemma2Config(**b, head_dim=8, sliding_window=W),
-        "gemma3_text": lambda: tf.Gemma3TextConfig(**b, head_dim=8, sliding_window=W, sliding_window_pattern=2),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(**b, head_dim=8, sliding_window=W, sliding_window_pattern=2),  # type: ignore[call-arg]
         "cohere2": lambda: tf.Cohere2Config(**b, sliding_window=W),
     }
     return table[name]()

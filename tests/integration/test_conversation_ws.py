@@ -75,7 +75,7 @@ def test_follow_up_turns_hit_the_prefix_cache(server_factory: ServerFactory, def
             await ws.send(p.MSGPACK.encode(p.Generate(id=i, conversation="c", messages=turn,
                                                       max_tokens=8, temperature=0.0)))
             while True:
-                raw = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 20 * UNIT))
+                raw = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(decode=False), 20 * UNIT))
                 if raw["type"] == "done":
                     usages.append(raw["usage"])
                     break
@@ -93,7 +93,7 @@ def test_history_that_outgrows_a_small_context_drops_the_oldest_turns(server_fac
                                                                       tiny_llama_dir: Path) -> None:
     server = server_factory(tiny_llama_dir, max_seq_len=96)
 
-    async def main() -> tuple[list[p.Done], p.ConversationFrame, list[int]]:
+    async def main() -> tuple[list[p.Done], Any, list[int]]:
         ws = await connect(server.url, subprotocols=[p.SUBPROTOCOL_MSGPACK])  # type: ignore[list-item]
         await ws.recv()
         await ws.send(p.MSGPACK.encode(p.Generate(id="s", conversation="c", max_tokens=8, temperature=0.0,

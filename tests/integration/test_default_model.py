@@ -8,7 +8,9 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +24,7 @@ MAX_BYTES = 10 * 1000 * 1000  # "at most 10 MB", read strictly (decimal megabyte
 
 
 @pytest.fixture(scope="module")
-def offline_tokenizer():
+def offline_tokenizer() -> Iterator[Any]:
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("TRANSFORMERS_OFFLINE", "1")
@@ -35,7 +37,7 @@ def offline_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def offline_model():
+def offline_model() -> Iterator[Any]:
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("TRANSFORMERS_OFFLINE", "1")
@@ -43,14 +45,14 @@ def offline_model():
         import torch
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_PATH, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_PATH, dtype=torch.float32)
         model.eval()
         yield model
     finally:
         mp.undo()
 
 
-def test_import_is_light():
+def test_import_is_light() -> None:
     # The package module must not pull in torch/transformers at import time.
     code = (
         "import sys, rtws.default_model as m; "
@@ -62,7 +64,7 @@ def test_import_is_light():
     assert isinstance(DEFAULT_MODEL_PATH, Path) and DEFAULT_MODEL_PATH.is_dir()
 
 
-def test_folder_contents_and_size():
+def test_folder_contents_and_size() -> None:
     names = {p.name for p in DEFAULT_MODEL_PATH.iterdir() if p.is_file()}
     for required in (
         "config.json",
@@ -77,7 +79,7 @@ def test_folder_contents_and_size():
     assert total <= MAX_BYTES, total
 
 
-def test_config_is_llama_family():
+def test_config_is_llama_family() -> None:
     cfg = json.loads((DEFAULT_MODEL_PATH / "config.json").read_text())
     assert cfg["model_type"] in ("llama", "gpt2")
     assert cfg["architectures"] == ["LlamaForCausalLM"] or cfg["architectures"] == ["GPT2LMHeadModel"]
@@ -90,7 +92,7 @@ def test_config_is_llama_family():
     assert gen_cfg["eos_token_id"] == cfg["eos_token_id"] == gen_cfg["pad_token_id"] == cfg["pad_token_id"]
 
 
-def test_model_card_states_heldout_loss():
+def test_model_card_states_heldout_loss() -> None:
     card = (DEFAULT_MODEL_PATH / "README.md").read_text(encoding="utf-8")
     m = re.search(r"\*\*(\d+\.\d+) nats per character\*\*", card)
     assert m, "model card must state the held-out loss in nats per character"
@@ -99,7 +101,7 @@ def test_model_card_states_heldout_loss():
     assert "parameters" in card and "Folder size" in card
 
 
-def test_offline_load_and_greedy_generation(offline_model, offline_tokenizer):
+def test_offline_load_and_greedy_generation(offline_model: Any, offline_tokenizer: Any) -> None:
     import torch
 
     tok, model = offline_tokenizer, offline_model
@@ -118,7 +120,7 @@ def test_offline_load_and_greedy_generation(offline_model, offline_tokenizer):
     assert text.replace("\n", "").isprintable(), repr(text)
 
 
-def test_encode_adds_no_special_tokens(offline_tokenizer):
+def test_encode_adds_no_special_tokens(offline_tokenizer: Any) -> None:
     tok = offline_tokenizer
     ids = tok.encode("ROMEO:\nHello")
     assert tok.eos_token_id not in ids
@@ -127,7 +129,7 @@ def test_encode_adds_no_special_tokens(offline_tokenizer):
 
 
 @pytest.mark.skipif(not CORPUS.is_file(), reason="Tiny Shakespeare corpus not present")
-def test_roundtrip_corpus(offline_tokenizer):
+def test_roundtrip_corpus(offline_tokenizer: Any) -> None:
     text = CORPUS.read_text(encoding="utf-8")
     # verbose=False: the whole corpus is far longer than model_max_length, which is fine here.
     ids = offline_tokenizer(text, verbose=False)["input_ids"]
@@ -149,17 +151,17 @@ def test_roundtrip_corpus(offline_tokenizer):
         "\U0010ffff\ufffd",
     ],
 )
-def test_roundtrip_exotic(offline_tokenizer, s):
+def test_roundtrip_exotic(offline_tokenizer: Any, s: str) -> None:
     assert offline_tokenizer.decode(offline_tokenizer.encode(s)) == s
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",))))
-def test_roundtrip_hypothesis(offline_tokenizer, s):
+@given(st.text(alphabet=st.characters(blacklist_categories=["Cs"])))
+def test_roundtrip_hypothesis(offline_tokenizer: Any, s: str) -> None:
     assert offline_tokenizer.decode(offline_tokenizer.encode(s)) == s
 
 
-def test_chat_template_two_turns(offline_tokenizer):
+def test_chat_template_two_turns(offline_tokenizer: Any) -> None:
     messages = [
         {"role": "system", "content": "A street in Verona."},
         {"role": "user", "content": "Hello there."},

@@ -474,7 +474,7 @@ def test_a_failing_frame_answers_internal_and_keeps_the_socket(server_factory: S
             raise RuntimeError("injected fault")
         return real_get(name)
 
-    registry.get = get  # type: ignore[method-assign]
+    registry.get = get
     s, st, rest = handshake(server.port)
     r = FrameReader(s, rest)
     r.frames_until(lambda f: f.get("type") == "ready", 10)
@@ -483,7 +483,7 @@ def test_a_failing_frame_answers_internal_and_keeps_the_socket(server_factory: S
         send_msgpack(s, {"type": "generate", "id": "bad", "prompt": "a", "model": "boom"})
         frames = r.frames_until(lambda f: f.get("type") == "done" and f.get("id") == "live", 30)
     s.close()
-    registry.get = real_get  # type: ignore[method-assign]
+    registry.get = real_get
     errs = [f for f in frames if f.get("type") == "error"]
     assert [(e["code"], e.get("id")) for e in errs] == [("internal", "bad")]
     c = gen_done_checks(frames, "live")

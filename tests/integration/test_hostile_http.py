@@ -192,7 +192,11 @@ def test_origin_allow_list_covers_post_infer_and_host_check(server_factory: Serv
     started: list[str] = []
     hooks = server.app.hooks
     orig = hooks.generation_started
-    hooks.generation_started = lambda model, transport: (started.append(transport), orig(model, transport))[1]
+    def counting(model: str, transport: str) -> Any:
+        started.append(transport)
+        return orig(model, transport)
+
+    hooks.generation_started = counting
     body = b'{"prompt": "a", "max_tokens": 2, "stream": false}'
     evil, _, evil_body = request(server.http + "/infer", "POST", body,
                                  {"content-type": "text/plain", "origin": "http://evil.example"})
@@ -209,7 +213,7 @@ def test_origin_allow_list_covers_post_infer_and_host_check(server_factory: Serv
         s.close()
     except OSError:
         pass
-    hooks.generation_started = orig  # type: ignore[method-assign]
+    hooks.generation_started = orig
     assert evil == 403 and b"origin" in evil_body
     assert chat_evil == 403
     assert good == 200

@@ -128,7 +128,11 @@ def test_rtws_serve_writes_json_lines(tiny_llama_dir: Path, tmp_path: Path) -> N
     lines: queue.Queue[str] = queue.Queue()
     stderr = proc.stderr
     assert stderr is not None
-    reader = threading.Thread(target=lambda: [lines.put(x) for x in stderr], daemon=True)
+    def pump() -> None:
+        for x in stderr:
+            lines.put(x)
+
+    reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     seen: list[dict[str, Any]] = []
 
@@ -138,7 +142,7 @@ def test_rtws_serve_writes_json_lines(tiny_llama_dir: Path, tmp_path: Path) -> N
             line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             if not line.strip():
                 continue
-            obj = json.loads(line)  # nothing but JSON on stderr
+            obj: dict[str, Any] = json.loads(line)  # nothing but JSON on stderr
             seen.append(obj)
             if obj.get("event") == event:
                 return obj

@@ -32,7 +32,7 @@ def test_pool_size_follows_the_budget_not_max_len(long_dir: Path) -> None:
     big = ModelRunner(model, 64, CONTEXT, torch.device("cpu"), static_decode=True, kv_cache_gb=0.01)
     assert small.num_blocks == big.num_blocks and small.kv_cache_bytes == big.kv_cache_bytes <= 0.01 * 2**30
     layer = big.cache.layers[0]
-    assert layer.k_pool is not None and layer.k_pool.shape[0] == big.num_blocks * big.block_size  # type: ignore[attr-defined]
+    assert layer.k_pool is not None and layer.k_pool.shape[0] == big.num_blocks * big.block_size  # type: ignore[union-attr]
     # The static (CUDA-graph) path reads the length bucket of the longest live row, not max_len.
     assert big._static is not None and small._static is not None
     assert big._static.kv_bucket(130) == small._static.kv_bucket(130) == 256

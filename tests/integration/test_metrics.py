@@ -209,7 +209,7 @@ def test_metrics_can_be_turned_off(server_factory: ServerFactory, tiny_llama_dir
 def test_each_app_has_its_own_registry(tiny_llama_dir: Path) -> None:
     cfg = ServerConfig(port=0, model=str(tiny_llama_dir))
     a, b = build_app(cfg), build_app(cfg)  # built, not started: no model loads
-    a.hooks.generation_started("m", "ws")  # type: ignore[union-attr]
+    a.hooks.generation_started("m", "ws")
     text_a = prometheus_client.generate_latest(a.hooks.registry).decode()  # type: ignore[attr-defined]
     text_b = prometheus_client.generate_latest(b.hooks.registry).decode()  # type: ignore[attr-defined]
     assert 'rtws_generations_started_total{model="m",transport="ws"} 1.0' in text_a

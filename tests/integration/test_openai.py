@@ -220,7 +220,8 @@ def test_seed_and_stop(srv: RunningServer, client: Any) -> None:
 
     def sample(seed: int) -> str:
         out = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=1.0, seed=seed)
-        return out.choices[0].text
+        text: str = out.choices[0].text
+        return text
 
     assert sample(123) == sample(123)  # same seed, same sample
     assert len({sample(s) for s in range(6)}) > 1  # sampling is not greedy

@@ -67,11 +67,11 @@ def test_a_shared_prefix_is_not_prefilled_again_and_outputs_are_identical(tiny_l
     hit = (len(system) // bs) * bs  # the full blocks of the shared system prompt
     done = [c.done.result() for c in cols]
     assert done[0].cached_tokens == 0
-    assert done[1].cached_tokens >= hit > 0
+    assert done[1].cached_tokens >= hit > 0  # type: ignore[operator]
     assert done[2].cached_tokens == ((len(second) - 1) // bs) * bs  # the same prompt again: all but its tail
-    computed = len(first) + (len(second) - done[1].cached_tokens) + (len(second) - done[2].cached_tokens)
+    computed = len(first) + (len(second) - done[1].cached_tokens) + (len(second) - done[2].cached_tokens)  # type: ignore[operator]
     assert st.prefill_tokens == computed  # hits were not prefilled
-    assert st.prefix_cache_hits == done[1].cached_tokens + done[2].cached_tokens
+    assert st.prefix_cache_hits == done[1].cached_tokens + done[2].cached_tokens  # type: ignore[operator]
     assert st.prefix_cache_queries == len(first) + 2 * len(second)
     # Identical greedy outputs with and without the cache (and equal to generate).
     off, _, _ = engine_for(tiny_llama_dir, prefix_cache=False)
@@ -135,8 +135,8 @@ def test_cached_tokens_are_reported_over_websocket_openai_and_metrics(server_fac
     finally:
         client.close()
     assert r1.usage is not None and r2.usage is not None and r2.usage.prompt_tokens_details is not None
-    assert r2.usage.prompt_tokens_details.cached_tokens >= 16
-    assert r2.usage.prompt_tokens_details.cached_tokens < r2.usage.prompt_tokens
+    assert r2.usage.prompt_tokens_details.cached_tokens >= 16  # type: ignore[operator]
+    assert r2.usage.prompt_tokens_details.cached_tokens < r2.usage.prompt_tokens  # type: ignore[operator]
     samples = scrape(srv)
     assert total(samples, "rtws_prefix_cache_hits_total", model="tiny") >= second + 16
     assert total(samples, "rtws_prefix_cache_queries_total", model="tiny") > 0

@@ -96,7 +96,7 @@ def run(coro: Any) -> Any:
 
 async def _session(url: str, subprotocols: list[str] | None = None) -> tuple[Any, p.Ready]:
     """A raw WebSocket (msgpack) and its ready frame."""
-    ws = await connect(url, subprotocols=subprotocols or [p.SUBPROTOCOL_MSGPACK], compression=None,
+    ws = await connect(url, subprotocols=subprotocols or [p.SUBPROTOCOL_MSGPACK], compression=None,  # type: ignore[arg-type]
                        max_size=2**24, open_timeout=30 * UNIT)
     frame = p.codec_for(p.SUBPROTOCOL_MSGPACK).decode_any(await asyncio.wait_for(ws.recv(), 30 * UNIT))
     assert isinstance(frame, p.Ready), frame
@@ -507,7 +507,7 @@ def test_resume_lands_on_the_same_replica(cluster: Cluster) -> None:
                 break
         else:
             raise AssertionError("no second replica")
-        ws = await connect(cluster.ws, subprotocols=[p.SUBPROTOCOL_MSGPACK, f"rtws.replica.{foreign}"],
+        ws = await connect(cluster.ws, subprotocols=[p.SUBPROTOCOL_MSGPACK, f"rtws.replica.{foreign}"],  # type: ignore[list-item]
                            compression=None, open_timeout=30 * UNIT)
         await _send(ws, p.Hello(resume=token, received=0))
         frames = [_decode(await asyncio.wait_for(ws.recv(), 30 * UNIT)) for _ in range(2)]
@@ -629,7 +629,7 @@ def _replica_ids(cluster: Cluster, tries: int = 12, want: int | None = None) -> 
     to the other one (least-loaded routing, tested on its own above).
     """
     async def main() -> set[str]:
-        ids = set()
+        ids: set[str] = set()
         deadline = time.monotonic() + 20 * UNIT
         n = 0
         while n < tries or (want is not None and len(ids) < want and time.monotonic() < deadline):

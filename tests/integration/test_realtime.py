@@ -125,7 +125,7 @@ def test_sdk_three_turn_conversation_equals_ws_greedy(srv: RunningServer) -> Non
         async with sdk(srv).realtime.connect(model="tiny") as conn:
             created = parse(await conn.recv_bytes())
             assert created.type == "session.created" and created.session.model == "tiny"
-            await conn.session.update(session={"type": "realtime", "instructions": "Answer in verse.",
+            await conn.session.update(session={"type": "realtime", "instructions": "Answer in verse.",  # type: ignore[arg-type]
                                                "output_modalities": ["text"], "max_output_tokens": 24,
                                                "temperature": 0.0})
             (updated,) = await until(conn, "session.updated")
@@ -167,8 +167,8 @@ def test_sdk_four_concurrent_out_of_band_responses(long_srv: RunningServer) -> N
         async with sdk(long_srv).realtime.connect(model="long") as conn:
             await until(conn, "session.created")
             for i in range(4):
-                await conn.response.create(response={
-                    "conversation": "none", "input": [user(f"Question {i}")],  # type: ignore[list-item]
+                await conn.response.create(response={  # type: ignore[arg-type]
+                    "conversation": "none", "input": [user(f"Question {i}")],
                     "max_output_tokens": 40, "metadata": {"n": str(i)}, "temperature": 0.0})
             events: list[Any] = []
             dones = 0
@@ -238,7 +238,7 @@ def test_sdk_truncate_and_delete(srv: RunningServer) -> None:
         out: dict[str, Any] = {}
         async with sdk(srv).realtime.connect(model="tiny") as conn:
             await until(conn, "session.created")
-            await conn.session.update(session={"type": "realtime", "temperature": 0.0, "max_output_tokens": 20})
+            await conn.session.update(session={"type": "realtime", "temperature": 0.0, "max_output_tokens": 20})  # type: ignore[arg-type]
             await until(conn, "session.updated")
             await conn.conversation.item.create(item=user("Who art thou?", id="u1"))  # type: ignore[arg-type]
             await until(conn, "conversation.item.done")
@@ -426,7 +426,7 @@ def test_every_client_event_good_and_bad_and_the_socket_stays_open(srv: RunningS
         # Two in-conversation responses at once: the second is refused, the first completes.
         await ws.send(json.dumps({"type": "response.create"}))
         await ws.send(json.dumps({"type": "response.create", "event_id": "twice"}))
-        events = []
+        events: list[Any] = []
         while not events or events[-1].type != "response.done":
             events.append(parse(await asyncio.wait_for(ws.recv(), 10 * UNIT)))
         errors = [x for x in events if x.type == "error"]

@@ -186,7 +186,8 @@ def test_hot_swap_under_load_loses_no_generation(server_factory: ServerFactory, 
     events = [getattr(r, "event", None) for r in rtws_logs]
     assert {"swap_started", "swap_finished", "model_unloaded"} <= set(events)
     swapped = events.index("swap_finished")
-    gens = [(i, r.version) for i, r in enumerate(rtws_logs) if getattr(r, "event", None) == "generation"]
+    gens = [(i, r.version) for i, r in enumerate(rtws_logs)  # type: ignore[attr-defined]
+            if getattr(r, "event", None) == "generation"]
     assert any(v == "1" and i > swapped for i, v in gens)  # in flight at the swap, finished on v1
     assert any(v == "2" for _, v in gens)
     served = {s.labels["version"]: s.value for s in metric_samples(srv)
@@ -355,7 +356,8 @@ def test_shutdown_stops_a_draining_version(server_factory: ServerFactory, tiny_l
             draining = srv.app.registry.status("tiny", "1")
             assert draining is not None and draining.state == "draining"  # the long generation holds it
             await asyncio.to_thread(srv.stop)
-            return draining.state
+            state: str = draining.state
+            return state
 
     assert run(main()) == "unloaded"
     assert not srv.thread.is_alive()

@@ -140,7 +140,8 @@ def read_metrics(server: Any) -> str:
     """GET /metrics, with an API key when auth is on (it then needs one)."""
     keys = server.app.config.metrics_api_keys or server.app.config.api_keys
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
-    return urllib.request.urlopen(urllib.request.Request(server.http + "/metrics", headers=headers)).read().decode()
+    body: bytes = urllib.request.urlopen(urllib.request.Request(server.http + "/metrics", headers=headers)).read()
+    return body.decode()
 
 
 @pytest.mark.parametrize("delay", [0.5, 5.0])

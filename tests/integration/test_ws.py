@@ -33,7 +33,7 @@ async def wait_for(cond: Any, timeout: float) -> bool:
         if cond():
             return True
         await asyncio.sleep(0.005)
-    return cond()
+    return bool(cond())
 
 
 def test_healthz_and_ready_frame(tiny_server: RunningServer) -> None:
@@ -78,7 +78,7 @@ def test_bad_frames_get_error_codes_and_the_socket_stays_open(tiny_server: Runni
             got.append((frame.code, frame.id))
         # still open and serving
         await ws.send(enc({"type": "generate", "id": "ok", "prompt": "hi", "max_tokens": 3}))
-        frames = []
+        frames: list[Any] = []
         while not frames or not isinstance(frames[-1], p.Done):
             frames.append(await next_frame(ws, codec))
         assert frames[-1].reason == "length" and frames[-1].usage.completion_tokens == 3
