@@ -25,13 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rtws.default_model.corpus import corpus_text as corpus_text  # re-exported: the scripts import it from here
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-FALLBACK_TEXT = (
-    "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
-    "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy name.\n"
-) * 200
 
 
 # --------------------------------------------------------------------------- statistics and tables
@@ -168,13 +165,6 @@ def cpu_seconds(pid: int) -> float:
 
 
 # --------------------------------------------------------------------------- workloads
-
-
-def corpus_text() -> str:
-    try:
-        return CORPUS.read_text(encoding="utf-8")
-    except OSError:
-        return FALLBACK_TEXT
 
 
 def prompt_ids(tokenizer: Any, n: int, prompt_len: int, seed: int = 0) -> list[list[int]]:

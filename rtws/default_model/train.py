@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from rtws.default_model import DEFAULT_MODEL_PATH
+from rtws.default_model.corpus import SHAKESPEARE_PATH
 
 EOT = "<|endoftext|>"
 USER_SPEAKER = "ROMEO"
 ASSISTANT_SPEAKER = "JULIET"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DEFAULT_DATA = SHAKESPEARE_PATH
 
 # Renders messages in the corpus's own speaker format ("NAME:\ntext\n\n").
 # Speaker = message['name'] upper-cased if given, else user -> ROMEO,

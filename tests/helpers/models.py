@@ -9,12 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-FALLBACK_TEXT = (
-    "ROMEO:\nBut soft, what light through yonder window breaks?\n\n"
-    "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?\n\n"
-    "Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001F600 \u00fcber stra\u00dfe\n"
-) * 50
+from rtws.default_model.corpus import FALLBACK_TEXT, SHAKESPEARE_PATH
+from rtws.default_model.corpus import corpus_text as _corpus
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n{% else %}"
@@ -24,9 +20,10 @@ CHAT_TEMPLATE = (
 
 
 def corpus_text(limit: int = 200_000) -> str:
-    if SHAKESPEARE.exists():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:limit] + FALLBACK_TEXT[:2000]
-    return FALLBACK_TEXT
+    """What the tiny tokenizers train on: the corpus's head plus some non-ASCII text, or the fallback text."""
+    if SHAKESPEARE_PATH.exists():
+        return _corpus(limit) + FALLBACK_TEXT[:2000]
+    return _corpus(limit)
 
 
 def build_tokenizer(out: Path, vocab_size: int = 400, eos: bool = True) -> None:

@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rtws.default_model import DEFAULT_MODEL_PATH
+from rtws.default_model.corpus import SHAKESPEARE_PATH
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CORPUS = REPO_ROOT / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
+CORPUS = SHAKESPEARE_PATH
 MAX_BYTES = 10 * 1000 * 1000  # "at most 10 MB", read strictly (decimal megabytes)
 
 
