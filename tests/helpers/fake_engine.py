@@ -83,17 +83,34 @@ class FakeModels:
 
 
 class Wire:
-    """The socket side: collects written frames; ``drop()`` makes the next write hang forever (a dead peer)."""
+    """The socket side: collects written frames.
+
+    ``dead = True`` makes the next write hang forever (a dead peer). ``credit`` models TCP flow control: None
+    (the default) lets every write through; a number lets that many more writes complete, then ``send`` blocks
+    until :meth:`allow` grants more (a peer that stopped reading).
+    """
 
     def __init__(self, codec: p.Codec = p.MSGPACK) -> None:
         self.codec = codec
         self.frames: list[Any] = []
         self.raw: list[bytes] = []
         self.dead = False
+        self.credit: int | None = None
+        self._granted = asyncio.Event()
+
+    def allow(self, n: int | None) -> None:
+        """Let ``n`` more writes complete (None: all of them, from now on)."""
+        self.credit = None if n is None else (self.credit or 0) + n
+        self._granted.set()
 
     async def send(self, data: bytes | str) -> None:
         if self.dead:
             await asyncio.Event().wait()  # never returns: cancelled by the owner
+        while self.credit is not None and self.credit <= 0:
+            self._granted.clear()
+            await self._granted.wait()
+        if self.credit is not None:
+            self.credit -= 1
         assert isinstance(data, bytes)
         self.raw.append(data)
         self.frames.append(self.codec.decode_any(data))
