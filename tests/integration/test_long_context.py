@@ -9,10 +9,10 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
+from tests.helpers.http import post
 from tests.helpers.models import build_model
 from tests.helpers.server import UNIT, ServerFactory
 from tests.integration.test_engine import Collector, reference
-from tests.integration.test_http_api import post
 
 from rtws.engine import Engine, EngineConfig
 from rtws.generation import SamplingParams

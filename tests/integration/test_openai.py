@@ -14,8 +14,8 @@ from typing import Any
 
 import openai
 import pytest
+from tests.helpers.http import parse_sse, post
 from tests.helpers.server import UNIT, RunningServer
-from tests.integration.test_http_api import parse_sse, post
 
 KEY = "sk-test-key"
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import openai
 import torch
+from tests.helpers.metrics import scrape, total
 from tests.helpers.server import UNIT, ServerFactory, run
 from tests.integration.test_engine import Collector, reference
-from tests.integration.test_metrics import scrape, total
 
 from rtws.client import Client
 from rtws.engine import Engine, EngineConfig

@@ -28,8 +28,8 @@ ray_env.apply(loopback=True)  # before the first `import ray` in this process (R
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from tests.helpers.http import parse_sse, post  # noqa: E402
 from tests.helpers.server import UNIT  # noqa: E402
-from tests.integration.test_http_api import parse_sse, post  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
