@@ -1,4 +1,4 @@
-"""Server-held conversations over a real server and a real tiny chat model (its template is in tests/models.py)."""
+"""Server-held conversations over a real server and a real tiny chat model (its template is in tests/helpers/models.py)."""
 
 from __future__ import annotations
 
