@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .auth import key_ok
-from .http import BodyTooLarge, Receive, Scope, Send, bearer_token, read_body, send_error, send_json
-from .registry import RegistryError
+from .errors import RtwsError
+from .http.asgi import BodyTooLarge, Receive, Scope, Send, bearer_token, read_body, send_error, send_json
 
 if TYPE_CHECKING:
     from .app import App
@@ -65,12 +65,6 @@ class ModelRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     default: bool = False
 
 
-class _Refused(Exception):
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
-
-
 def admin_keys(app: App) -> frozenset[str]:
     """The keys that open the admin API: ``admin_api_keys``, else ``api_keys``."""
     cfg = app.config
@@ -102,11 +96,8 @@ class AdminAPI:
             return
         try:
             status, body, headers = await self._dispatch(scope["method"], scope["path"], receive)
-        except _Refused as exc:
-            await send_error(send, exc.code, exc.message, status=exc.status)
-            return
-        except RegistryError as exc:
-            await send_error(send, exc.code, exc.message, status=409 if exc.code == "conflict" else 400)
+        except RtwsError as exc:  # refusals of this API and of the registry: status from the one code table
+            await send_error(send, exc.code, exc.message, status=exc.http_status)
             return
         except ConnectionResetError:
             return
@@ -121,26 +112,26 @@ class AdminAPI:
                 req = await _body(receive, ModelRequest)
                 _check_name(req.name, "name")
                 if reg.known(req.name):
-                    raise _Refused("conflict", f"model {req.name!r} exists; POST a version to "
-                                   f"/admin/models/{req.name}/versions to swap it", 409)
+                    raise RtwsError("conflict", f"model {req.name!r} exists; POST a version to "
+                                    f"/admin/models/{req.name}/versions to swap it")
                 return await self._start(req.name, req.version, req.model_path, req.device, req.dtype, req.default,
                                          req.quantization)
-            raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
+            raise RtwsError("method_not_allowed", f"{method} {path} is not allowed")
         m = _VERSION_PATH.match(path)
         if m:
             if method != "GET":
-                raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
+                raise RtwsError("method_not_allowed", f"{method} {path} is not allowed")
             st = reg.status(m["name"], m["version"])
             if st is None:
-                raise _Refused("not_found", f"model {m['name']!r} has no version {m['version']!r}")
+                raise RtwsError("not_found", f"model {m['name']!r} has no version {m['version']!r}")
             return 200, _one_line_reasons({"model": st.name, **st.as_dict()}), []
         m = _VERSIONS_PATH.match(path)
         if m:
             name = m["name"]
             if method != "POST":
-                raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
+                raise RtwsError("method_not_allowed", f"{method} {path} is not allowed")
             if not reg.known(name):
-                raise _Refused("unknown_model", f"unknown model {name!r}; POST /admin/models to add it")
+                raise RtwsError("unknown_model", f"unknown model {name!r}; POST /admin/models to add it")
             vreq = await _body(receive, VersionRequest)
             return await self._start(name, vreq.version, vreq.model_path, vreq.device, vreq.dtype, vreq.default,
                                      vreq.quantization)
@@ -151,16 +142,16 @@ class AdminAPI:
                 for item in reg.health():
                     if item["name"] == name:
                         return 200, _one_line_reasons(item), []
-                raise _Refused("unknown_model", f"unknown model {name!r}")
+                raise RtwsError("unknown_model", f"unknown model {name!r}")
             if method == "DELETE":
                 if not reg.known(name):
-                    raise _Refused("unknown_model", f"unknown model {name!r}")
+                    raise RtwsError("unknown_model", f"unknown model {name!r}")
                 st = reg.retire(name)
                 if st is None:
                     return 200, {"model": name, "status": "removed"}, []
                 return 202, self._accepted(st.name, st.version, st.state), []
-            raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
-        raise _Refused("not_found", f"no route for {path}")
+            raise RtwsError("method_not_allowed", f"{method} {path} is not allowed")
+        raise RtwsError("not_found", f"no route for {path}")
 
     async def _start(self, name: str, version: str, path: str, device: str | None, dtype: str | None,
                      default: bool, quantization: str | None = None) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
@@ -170,13 +161,13 @@ class AdminAPI:
 
         _check_name(version, "version")
         if not path.strip() or len(path) > 4096:
-            raise _Refused("invalid_params", "model_path must be a non-empty path or hub id")
+            raise RtwsError("invalid_params", "model_path must be a non-empty path or hub id")
         changes = {k: v for k, v in (("device", device), ("dtype", dtype), ("quantization", quantization))
                    if v is not None}
         try:
             self.app.config.replace(**changes)
         except ValueError as exc:
-            raise _Refused("invalid_params", str(exc)) from None
+            raise RtwsError("invalid_params", str(exc)) from None
         spec = spec_from_config(self.app.config, name=name, path=path, version=version, device=device, dtype=dtype)
         if quantization is not None:
             spec = dataclasses.replace(spec, quantization=quantization)
@@ -208,7 +199,7 @@ def _one_line_reasons(obj: Any) -> Any:
 
 def _check_name(value: str, field: str) -> None:
     if not _NAME.fullmatch(value):
-        raise _Refused("invalid_params", f"{field} must be 1-128 characters of letters, digits and ._:@+- "
+        raise RtwsError("invalid_params", f"{field} must be 1-128 characters of letters, digits and ._:@+- "
                        "starting with a letter or digit")
 
 
@@ -216,10 +207,10 @@ async def _body(receive: Receive, kind: type[Any]) -> Any:
     try:
         raw = await read_body(receive, MAX_BODY)
     except BodyTooLarge:
-        raise _Refused("payload_too_large", f"body over {MAX_BODY} bytes") from None
+        raise RtwsError("payload_too_large", f"body over {MAX_BODY} bytes") from None
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise _Refused("invalid_params", str(exc)) from None
+        raise RtwsError("invalid_params", str(exc)) from None
     except msgspec.DecodeError:
-        raise _Refused("invalid_params", "body must be a JSON object") from None
+        raise RtwsError("invalid_params", "body must be a JSON object") from None

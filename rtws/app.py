@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +21,13 @@ from . import protocol
 from .auth import key_id, key_ok
 from .config import ServerConfig
 from .hooks import Hooks
-from .http import Receive, Scope, Send, bearer_token, client_address, header, send_bytes, send_error, send_json
+from .http.asgi import Receive, Scope, Send, bearer_token, client_address, header, send_bytes, send_error, send_json
 from .limits import ClientQuota, RateLimiter
 from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
 from .session import Session, SessionLimits
 from .session_store import SessionStore
+from .transport import TrackedSend, abort_response, buffered, force_close, stop_reading, tune_socket, writable
 from .wslimits import CLOSE_TOO_BIG, frame_too_big
 
 log = logging.getLogger("rtws.app")
@@ -240,7 +240,7 @@ class App:
                 if conn not in closed_cleanly and conn in self.connections:
                     conn.closing = True
                     conn.session.close()
-                    _force_close(conn.send, 1001, "server shutting down", abort_after=0.0)
+                    force_close(conn.send, 1001, "server shutting down", abort_after=0.0)
         cancelled += sum(len(s.live) for s in self.sessions.held())
         self.sessions.close_all()
         log.info("drained", extra={"event": "drain_done", "cancelled": cancelled})
@@ -276,11 +276,16 @@ class App:
                              f"{method} {path} is not allowed" if known else f"no route for {path}",
                              headers=[(b"allow", allow.encode())] if known else None)
             return
+        tracked = TrackedSend(send)
         try:
-            await handler(scope, receive, send)
+            await handler(scope, receive, tracked)
         except Exception:
-            # One error boundary per request: log the cause, tell the client nothing internal.
+            # One error boundary per request: log the cause, tell the client nothing internal. Once the status
+            # line is out a 500 cannot follow it: the connection is dropped instead (a truncated response).
             log.exception("HTTP handler failed", extra={"event": "http_error", "path": path})
+            if tracked.started:
+                await abort_response(send)
+                return
             try:
                 await send_error(send, "internal", "internal server error")
             except Exception:
@@ -407,7 +412,7 @@ class App:
         subprotocol = protocol.choose_subprotocol(scope.get("subprotocols", []))
         codec = protocol.codec_for(subprotocol)
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
-        _tune_socket(send, self.config.transport_high_water, self.config.socket_send_buffer)
+        tune_socket(send, self.config.transport_high_water, self.config.socket_send_buffer)
 
         if codec.binary:
             async def send_frame(data: bytes | str) -> None:
@@ -421,7 +426,7 @@ class App:
         def policy_close(code: int, reason: str) -> None:
             if conn is not None:
                 if reason in _ABUSE_REASONS:
-                    _stop_reading(conn.send)  # parse nothing more from a flooder while its close runs
+                    stop_reading(conn.send)  # parse nothing more from a flooder while its close runs
                 self.spawn(self._close(conn, code, reason, flush=True))
 
         def on_authenticated(s: Session) -> str | None:
@@ -536,7 +541,7 @@ class App:
                 if other.writer is not None:
                     other.writer.cancel()
                 held.detach()
-                _force_close(other.send, 4001, "session resumed on another connection")
+                force_close(other.send, 4001, "session resumed on another connection")
         if conn.writer is not None:
             conn.writer.cancel()
         fresh.close()
@@ -580,14 +585,14 @@ class App:
         if flush:
             await conn.session.flush(1.0)
         conn.session.close()
-        if conn.session.send_started is not None or not _writable(conn.send):
-            _force_close(conn.send, code, reason, abort_after)  # the writer is stuck on a full socket
+        if conn.session.send_started is not None or not writable(conn.send):
+            force_close(conn.send, code, reason, abort_after)  # the writer is stuck on a full socket
             return False
         try:
             async with asyncio.timeout(deadline):
                 await conn.send({"type": "websocket.close", "code": code, "reason": reason})
         except Exception:  # includes TimeoutError: the transport paused under us
-            _force_close(conn.send, code, reason, abort_after)
+            force_close(conn.send, code, reason, abort_after)
             return False
         return True
 
@@ -613,13 +618,13 @@ class App:
             s = conn.session
             if conn.closing:
                 continue
-            if _buffered(conn.send) > cfg.max_transport_buffer:
+            if buffered(conn.send) > cfg.max_transport_buffer:
                 log.warning("closing socket over its transport buffer", extra={
                     "event": "transport_buffer", "session": s.id, "client": s.client})
                 self.hooks.rejected("transport_buffer")
                 conn.closing = True
                 s.close()
-                _force_close(conn.send, 1008, "send buffer full", abort_after=0.0)
+                force_close(conn.send, 1008, "send buffer full", abort_after=0.0)
                 continue
             if s.send_started is not None and now - s.send_started > cfg.stall_timeout_s:
                 log.warning("closing stalled reader", extra={"event": "stalled", "session": s.id,
@@ -648,24 +653,6 @@ class App:
                 self._close_soon(conn, 1000, "idle timeout")
 
 
-def _tune_socket(send: Send, high_water: int, sndbuf: int | None) -> None:
-    """Bound what the transport and the kernel buffer for one socket, so backpressure reaches the session early.
-
-    Uses uvicorn's protocol object (the bound ``send``'s owner); a no-op under another ASGI server.
-    """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None:
-        return
-    try:
-        transport.set_write_buffer_limits(high=high_water)
-        if sndbuf is not None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    except (OSError, AttributeError, ValueError) as exc:
-        log.debug("socket tuning failed: %r", exc)
-
-
 class _LogBudget:
     """At most ``burst`` log lines, refilled at ``per_s``: refused upgrades cannot flood the log."""
 
@@ -686,64 +673,3 @@ class _LogBudget:
 
 
 _ABUSE_REASONS = frozenset({"too many errors", "control frames not read"})
-
-
-def _stop_reading(send: Send) -> None:
-    """Tell rtws's uvicorn protocol (:mod:`rtws.transport`) to parse nothing more from this peer."""
-    stop = getattr(getattr(send, "__self__", None), "stop_reading", None)
-    if callable(stop):
-        stop()
-
-
-def _transport(send: Send) -> Any:
-    return getattr(getattr(send, "__self__", None), "transport", None)
-
-
-def _writable(send: Send) -> bool:
-    """False when uvicorn's protocol has paused writing (its transport is above the high-water mark)."""
-    ev = getattr(getattr(send, "__self__", None), "writable", None)
-    return bool(ev.is_set()) if ev is not None else True
-
-
-def _buffered(send: Send) -> int:
-    """Bytes the socket's transport holds unsent (0 when unknown)."""
-    transport = _transport(send)
-    try:
-        return int(transport.get_write_buffer_size()) if transport is not None else 0
-    except (AttributeError, RuntimeError, ValueError):
-        return 0
-
-
-def _force_close(send: Send, code: int, reason: str, abort_after: float = 2.0) -> None:
-    """Close a WebSocket whose ASGI ``send`` is blocked on flow control.
-
-    ASGI has no abort, and ``websocket.close`` itself waits for the socket to
-    drain, which a stalled reader never does. uvicorn's protocol object is the
-    bound ``send``'s owner: queue the close frame on its transport, then close
-    the transport (aborting if the peer never reads it).
-    """
-    proto = getattr(send, "__self__", None)
-    transport = getattr(proto, "transport", None)
-    conn = getattr(proto, "conn", None)
-    if transport is None:
-        # Not uvicorn (Ray Serve's replica): a close message is all ASGI offers. Such hosts queue sends without
-        # blocking, so it goes out at once; a host whose send blocks leaves the task waiting until it drains.
-        task = asyncio.ensure_future(send({"type": "websocket.close", "code": code, "reason": reason}))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return
-    try:
-        if conn is not None and not getattr(proto, "close_sent", True):
-            conn.send_close(code, reason)
-            transport.write(b"".join(conn.data_to_send()))
-            proto.close_sent = True  # type: ignore[union-attr]
-    except Exception:
-        pass
-    if abort_after <= 0:
-        transport.abort()
-    else:
-        transport.close()
-        loop = asyncio.get_running_loop()
-        loop.call_later(abort_after, lambda: transport.is_closing() and transport.abort())
-    # Let the protocol's writers and readers see the end now rather than after the abort.
-    if hasattr(proto, "writable"):
-        proto.writable.set()  # type: ignore[union-attr]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +30,7 @@ import msgspec
 from . import protocol
 from .generation import SamplingParams, TokenEvent
 from .hooks import GenerationRecord
-from .http import (
+from .http.asgi import (
     BodyTimeout,
     BodyTooLarge,
     Receive,
@@ -43,6 +42,8 @@ from .http import (
     send_error,
     send_json,
 )
+from .http.errors import ClientGone, Rejection
+from .transport import abort_http
 
 if TYPE_CHECKING:
     from .app import App
@@ -290,47 +291,6 @@ OPENAI_FINISH: Final = {"stop": "stop", "length": "length", "timeout": "length",
 _OPENAI_TYPE: Final = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                        413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                        503: "service_unavailable"}
-_STATUS: Final = {"bad_request": 400, "invalid_params": 400, "payload_too_large": 413, "unauthorized": 401,
-                  "too_many_generations": 429, "request_timeout": 408,
-                  "unknown_model": 404, "rate_limited": 429, "overloaded": 503, "internal": 500, "not_found": 404}
-
-
-class Rejection(Exception):
-    """A request refused before it reached the engine: becomes an error response with ``code``."""
-
-    def __init__(self, code: str, message: str, *, retry_after: float | None = None,
-                 metric: str | None = None, close: bool = False, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param or _param_of(message)  # the request field at fault (OpenAI's error "param")
-        self.status = _STATUS.get(code, 400)
-        self.retry_after = retry_after
-        self.metric = metric or code  # the label hooks.rejected() gets
-        self.close = close  # the request body was left unread: the connection cannot be reused
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        out: list[tuple[bytes, bytes]] = []
-        if self.retry_after is not None:
-            out.append((b"retry-after", str(max(1, math.ceil(self.retry_after))).encode()))
-        if self.status == 401:
-            out.append((b"www-authenticate", b'Bearer realm="rtws"'))
-        if self.close:
-            out.append((b"connection", b"close"))
-        return out
-
-
-_PARAM_AT = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)|^([a-z_]+) must be ")
-
-
-def _param_of(message: str) -> str | None:
-    """The top-level field a message names (msgspec's ``... - at `$.max_tokens```, or ``max_tokens must be``)."""
-    m = _PARAM_AT.search(message)
-    return (m.group(1) or m.group(2)) if m else None
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected, or stopped reading for longer than the stall timeout."""
 
 
 # --------------------------------------------------------------------------- one generation
@@ -642,7 +602,7 @@ class HttpApi:
             log.warning("dropping stalled HTTP reader", extra={"event": "stalled", "client": gen.client,
                                                                "request": gen.request_id})
             self.app.hooks.rejected("stalled")
-            _abort(send)
+            abort_http(send)
             raise ClientGone() from None
         except (OSError, RuntimeError):  # servers other than uvicorn raise once the peer is gone
             raise ClientGone() from None
@@ -722,13 +682,14 @@ class HttpApi:
     async def _reject(self, send: Send, r: Rejection, openai: bool = False) -> None:
         self.app.hooks.rejected(r.metric)
         if openai:
-            body = OpenAIError(OpenAIErrorDetail(message=r.message, type=_OPENAI_TYPE.get(r.status, "server_error"),
+            body = OpenAIError(OpenAIErrorDetail(message=r.message,
+                                                 type=_OPENAI_TYPE.get(r.http_status, "server_error"),
                                                  param=r.param, code=r.code))
-            await send_json(send, r.status, body, r.headers())
+            await send_json(send, r.http_status, body, r.headers())
         elif r.retry_after is not None:
-            await send_error(send, r.code, r.message, r.status, r.headers(), retry_after=round(r.retry_after, 3))
+            await send_error(send, r.code, r.message, r.http_status, r.headers(), retry_after=round(r.retry_after, 3))
         else:
-            await send_error(send, r.code, r.message, r.status, r.headers())
+            await send_error(send, r.code, r.message, r.http_status, r.headers())
 
     # ------------------------------------------------------------------ OpenAI: shared
 
@@ -968,7 +929,7 @@ class HttpApi:
     async def health(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``GET /health`` as vLLM and TGI serve it (benchmark clients probe it): 200 with an empty body while
         serving, 503 while draining or before the models are up. ``/healthz`` and ``/readyz`` stay."""
-        from .http import send_bytes
+        from .http.asgi import send_bytes
 
         app = self.app
         if app.draining or not app.started:
@@ -1019,13 +980,6 @@ async def send_json_bytes(send: Send, body: bytes, request_id: str) -> None:
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"x-request-id", request_id.encode())]})
     await send({"type": "http.response.body", "body": body})
-
-
-def _abort(send: Send) -> None:
-    """Drop the connection under a response whose writes no longer drain (uvicorn's transport, if reachable)."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is not None:
-        transport.abort()
 
 
 def mount(app: App) -> HttpApi:

@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from .hooks import GenerationRecord
-from .http import Receive, Scope, Send, send_bytes
+from .http.asgi import Receive, Scope, Send, send_bytes
 from .logs import GenerationLog
 
 if TYPE_CHECKING:

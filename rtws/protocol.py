@@ -1,9 +1,10 @@
 """Wire protocol v1: frames, codecs and validation.
 
 Pure: no I/O, no asyncio, no torch. Every frame is a msgspec Struct defined
-once here; the msgpack and JSON codecs share them. ``decode_client_frame``
-never raises: a frame that cannot be accepted becomes a :class:`ProtocolError`
-carrying the error code the client must receive.
+once here; the msgpack and JSON codecs share them. :meth:`Codec.decode_client`
+raises nothing but :class:`ProtocolError` (an :class:`~rtws.errors.RtwsError`):
+a frame that cannot be accepted becomes one, carrying the error code the client
+must receive.
 
 The protocol is documented in ``docs/protocol.md``.
 """
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
+from .errors import RtwsError
 from .generation import FinishReason
 
 SUBPROTOCOL_MSGPACK: Final = "rtws.v1.msgpack"
@@ -26,7 +28,7 @@ MAX_ID_LENGTH: Final = 128
 MAX_STOP_STRINGS: Final = 16
 MAX_STOP_LENGTH: Final = 256
 MAX_SEED: Final = 2**63 - 1
-# Numeric bounds, declared once: the WebSocket frames and the HTTP bodies (rtws/http_api.py) use the same
+# Numeric bounds, declared once: the WebSocket frames and the HTTP bodies (rtws/http/schemas.py) use the same
 # annotated types below, so a value is valid over HTTP exactly when it is valid over the WebSocket. They bound
 # what msgspec accepts (no unbounded ints reach torch); the server's configured limits are checked after decoding.
 MAX_INT32: Final = 2**31 - 1
@@ -222,21 +224,25 @@ AnyFrame: TypeAlias = (Hello | Generate | Cancel | Ack | Forget | History | Read
                        | ConversationFrame)
 
 
-class ProtocolError(Exception):
-    """A client frame that must be answered with an ``error`` frame.
+class ProtocolError(RtwsError):
+    """A client frame that must be answered with an ``error`` frame (the session renders it).
 
     ``id`` is the generation id when one could be read from the frame, so the
-    error can be attributed to it.
+    error can be attributed to it; ``retry_after`` is set for refusals that can
+    succeed later (``rate_limited``).
     """
 
-    def __init__(self, code: ErrorCode, message: str, id: GenId | None = None) -> None:
-        super().__init__(message)
+    code: ErrorCode
+
+    def __init__(self, code: ErrorCode, message: str, id: GenId | None = None, *,
+                 retry_after: float | None = None) -> None:
+        super().__init__(code.value, message, retry_after=retry_after)
         self.code = code
-        self.message = message
         self.id = id
 
     def to_frame(self) -> Error:
-        return Error(code=self.code.value, message=self.message, id=self.id)
+        return Error(code=self.code.value, message=self.message, id=self.id,
+                     retry_after=None if self.retry_after is None else round(self.retry_after, 3))
 
 
 # --------------------------------------------------------------------------- codecs

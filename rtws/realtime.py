@@ -44,7 +44,7 @@ from . import realtime_events as ev
 from .auth import key_id, key_ok
 from .conversations import Conversation, ConversationError
 from .conversations import Item as StoredItem
-from .http import Receive, Scope, Send, bearer_token, client_address
+from .http.asgi import Receive, Scope, Send, bearer_token, client_address
 from .protocol import Cancel, Delta, Done, Error, Generate, Message, ProtocolError, Ready
 
 if TYPE_CHECKING:
@@ -802,8 +802,9 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     """
     import asyncio
 
-    from .app import Connection, _tune_socket
+    from .app import Connection
     from .session import Session
+    from .transport import tune_socket
 
     cfg = app.config
     if app.draining:
@@ -847,7 +848,7 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         if quota_key is not None:
             app.quota.close_connection(quota_key)
         raise
-    _tune_socket(send, cfg.transport_high_water, cfg.socket_send_buffer)
+    tune_socket(send, cfg.transport_high_water, cfg.socket_send_buffer)
 
     async def send_events(data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data

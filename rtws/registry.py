@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .errors import RtwsError
 from .generation import SamplingParams
 
 log = logging.getLogger("rtws.registry")
@@ -49,13 +50,8 @@ class Served(Protocol):
 Loader = Callable[[Any], Awaitable[Any]]  # ModelSpec -> a started, warm Served (App.load_model)
 
 
-class RegistryError(Exception):
-    """A registry operation refused. ``code`` is an HTTP-style error code for the admin API."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class RegistryError(RtwsError):
+    """A registry operation refused. ``code`` is an error code for the admin API (``conflict``: 409)."""
 
 
 class SwapError(RegistryError):

@@ -17,7 +17,7 @@ from .admin import mount_admin
 from .app import App
 from .auth import key_ok
 from .config import ServerConfig
-from .http import Receive, Scope, Send, bearer_token, send_error
+from .http.asgi import Receive, Scope, Send, bearer_token, send_error
 from .limits import ConnectionGuard
 from .logs import setup_logging
 from .metrics import install as install_metrics
