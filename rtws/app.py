@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
+from .admission import Admission
 from .auth import key_id, key_ok
 from .config import ServerConfig
 from .hooks import Hooks
@@ -88,6 +89,9 @@ class App:
             replica=config.replica_id,
         )
         self.quota = ClientQuota(config.max_connections_per_client, config.max_generations_per_client)
+        self.admission = Admission(self.registry, max_tokens=config.max_tokens_limit,
+                                   chars_per_token=config.prompt_chars_per_token, rate_limiter=self.rate_limiter,
+                                   quota=self.quota)  # the HTTP routes' (each Session builds its own on the same)
         self.num_preauth = 0  # WebSockets waiting for hello {token}: their own budget
         self.num_admitting = 0  # HTTP requests past the capacity check, tokenizing
         # Tokenizing and chat templates run here, never on the event loop. One worker keeps frames in order.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -28,8 +27,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 import msgspec
 
 from . import protocol
+from .admission import HTTP_FRONT, AdmissionError, Request, deadline, encoder, record_template, request_of
 from .generation import SamplingParams, TokenEvent
-from .hooks import GenerationRecord
 from .http.asgi import (
     BodyTimeout,
     BodyTooLarge,
@@ -354,9 +353,8 @@ class HttpGeneration:
         """Submit to the engine and start watching for a disconnect. Call on the loop, once."""
         cfg = self.app.config
         self.started = time.monotonic()
-        deadline = self.started + cfg.request_timeout if cfg.request_timeout else None
         self.rid = self.engine.submit(self.prompt_ids, self.params, self._on_event, priority=self.priority,
-                                      deadline=deadline)
+                                      deadline=deadline(self.started, cfg.request_timeout))
         self.app.num_http_streams += 1
         self.api.live.add(self)
         self.app.hooks.generation_started(self.model.name, "http")
@@ -368,18 +366,15 @@ class HttpGeneration:
             return
         self.reason = reason
         self._stop_engine()
-        if self.quota_key is not None:
-            self.app.quota.end_generation(self.quota_key)
-            self.quota_key = None
+        self.app.admission.release(self.quota_key)
+        self.quota_key = None
         self.app.num_http_streams -= 1
         self.api.live.discard(self)
-        now = time.monotonic()
-        self.app.hooks.generation_finished(GenerationRecord(
-            id=self.request_id, request_id=self.rid, model=self.model.name,
-            version=str(getattr(self.model, "version", "")), client=self.client, session="", transport="http",
-            reason=reason, prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            ttft_s=None if self.first_at is None else round(self.first_at - self.started, 6),
-            total_s=round(now - self.started, 6), queue_s=self.queue_s))
+        rec = record_template(self.model, self.request_id, client=self.client, session="", transport="http")
+        self.app.hooks.generation_finished(rec.finish(
+            request_id=self.rid, reason=reason, prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens, started=self.started, first_at=self.first_at,
+            now=time.monotonic(), queue_s=self.queue_s))
 
     def close(self) -> None:
         """End as ``cancelled`` unless already ended, and stop the watcher. Idempotent."""
@@ -486,22 +481,6 @@ class HttpGeneration:
 # --------------------------------------------------------------------------- the routes
 
 
-@dataclass(frozen=True, slots=True)
-class _Job:
-    """A validated request, not yet admitted to an engine."""
-
-    model_name: str | None
-    prompt: str | None
-    messages: list[dict[str, Any]] | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: tuple[str, ...]
-    priority: str
-
-
 class HttpApi:
     """The HTTP routes of one :class:`~rtws.app.App`. Created and mounted by :func:`mount`."""
 
@@ -540,55 +519,29 @@ class HttpApi:
         except (msgspec.DecodeError, RecursionError):
             raise Rejection("bad_request", "request body is not valid JSON") from None
 
-    async def _admit(self, scope: Scope, receive: Receive, job: _Job, request_id: str) -> HttpGeneration:
-        """Model, limits, rate limit and prompt checks; returns an unstarted generation. The checks run without
-        an await; the request then counts in ``app.num_admitting`` while its prompt is tokenized in the
-        tokenizer thread (never on the loop), so the capacity check stays exact."""
+    async def _admit(self, scope: Scope, receive: Receive, req: Request, request_id: str) -> HttpGeneration:
+        """:meth:`rtws.admission.Admission.admit` (model, limits, capacity, prompt length, rate limit, quota);
+        returns an unstarted generation. The checks run without an await; the request then counts in
+        ``app.num_admitting`` while its prompt is tokenized in the tokenizer thread (never on the loop), so the
+        capacity check stays exact."""
         app = self.app
-        if job.max_tokens > app.config.max_tokens_limit:
-            raise Rejection("invalid_params", f"max_tokens must be <= {app.config.max_tokens_limit}")
-        model = app.registry.get(job.model_name)
-        if model is None:
-            if job.model_name is None:
-                raise Rejection("unknown_model", "no model is loaded")
-            raise Rejection("unknown_model", f"unknown model {job.model_name[:64]!r}; see GET /v1/models")
-        if app.at_capacity:
-            raise Rejection("overloaded", "too many open connections and streams; retry later", retry_after=1.0,
-                            metric="max_connections")
-        if app.rate_limiter is not None:
-            wait = app.rate_limiter.acquire(app.client_key(scope))
-            if wait > 0:
-                raise Rejection("rate_limited", f"rate limit exceeded; retry in {wait:.2f} s", retry_after=wait)
-        max_prompt = getattr(model, "max_prompt_tokens", None)
-        if isinstance(max_prompt, int):  # refused by length before any tokenizing
-            too_long = protocol.check_prompt_chars(job.prompt, job.messages, max_prompt,
-                                                   app.config.prompt_chars_per_token)
-            if too_long is not None:
-                raise Rejection("invalid_params", too_long)
-        quota_key: str | None = None
-        if app.quota.max_generations is not None:
-            quota_key = app.client_key(scope)
-            over = app.quota.start_generation(quota_key)
-            if over is not None:
-                raise Rejection("too_many_generations", over, retry_after=1.0)
+        try:
+            admitted = app.admission.admit(req, app.client_key(scope), front=HTTP_FRONT, at_capacity=app.at_capacity)
+        except AdmissionError as exc:
+            raise Rejection.of(exc) from None
         app.num_admitting += 1
         try:
-            ids = await app.offload(lambda: model.encode(job.prompt, job.messages))
+            ids = await app.offload(encoder(admitted.model, req))
         except ValueError as exc:  # PromptError: too long, no chat template, template failure
-            if quota_key is not None:
-                app.quota.end_generation(quota_key)
+            app.admission.release(admitted.quota_key)
             raise Rejection("invalid_params", str(exc)) from None
         except BaseException:
-            if quota_key is not None:
-                app.quota.end_generation(quota_key)
+            app.admission.release(admitted.quota_key)
             raise
         finally:
             app.num_admitting -= 1
-        params = SamplingParams(
-            max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
-            seed=job.seed if job.seed is not None else secrets.randbits(63), stop=job.stop)
-        gen = HttpGeneration(self, scope, receive, model, ids, params, job.priority, request_id)
-        gen.quota_key = quota_key
+        gen = HttpGeneration(self, scope, receive, admitted.model, ids, admitted.params, req.priority, request_id)
+        gen.quota_key = admitted.quota_key
         return gen
 
     # ------------------------------------------------------------------ writing
@@ -631,17 +584,10 @@ class HttpApi:
         request_id = "infer-" + secrets.token_hex(12)
         try:
             req: InferRequest = await self._read(scope, receive, _INFER)
-            if (req.prompt is None) == (req.messages is None):
-                raise Rejection("invalid_params", "exactly one of 'prompt' or 'messages' is required")
-            if req.messages is not None and not req.messages:
-                raise Rejection("invalid_params", "'messages' must not be empty")
-            if not (math.isfinite(req.temperature) and math.isfinite(req.top_p)):
-                raise Rejection("invalid_params", "temperature and top_p must be finite")
-            messages = None if req.messages is None else [
-                {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in req.messages]
-            job = _Job(req.model, req.prompt, messages, req.max_tokens, req.temperature, req.top_p, req.top_k,
-                       req.seed, (req.stop,) if isinstance(req.stop, str) else tuple(req.stop), req.priority)
-            gen = await self._admit(scope, receive, job, request_id)
+            problem = protocol.request_problem(req.prompt, req.messages, req.temperature, req.top_p)
+            if problem is not None:
+                raise Rejection("invalid_params", problem)
+            gen = await self._admit(scope, receive, request_of(req), request_id)
         except Rejection as r:
             await self._reject(send, r)
             return
@@ -694,7 +640,7 @@ class HttpApi:
     # ------------------------------------------------------------------ OpenAI: shared
 
     def _openai_job(self, req: _OpenAIRequest, prompt: str | None, messages: list[dict[str, Any]] | None,
-                    max_tokens: int | None) -> _Job:
+                    max_tokens: int | None) -> Request:
         if req.n not in (None, 1):
             raise Rejection("invalid_params", "only n=1 is supported", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -707,12 +653,14 @@ class HttpApi:
                             param="stream_options")
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
-        if not (math.isfinite(temperature) and math.isfinite(top_p)):
-            raise Rejection("invalid_params", "temperature and top_p must be finite")
+        problem = protocol.sampling_problem(temperature, top_p)
+        if problem is not None:
+            raise Rejection("invalid_params", problem)
         stop: tuple[str, ...] = () if req.stop is None else (req.stop,) if isinstance(req.stop, str) else tuple(
             req.stop)
-        return _Job(req.model, prompt, messages, max_tokens if max_tokens is not None else 16, temperature, top_p,
-                    req.top_k or 0, req.seed, stop, req.priority)
+        return Request(model=req.model, prompt=prompt, messages=messages,
+                       max_tokens=max_tokens if max_tokens is not None else 16, temperature=temperature, top_p=top_p,
+                       top_k=req.top_k or 0, seed=req.seed, stop=stop, priority=req.priority)
 
     @staticmethod
     def _usage(gen: HttpGeneration) -> OpenAIUsage:
@@ -755,8 +703,8 @@ class HttpApi:
                 raise Rejection("invalid_params", "suffix is not supported", param="suffix")
             if req.best_of not in (None, 1):
                 raise Rejection("invalid_params", "only best_of=1 is supported", param="best_of")
-            job = self._openai_job(req, prompt, None, req.max_tokens)
-            gen = await self._admit(scope, receive, job, request_id)
+            request = self._openai_job(req, prompt, None, req.max_tokens)
+            gen = await self._admit(scope, receive, request, request_id)
         except Rejection as r:
             await self._reject(send, r, openai=True)
             return
@@ -821,8 +769,8 @@ class HttpApi:
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             if max_tokens is None:  # OpenAI's default for chat: as long as the context allows
                 max_tokens = self.app.config.max_tokens_limit
-            job = self._openai_job(req, None, messages, max_tokens)
-            gen = await self._admit(scope, receive, job, request_id)
+            request = self._openai_job(req, None, messages, max_tokens)
+            gen = await self._admit(scope, receive, request, request_id)
         except Rejection as r:
             await self._reject(send, r, openai=True)
             return

@@ -329,14 +329,28 @@ def _valid_id(gid: object) -> bool:
     return isinstance(gid, str) and 0 < len(gid) <= MAX_ID_LENGTH
 
 
+def sampling_problem(temperature: float, top_p: float) -> str | None:
+    """Why sampling values msgspec accepted are still refused (NaN passes its bounds), or None."""
+    if not math.isfinite(temperature) or not math.isfinite(top_p):
+        return "temperature and top_p must be finite"
+    return None
+
+
+def request_problem(prompt: str | None, messages: list[Message] | None, temperature: float, top_p: float,
+                    conversation: str | None = None) -> str | None:
+    """Cross-field checks msgspec constraints cannot express, for a ``generate`` frame and an ``/infer`` body
+    alike: the ``invalid_params`` message, or None."""
+    if (prompt is None) == (messages is None):
+        return "exactly one of 'prompt' or 'messages' is required"
+    if messages is not None and not messages and conversation is None:
+        return "'messages' must not be empty"
+    return sampling_problem(temperature, top_p)
+
+
 def _check_generate(frame: Generate) -> None:
-    """Cross-field checks msgspec constraints cannot express."""
-    if (frame.prompt is None) == (frame.messages is None):
-        raise ProtocolError(ErrorCode.INVALID_PARAMS, "exactly one of 'prompt' or 'messages' is required", frame.id)
-    if frame.messages is not None and not frame.messages and frame.conversation is None:
-        raise ProtocolError(ErrorCode.INVALID_PARAMS, "'messages' must not be empty", frame.id)
-    if not math.isfinite(frame.temperature) or not math.isfinite(frame.top_p):
-        raise ProtocolError(ErrorCode.INVALID_PARAMS, "temperature and top_p must be finite", frame.id)
+    problem = request_problem(frame.prompt, frame.messages, frame.temperature, frame.top_p, frame.conversation)
+    if problem is not None:
+        raise ProtocolError(ErrorCode.INVALID_PARAMS, problem, frame.id)
 
 
 MSGPACK: Final = Codec(SUBPROTOCOL_MSGPACK)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 
+from ..admission import AdmissionError
 from ..errors import RtwsError
 
 _PARAM_AT = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)|^([a-z_]+) must be ")
@@ -37,7 +38,8 @@ class Rejection(RtwsError):
         """``exc`` as a Rejection (the same code, message, status and retry_after)."""
         if isinstance(exc, Rejection):
             return exc
-        return cls(exc.code, exc.message, retry_after=exc.retry_after, status=exc.http_status)
+        return cls(exc.code, exc.message, retry_after=exc.retry_after, status=exc.http_status,
+                   metric=exc.metric if isinstance(exc, AdmissionError) else None)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
