@@ -11,11 +11,11 @@ import asyncio
 import logging
 import mimetypes
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import protocol
 from .admission import Admission
@@ -46,7 +46,6 @@ class Connection:
     opened: float
     closing: bool = False
     writer: asyncio.Task[None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     preauth: bool = False  # counted in App.num_preauth (not yet in max_connections)
     quota_key: str | None = None  # counted in the ClientQuota's connections under this key
     # the watchdog's throughput window: when it began, and the session's counters then
@@ -56,16 +55,38 @@ class Connection:
     moved: bool = False  # its session was resumed on another socket: leave the session alone at the end
 
 
+class StreamOwner(Protocol):
+    """Something that runs generations outside the WebSocket sessions (the HTTP routes' streams).
+
+    The app counts ``num_live`` in ``num_http_streams`` (capacity, drain) and calls ``interrupt_all`` when a
+    drain times out."""
+
+    @property
+    def num_live(self) -> int: ...
+
+    def interrupt_all(self, reason: str = "cancelled") -> int: ...
+
+
+Mount = Callable[["App"], object]  # registers routes (and stream owners, shutdown hooks) on a new App
+
+
 class App:
-    """ASGI 3 application. ``await app(scope, receive, send)``."""
+    """ASGI 3 application. ``await app(scope, receive, send)``.
+
+    Composition is given at construction: ``hooks`` (a :class:`~rtws.hooks.Hooks`, or a factory that takes the
+    app, such as :func:`rtws.metrics.hooks_for`), ``routes`` (mount functions, called once in order at the end
+    of ``__init__``; each registers its routes with :meth:`route` / :meth:`route_prefix` and its stream owners
+    with :meth:`add_stream_owner`) and ``on_startup`` (coroutines run at startup, before any added later).
+    """
 
     def __init__(self, config: ServerConfig, specs: list[ModelSpec] | None = None,
-                 registry: ModelRegistry | None = None) -> None:
+                 registry: ModelRegistry | None = None, *, hooks: Hooks | Callable[[App], Hooks] | None = None,
+                 routes: Iterable[Mount] = (), on_startup: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
         self.config = config
         self.specs = list(specs or [])
         self.registry = registry or ModelRegistry()
         self.connections: set[Connection] = set()
-        self.num_http_streams = 0
+        self._stream_owners: list[StreamOwner] = []
         self.draining = False
         self.started = False
         self.loading: dict[str, dict[str, Any]] = {}  # model name -> load progress while it loads (/readyz)
@@ -105,8 +126,12 @@ class App:
         }
         self.prefix_routes: list[tuple[str, str, Handler]] = []
         self._watchdog: asyncio.Task[None] | None = None
-        self.on_startup: list[Callable[[], Awaitable[None]]] = []
+        self.on_startup: list[Callable[[], Awaitable[None]]] = list(on_startup)
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
+        if hooks is not None:
+            self.hooks = hooks if isinstance(hooks, Hooks) else hooks(self)
+        for mount in routes:
+            mount(self)
 
     # ------------------------------------------------------------------ ASGI entry
 
@@ -204,6 +229,15 @@ class App:
 
     # ------------------------------------------------------------------ drain
 
+    def add_stream_owner(self, owner: StreamOwner) -> None:
+        """Count ``owner``'s generations in :attr:`num_http_streams`, and interrupt them when a drain times out."""
+        self._stream_owners.append(owner)
+
+    @property
+    def num_http_streams(self) -> int:
+        """Live generations outside the WebSocket sessions (HTTP responses), summed over the stream owners."""
+        return sum(owner.num_live for owner in self._stream_owners)
+
     def live_generations(self) -> int:
         return sum(len(c.session.live) for c in self.connections) + self.num_http_streams
 
@@ -247,6 +281,8 @@ class App:
                     force_close(conn.send, 1001, "server shutting down", abort_after=0.0)
         cancelled += sum(len(s.live) for s in self.sessions.held())
         self.sessions.close_all()
+        for owner in self._stream_owners:  # HTTP responses still running: they end now, reason cancelled
+            cancelled += owner.interrupt_all("cancelled")
         log.info("drained", extra={"event": "drain_done", "cancelled": cancelled})
 
     # ------------------------------------------------------------------ HTTP

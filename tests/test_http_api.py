@@ -18,7 +18,7 @@ from conftest import UNIT, RunningServer
 
 from rtws import protocol
 from rtws.hooks import GenerationRecord, Hooks
-from rtws.http_api import InferRequest
+from rtws.http.schemas import InferRequest
 
 # --------------------------------------------------------------------------- helpers (also used by test_openai)
 
