@@ -125,6 +125,7 @@ class App:
             ("GET", "/readyz"): self._readyz,
         }
         self.prefix_routes: list[tuple[str, str, Handler]] = []
+        self.ws_routes: dict[str, Handler] = {}  # WebSocket paths besides /ws; called after websocket.connect
         self._watchdog: asyncio.Task[None] | None = None
         self.on_startup: list[Callable[[], Awaitable[None]]] = list(on_startup)
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
@@ -220,9 +221,7 @@ class App:
             conn.session.close()
         self.sessions.close_all()
         for served in self.registry.models():
-            stop = getattr(served, "stop", None)
-            if stop is not None:
-                await asyncio.get_running_loop().run_in_executor(None, stop)
+            await asyncio.get_running_loop().run_in_executor(None, served.stop)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.started = False
         log.info("server stopped", extra={"event": "stopped"})
@@ -293,6 +292,10 @@ class App:
     def route_prefix(self, method: str, prefix: str, handler: Handler) -> None:
         self.prefix_routes.append((method, prefix, handler))
 
+    def websocket_route(self, path: str, handler: Handler) -> None:
+        """Serve WebSockets at ``path`` with ``handler`` (it gets the scope after ``websocket.connect``)."""
+        self.ws_routes[path] = handler
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         refusal = self.check_host_and_origin(scope, state_changing=method not in ("GET", "HEAD", "OPTIONS"))
@@ -336,7 +339,7 @@ class App:
         await send_json(send, 503 if self.draining else 200, {"status": "draining" if self.draining else "ok"})
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        models = {m.name: bool(getattr(m, "warm", True)) for m in self.registry.models()}
+        models = {m.name: m.warm for m in self.registry.models()}
         ready = self.started and not self.draining and bool(models) and all(models.values())
         body: dict[str, Any] = {"ready": ready, "models": models}
         if self.loading:
@@ -406,10 +409,9 @@ class App:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # websocket.connect
-        if scope["path"] == "/v1/realtime":
-            from .realtime import serve as serve_realtime  # the OpenAI Realtime API edge
-
-            await serve_realtime(self, scope, receive, send)
+        ws_route = self.ws_routes.get(scope["path"])
+        if ws_route is not None:  # another WebSocket protocol (rtws.realtime's OpenAI Realtime edge)
+            await ws_route(scope, receive, send)
             return
         if scope["path"] != "/ws":
             await self._reject_ws(send, 404, "not_found", f"no WebSocket endpoint at {scope['path']}")
@@ -552,6 +554,28 @@ class App:
                 self.quota.close_connection(conn.quota_key)
                 conn.quota_key = None
             self.hooks_connection(-1)
+
+    def attach_connection(self, session: Session, send: Send, quota_key: str | None) -> Connection:
+        """Track an accepted socket of another WebSocket edge (Realtime) like a ``/ws`` one: in
+        ``connections`` (watchdog, drain, ``max_connections``), with its writer task started. Pair with
+        :meth:`detach_connection` in a ``finally``."""
+        now = time.monotonic()
+        conn = Connection(session=session, send=send, opened=now, quota_key=quota_key, win_start=now)
+        self.connections.add(conn)
+        self.hooks_connection(+1)
+        conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))
+        return conn
+
+    def detach_connection(self, conn: Connection) -> None:
+        """The socket of :meth:`attach_connection` is gone: stop its writer, close its session, release it."""
+        if conn.writer is not None:
+            conn.writer.cancel()
+        conn.session.close()
+        self.connections.discard(conn)
+        if conn.quota_key is not None:
+            self.quota.close_connection(conn.quota_key)
+            conn.quota_key = None
+        self.hooks_connection(-1)
 
     def _evict_oldest_preauth(self) -> None:
         waiting = [c for c in self.connections if c.preauth and not c.closing]

@@ -200,6 +200,8 @@ class _AppCollector:
         totals: dict[tuple[str, str], dict[str, float]] = {}
         states: dict[tuple[str, str, str], int] = {}
         for st in app.registry.served_versions():
+            if st.served is None:
+                continue
             s = st.served.engine.stats()
             row = totals.setdefault((st.name, st.version), dict.fromkeys(
                 (*engine_gauges, "steps", "step_errors"), 0.0))
@@ -266,6 +268,8 @@ def kv_cache_families(app: App) -> Iterator[Metric]:
                                                  "cache", labels=labels),
     }
     for st in app.registry.served_versions():
+        if st.served is None:
+            continue
         s = st.served.engine.stats()
         for key, gauge in gauges.items():
             gauge.add_metric([st.name, st.version], float(getattr(s, key, 0)))

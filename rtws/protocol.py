@@ -219,7 +219,6 @@ class ConversationFrame(msgspec.Struct, tag="conversation", tag_field="type", fr
     dropped: int = 0
 
 
-ServerFrame: TypeAlias = Ready | Delta | Done | Error | ConversationFrame
 AnyFrame: TypeAlias = (Hello | Generate | Cancel | Ack | Forget | History | Ready | Delta | Done | Error
                        | ConversationFrame)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import uvicorn
 
-from . import metrics
+from . import metrics, realtime
 from .app import App
 from .auth import key_ok
 from .config import ServerConfig
@@ -49,7 +49,8 @@ def build_app(config: ServerConfig, specs: list[ModelSpec] | None = None, *,
     runs at startup before any hook added later (:class:`~rtws.api.InferenceServer` loads its models there)."""
     return App(config, specs if specs is not None else [default_spec(config)],
                hooks=metrics.hooks_for,  # generation logs always; Prometheus hooks when enable_metrics
-               routes=[metrics.mount, mount_admin, http_routes.mount, protect_metrics], on_startup=on_startup)
+               routes=[metrics.mount, mount_admin, http_routes.mount, realtime.mount, protect_metrics],
+               on_startup=on_startup)
 
 
 def metrics_keys(config: ServerConfig) -> frozenset[str]:

@@ -44,6 +44,7 @@ from .stream import Chunk, HttpGeneration, HttpStreams
 
 if TYPE_CHECKING:
     from ..app import App
+    from ..registry import Served
 
 _FAILED = encode(OpenAIError(OpenAIErrorDetail(message="generation failed (internal error)", type="server_error",
                                                param=None, code="internal")))
@@ -56,7 +57,7 @@ def _usage(gen: HttpGeneration) -> OpenAIUsage:
 
 
 def _fingerprint(gen: HttpGeneration) -> str:
-    return f"rtws-{gen.model.name}-{getattr(gen.model, 'version', '')}"[:128]
+    return f"rtws-{gen.model.name}-{gen.model.version}"[:128]
 
 
 class _OpenAIFormat:
@@ -208,15 +209,12 @@ def _chat_message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _weights_info(m: Any) -> dict[str, Any]:
+def _weights_info(m: Served) -> dict[str, Any]:
     """``quantization`` and ``dtype`` of a served model for its ``/v1/models`` card (None when unknown)."""
-    model = getattr(m, "model", None)
-    if model is None:
-        return {}
     from ..quant import describe
 
-    return {"quantization": describe(model, getattr(m, "spec", None)),
-            "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None}
+    return {"quantization": describe(m.model, m.spec),
+            "dtype": str(getattr(m.model, "dtype", "")).removeprefix("torch.") or None}
 
 
 class OpenAIRoutes:
@@ -265,15 +263,14 @@ class OpenAIRoutes:
     def _health(self) -> dict[str, dict[str, Any]]:
         return {h["name"]: h for h in self.app.registry.health()}
 
-    def _card(self, m: Any, health: dict[str, Any] | None = None) -> ModelCard:
+    def _card(self, m: Served, health: dict[str, Any] | None = None) -> ModelCard:
         st = m.engine.stats()
-        status = (health or {}).get("status", "warm" if getattr(m, "warm", True) else "loading")
+        status = (health or {}).get("status", "warm" if m.warm else "loading")
         return ModelCard(
-            id=m.name, object="model", created=int(getattr(m, "loaded_at", 0)), owned_by="rtws",
-            version=str(getattr(m, "version", "")), ready=status == "warm" and not self.app.draining,
-            status=status, default=m.name == self.app.registry.default_name, device=getattr(m, "device", None),
-            context_length=getattr(m, "context_len", None), max_prompt_tokens=getattr(m, "max_prompt_tokens", None),
-            running=st.running, waiting=st.waiting, **_weights_info(m))
+            id=m.name, object="model", created=int(m.loaded_at), owned_by="rtws", version=m.version,
+            ready=status == "warm" and not self.app.draining, status=status,
+            default=m.name == self.app.registry.default_name, device=m.device, context_length=m.context_len,
+            max_prompt_tokens=m.max_prompt_tokens, running=st.running, waiting=st.waiting, **_weights_info(m))
 
     @staticmethod
     def _pending_card(h: dict[str, Any]) -> ModelCard:
