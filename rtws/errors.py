@@ -7,6 +7,7 @@ maps to, and ``retry_after`` seconds when retrying later can succeed::
 
     RtwsError
     ├── ProtocolError        (rtws.protocol)       a frame or request answered with an ``error`` frame
+    ├── AdmissionError       (rtws.admission)      a request refused by the one admission path
     ├── Rejection            (rtws.http.errors)    an HTTP request refused before it reached an engine
     ├── RegistryError        (rtws.registry)       an admin registry operation refused
     │   └── SwapError                              loading or warming a new version failed
