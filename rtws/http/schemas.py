@@ -17,19 +17,7 @@ encode = msgspec.json.Encoder().encode
 
 # --------------------------------------------------------------------------- request bodies
 #
-# The constraints are protocol.Generate's (tests/test_http_api.py checks that
-# they stay identical), so a request is valid over HTTP exactly when it would be
-# valid over the WebSocket.
-
-MaxTokens = protocol.MaxTokens
-Temperature = protocol.Temperature
-TopP = protocol.TopP
-TopK = protocol.TopK
-Seed = protocol.Seed
-StopString = protocol.StopString
-StopList = protocol.StopList
-Role = protocol.Role
-Name = protocol.Name
+# Every bound is protocol.Generate's own annotated type, used as is: declared once, in rtws/protocol.py.
 
 
 class InferRequest(msgspec.Struct, frozen=True):
@@ -38,12 +26,12 @@ class InferRequest(msgspec.Struct, frozen=True):
     prompt: str | None = None
     messages: protocol.Messages | None = None
     model: protocol.ModelName | None = None
-    max_tokens: MaxTokens = 128
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: TopK = 0
-    seed: Seed | None = None
-    stop: StopString | StopList = []
+    max_tokens: protocol.MaxTokens = 128
+    temperature: protocol.Temperature = 1.0
+    top_p: protocol.TopP = 1.0
+    top_k: protocol.TopK = 0
+    seed: protocol.Seed | None = None
+    stop: protocol.StopString | protocol.StopList = []
     priority: protocol.Priority = "normal"
     stream: bool = True
 
@@ -56,15 +44,15 @@ class OpenAIRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Fields both OpenAI endpoints share. Unknown fields are ignored; known ones we cannot honour are refused."""
 
     model: str | None = None
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None  # extension (as in vLLM)
+    max_tokens: protocol.MaxTokens | None = None
+    temperature: protocol.Temperature | None = None
+    top_p: protocol.TopP | None = None
+    top_k: protocol.TopK | None = None  # extension (as in vLLM)
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    stop: StopString | StopList | None = None
-    seed: Seed | None = None
+    stop: protocol.StopString | protocol.StopList | None = None
+    seed: protocol.Seed | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -86,9 +74,9 @@ class ContentPart(msgspec.Struct, frozen=True):
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
-    role: Role
+    role: protocol.Role
     content: str | list[ContentPart] | None = None
-    name: Name | None = None
+    name: protocol.Name | None = None
 
 
 class ResponseFormat(msgspec.Struct, frozen=True):
@@ -97,7 +85,7 @@ class ResponseFormat(msgspec.Struct, frozen=True):
 
 class ChatRequest(OpenAIRequest, frozen=True, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=protocol.MAX_MESSAGES)]
-    max_completion_tokens: MaxTokens | None = None
+    max_completion_tokens: protocol.MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
