@@ -21,6 +21,7 @@ from . import protocol
 from .admission import Admission
 from .auth import key_id, key_ok
 from .config import ServerConfig
+from .errors import RtwsError
 from .hooks import Hooks
 from .http.asgi import Receive, Scope, Send, bearer_token, client_address, header, send_bytes, send_error, send_json
 from .limits import ClientQuota, RateLimiter
@@ -413,44 +414,13 @@ class App:
         if ws_route is not None:  # another WebSocket protocol (rtws.realtime's OpenAI Realtime edge)
             await ws_route(scope, receive, send)
             return
-        if scope["path"] != "/ws":
-            await self._reject_ws(send, 404, "not_found", f"no WebSocket endpoint at {scope['path']}")
+        try:
+            upgrade = self._admit_upgrade(scope)
+        except RtwsError as exc:  # the one rendering of a refused upgrade: an HTTP error before the accept
+            await self._reject_ws(send, exc.http_status, exc.code, exc.message)
             return
-        if self.draining:
-            await self._reject_ws(send, 503, "overloaded", "server is draining")
-            return
-        refusal = self.check_host_and_origin(scope, state_changing=True)
-        if refusal is not None:
-            self.hooks.rejected(refusal[0])
-            await self._reject_ws(send, 403 if refusal[0] == "origin" else 421, "unauthorized", refusal[1])
-            return
-        authenticated = not self.config.auth_enabled
-        rate_key = "addr:" + client_address(scope)
-        token = bearer_token(scope)
-        if self.config.auth_enabled and token is not None:
-            if not key_ok(token, frozenset(self.config.api_keys)):
-                self.hooks.rejected("unauthorized")
-                await self._reject_ws(send, 401, "unauthorized", "invalid API key")
-                return
-            authenticated = True
-            rate_key = "key:" + key_id(token)  # verified: only then does a token name the client
-        if authenticated and self.at_capacity:
-            self.hooks.rejected("max_connections")
-            await self._reject_ws(send, 503, "overloaded", "too many connections")
-            return
-        if not authenticated and self.num_preauth >= self.config.max_preauth_connections:
-            # The pre-auth budget is full: make room by closing the oldest socket still waiting. A flood of
-            # keyless sockets then churns only among itself, and a real client (which sends hello at once)
-            # gets its turn instead of a 503.
-            self._evict_oldest_preauth()
-        quota_key: str | None = None
-        if authenticated and self.quota.max_connections is not None:
-            over = self.quota.open_connection(rate_key)
-            if over is not None:
-                self.hooks.rejected("max_connections_per_client")
-                await self._reject_ws(send, 429, "overloaded", over)
-                return
-            quota_key = rate_key
+        authenticated, rate_key, token, quota_key = (upgrade.authenticated, upgrade.rate_key, upgrade.token,
+                                                     upgrade.quota_key)
         subprotocol = protocol.choose_subprotocol(scope.get("subprotocols", []))
         codec = protocol.codec_for(subprotocol)
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
@@ -554,6 +524,43 @@ class App:
                 self.quota.close_connection(conn.quota_key)
                 conn.quota_key = None
             self.hooks_connection(-1)
+
+    def _admit_upgrade(self, scope: Scope) -> _Upgrade:
+        """The checks a ``/ws`` upgrade passes before it is accepted. Raises :class:`~rtws.errors.RtwsError`
+        carrying the HTTP status to refuse with (the refusal already counted in ``hooks.rejected``)."""
+        if scope["path"] != "/ws":
+            raise RtwsError("not_found", f"no WebSocket endpoint at {scope['path']}", status=404)
+        if self.draining:
+            raise RtwsError("overloaded", "server is draining", status=503)
+        refusal = self.check_host_and_origin(scope, state_changing=True)
+        if refusal is not None:
+            self.hooks.rejected(refusal[0])
+            raise RtwsError("unauthorized", refusal[1], status=403 if refusal[0] == "origin" else 421)
+        authenticated = not self.config.auth_enabled
+        rate_key = "addr:" + client_address(scope)
+        token = bearer_token(scope)
+        if self.config.auth_enabled and token is not None:
+            if not key_ok(token, frozenset(self.config.api_keys)):
+                self.hooks.rejected("unauthorized")
+                raise RtwsError("unauthorized", "invalid API key", status=401)
+            authenticated = True
+            rate_key = "key:" + key_id(token)  # verified: only then does a token name the client
+        if authenticated and self.at_capacity:
+            self.hooks.rejected("max_connections")
+            raise RtwsError("overloaded", "too many connections", status=503)
+        if not authenticated and self.num_preauth >= self.config.max_preauth_connections:
+            # The pre-auth budget is full: make room by closing the oldest socket still waiting. A flood of
+            # keyless sockets then churns only among itself, and a real client (which sends hello at once)
+            # gets its turn instead of a 503.
+            self._evict_oldest_preauth()
+        quota_key: str | None = None
+        if authenticated and self.quota.max_connections is not None:
+            over = self.quota.open_connection(rate_key)
+            if over is not None:
+                self.hooks.rejected("max_connections_per_client")
+                raise RtwsError("overloaded", over, status=429)
+            quota_key = rate_key
+        return _Upgrade(authenticated, rate_key, token, quota_key)
 
     def attach_connection(self, session: Session, send: Send, quota_key: str | None) -> Connection:
         """Track an accepted socket of another WebSocket edge (Realtime) like a ``/ws`` one: in
@@ -715,6 +722,16 @@ class App:
             elif (cfg.idle_timeout_s is not None and s.idle
                   and now - s.last_activity > cfg.idle_timeout_s):
                 self._close_soon(conn, 1000, "idle timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class _Upgrade:
+    """A ``/ws`` upgrade that passed :meth:`App._admit_upgrade`."""
+
+    authenticated: bool
+    rate_key: str  # the client's verified identity so far (its key's id, else its address)
+    token: str | None  # the Authorization bearer token, if any
+    quota_key: str | None  # counted in the ClientQuota's connections under this key
 
 
 class _LogBudget:
