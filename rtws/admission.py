@@ -3,7 +3,9 @@
 Pure: no torch, no asyncio, no server code. A transport adapter (the WebSocket
 :class:`~rtws.session.Session`, and through it the Realtime edge; ``POST
 /infer``; the OpenAI routes) decodes and validates its own wire format, turns
-it into a :class:`Request`, and calls :meth:`Admission.admit`. That runs the
+it into a :class:`RequestLike` (a ``generate`` frame and an ``/infer`` body are
+one as decoded; the OpenAI routes build a :class:`Request`), and calls
+:meth:`Admission.admit`. That runs the
 checks in one order, the same for every transport:
 
 1. ``max_tokens`` within the server's limit (``invalid_params``);
@@ -53,7 +55,8 @@ class ModelLookup(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A validated generation request, whatever transport it came over (bounds already checked by msgspec)."""
+    """A validated generation request built by a transport whose wire fields differ (OpenAI). The WebSocket
+    ``generate`` frame and the ``/infer`` body are :class:`RequestLike` as decoded (bounds checked by msgspec)."""
 
     model: str | None
     prompt: str | None
@@ -67,15 +70,16 @@ class Request:
     priority: str = "normal"
 
 
-class _GenerateLike(Protocol):
-    """The fields ``protocol.Generate`` and the ``/infer`` body share."""
+class RequestLike(Protocol):
+    """What admission reads from a request: a ``protocol.Generate`` frame, an ``/infer`` body and a
+    :class:`Request` all have these fields, so the WebSocket and ``/infer`` are admitted as decoded."""
 
     @property
     def model(self) -> str | None: ...
     @property
     def prompt(self) -> str | None: ...
     @property
-    def messages(self) -> Sequence[Message] | None: ...
+    def messages(self) -> Sequence[Message] | Sequence[dict[str, Any]] | None: ...
     @property
     def max_tokens(self) -> int: ...
     @property
@@ -92,23 +96,18 @@ class _GenerateLike(Protocol):
     def priority(self) -> str: ...
 
 
-def message_dicts(messages: Iterable[Message]) -> list[dict[str, Any]]:
-    """Protocol chat turns as the dicts chat templates take (``name`` only when set)."""
-    return [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in messages]
+def message_dicts(messages: Iterable[Message | dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat turns as the dicts chat templates take (``name`` only when set); dicts pass as they are."""
+    return [m if isinstance(m, dict) else {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+            for m in messages]
 
 
-def request_of(f: _GenerateLike) -> Request:
-    """A ``generate`` frame (or an ``/infer`` body, the same fields) as a :class:`Request`."""
-    stop = f.stop
-    return Request(model=f.model, prompt=f.prompt, messages=None if f.messages is None else message_dicts(f.messages),
-                   max_tokens=f.max_tokens, temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, seed=f.seed,
-                   stop=(stop,) if isinstance(stop, str) else tuple(stop), priority=f.priority)
-
-
-def sampling(req: Request) -> SamplingParams:
+def sampling(req: RequestLike) -> SamplingParams:
     """The engine's sampling parameters for ``req``; a random 63-bit seed when the client sent none."""
+    stop = req.stop
     return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                          seed=req.seed if req.seed is not None else secrets.randbits(63), stop=req.stop)
+                          seed=req.seed if req.seed is not None else secrets.randbits(63),
+                          stop=(stop,) if isinstance(stop, str) else tuple(stop))
 
 
 def deadline(started: float, request_timeout: float | None) -> float | None:
@@ -116,13 +115,14 @@ def deadline(started: float, request_timeout: float | None) -> float | None:
     return started + request_timeout if request_timeout else None
 
 
-def encoder(model: Any, req: Request) -> Callable[[], list[int]]:
+def encoder(model: Any, req: RequestLike) -> Callable[[], list[int]]:
     """A blocking call returning ``req``'s prompt token ids (raises ``ValueError`` for a prompt the model
-    refuses: too long, no chat template, a template failure). Run it in the tokenizer thread."""
+    refuses: too long, no chat template, a template failure). Run it in the tokenizer thread (the chat turns
+    become dicts there too, off the event loop)."""
     prompt, messages = req.prompt, req.messages
 
     def work() -> list[int]:
-        ids: list[int] = model.encode(prompt, messages)
+        ids: list[int] = model.encode(prompt, None if messages is None else message_dicts(messages))
         return ids
 
     return work
@@ -153,11 +153,11 @@ def record_template(model: Any, id: Any, *, client: str, session: str, transport
                           session=session, transport=transport)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admitted:
     """A request past every check: submit ``params`` to ``model.engine`` with the encoded prompt."""
 
-    request: Request
+    request: RequestLike
     model: Any
     params: SamplingParams
     quota_key: str | None  # counted in the ClientQuota until Admission.release
@@ -186,7 +186,7 @@ class Admission:
         self.rate_limiter = rate_limiter
         self.quota = quota if quota is not None and quota.max_generations is not None else None
 
-    def admit(self, req: Request, key: str, *, front: Front = WS_FRONT, at_capacity: bool = False,
+    def admit(self, req: RequestLike, key: str, *, front: Front = WS_FRONT, at_capacity: bool = False,
               extra: Callable[[Any], None] | None = None) -> Admitted:
         """Run the checks (module docstring) for the client ``key``. Raises :class:`AdmissionError`
         (or whatever ``extra`` raises, before the quota is taken). Synchronous: no await between the checks."""

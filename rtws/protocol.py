@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
@@ -369,7 +370,7 @@ def codec_for_frame(data: bytes | str) -> Codec:
     return JSON if isinstance(data, str) else MSGPACK
 
 
-def prompt_chars(prompt: str | None, messages: list[Message] | list[dict[str, Any]] | None) -> int:
+def prompt_chars(prompt: str | None, messages: Sequence[Message] | Sequence[dict[str, Any]] | None) -> int:
     """Characters a request asks to tokenize: the prompt, or every message's role, name and content."""
     if messages is None:
         return len(prompt or "")
@@ -382,7 +383,7 @@ def prompt_chars(prompt: str | None, messages: list[Message] | list[dict[str, An
     return n
 
 
-def check_prompt_chars(prompt: str | None, messages: list[Message] | list[dict[str, Any]] | None,
+def check_prompt_chars(prompt: str | None, messages: Sequence[Message] | Sequence[dict[str, Any]] | None,
                        max_prompt_tokens: int, chars_per_token: int = DEFAULT_CHARS_PER_TOKEN) -> str | None:
     """A refusal message when the request is too long to possibly fit ``max_prompt_tokens``, else None.
 

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .admission import Admission, AdmissionError, deadline, encoder, record_template, request_of
+from .admission import Admission, AdmissionError, deadline, encoder, record_template
 from .auth import key_id, key_ok
 from .conversations import Conversation, ConversationError, ConversationStore, Mode, NewItem
 from .generation import SamplingParams, TokenEvent
@@ -404,7 +404,7 @@ class Session:
             found.append((conv, new))
 
         try:
-            admitted = self.admission.admit(request_of(f), self.rate_key, extra=conversation_check)
+            admitted = self.admission.admit(f, self.rate_key, extra=conversation_check)
         except AdmissionError as exc:
             if exc.code == ErrorCode.RATE_LIMITED.value:  # answered, not raised (Session.handle's contract)
                 self.hooks.rejected(exc.metric)

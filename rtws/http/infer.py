@@ -8,7 +8,6 @@ from __future__ import annotations
 import secrets
 
 from .. import protocol
-from ..admission import request_of
 from .asgi import Receive, Scope, Send
 from .errors import Rejection
 from .schemas import INFER, InferDelta, InferDone, InferRequest, InferResult, encode
@@ -60,7 +59,7 @@ class InferRoute:
             problem = protocol.request_problem(req.prompt, req.messages, req.temperature, req.top_p)
             if problem is not None:
                 raise Rejection("invalid_params", problem)
-            gen = await self.streams.admit(scope, receive, request_of(req), request_id)
+            gen = await self.streams.admit(scope, receive, req, request_id)
         except Rejection as r:
             await self.streams.reject(send, r)
             return

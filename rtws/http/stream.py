@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
-from ..admission import HTTP_FRONT, AdmissionError, Request, deadline, encoder, record_template
+from ..admission import HTTP_FRONT, AdmissionError, RequestLike, deadline, encoder, record_template
 from ..generation import SamplingParams, TokenEvent
 from ..transport import abort_http
 from .asgi import (
@@ -309,7 +309,7 @@ class HttpStreams:
         except (msgspec.DecodeError, RecursionError):
             raise Rejection("bad_request", "request body is not valid JSON") from None
 
-    async def admit(self, scope: Scope, receive: Receive, req: Request, request_id: str) -> HttpGeneration:
+    async def admit(self, scope: Scope, receive: Receive, req: RequestLike, request_id: str) -> HttpGeneration:
         """:meth:`rtws.admission.Admission.admit`, then the prompt tokenized; returns an unstarted generation.
 
         The checks run without an await; the request then counts in ``app.num_admitting`` while its prompt is

@@ -19,9 +19,9 @@ from rtws.admission import (
     encoder,
     message_dicts,
     record_template,
-    request_of,
     sampling,
 )
+from rtws.http.schemas import InferRequest
 from rtws.limits import ClientQuota, RateLimiter
 
 
@@ -140,13 +140,18 @@ def test_extra_checks_run_after_the_rate_limit_and_before_the_quota() -> None:
     assert quota.start_generation("k") is None  # the refused request took no quota
 
 
-def test_request_of_a_frame_and_message_dicts() -> None:
+def test_a_frame_is_admitted_as_decoded() -> None:
+    model = FakeModel(max_prompt_tokens=100)
+    adm = Admission(Models(model), max_tokens=1000)
     frame = protocol.Generate(id="g", messages=[protocol.Message("user", "hi", name="bob"),
                                                 protocol.Message("assistant", "yo")], stop=["a", "b"], seed=3)
-    r = request_of(frame)
-    assert r.messages == [{"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "yo"}]
-    assert (r.stop, r.seed, r.prompt, r.max_tokens) == (("a", "b"), 3, None, 128)
-    assert message_dicts([]) == []
+    got = adm.admit(frame, "k")
+    assert (got.params.stop, got.params.seed, got.params.max_tokens) == (("a", "b"), 3, 128)
+    encoder(model, got.request)()  # the turns become dicts in the tokenizer thread
+    assert model.encoded == [(None, [{"role": "user", "content": "hi", "name": "bob"},
+                                     {"role": "assistant", "content": "yo"}])]
+    assert sampling(InferRequest(prompt="x", stop="x")).stop == ("x",)  # /infer's single stop string
+    assert message_dicts([{"role": "user", "content": "x"}]) == [{"role": "user", "content": "x"}]
 
 
 def test_request_problem_is_shared_by_frames_and_bodies() -> None:
