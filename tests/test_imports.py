@@ -151,3 +151,22 @@ def test_uvicorn_internals_rtws_reaches_for_exist() -> None:
     proto.transport = "t"  # type: ignore[assignment]
     assert transport.transport_of(proto.send) == "t"
     assert transport.transport_of(transport.TrackedSend(proto.send)) == "t"
+
+
+def test_no_import_cycles_among_rtws_modules() -> None:
+    graph = _graph()
+
+    def internal(mod: str) -> set[str]:
+        return {d for d in graph.get(mod, ()) if d.startswith("rtws.") and d != mod}
+
+    for mod in graph:
+        if mod == "rtws" or mod.endswith("__main__"):
+            continue
+        reach: set[str] = set()
+        todo = list(internal(mod))
+        while todo:
+            dep = todo.pop()
+            if dep not in reach:
+                reach.add(dep)
+                todo.extend(internal(dep))
+        assert mod not in reach, f"{mod} imports itself through {sorted(reach)}"
