@@ -108,10 +108,9 @@ class ModelConfig:
 
     def to_spec(self, config: ServerConfig, device: str | None = None) -> ModelSpec:
         """The engine's :class:`~rtws.model.ModelSpec`, with the server's engine settings."""
-        from .server import spec_from_config
 
         dev = device if device is not None else (None if self.device == "auto" else self.device)
-        spec = spec_from_config(config, name=self.name, path=self.model_path, version=self.version, device=dev,
+        spec = ModelSpec.from_config(config, name=self.name, path=self.model_path, version=self.version, device=dev,
                                 dtype=None if self.dtype == "auto" else self.dtype)
         if self.quantization is not None:
             spec = dataclasses.replace(spec, quantization=self.quantization.lower())
@@ -219,8 +218,7 @@ class InferenceServer:
         self.config = config
         setup_logging(config.log_level)
         sock = _bind(config.host, config.port)  # fail fast, before minutes of model loading
-        app = build_app(config, specs=[])
-        app.on_startup.insert(0, lambda: self._load_models(app))
+        app = build_app(config, specs=[], on_startup=[lambda: self._load_models(app)])
         server = _Server(uvicorn_config(app, config), app, self._ready)
         self._server = server
         try:

@@ -10,24 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
-import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import protocol
+from .admission import Admission
 from .auth import key_id, key_ok
 from .config import ServerConfig
+from .errors import RtwsError
 from .hooks import Hooks
-from .http import Receive, Scope, Send, bearer_token, client_address, header, send_bytes, send_error, send_json
+from .http.asgi import Receive, Scope, Send, bearer_token, client_address, header, send_bytes, send_error, send_json
 from .limits import ClientQuota, RateLimiter
 from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
 from .session import Session, SessionLimits
 from .session_store import SessionStore
+from .transport import TrackedSend, abort_response, buffered, force_close, stop_reading, tune_socket, writable
 from .wslimits import CLOSE_TOO_BIG, frame_too_big
 
 log = logging.getLogger("rtws.app")
@@ -45,7 +47,6 @@ class Connection:
     opened: float
     closing: bool = False
     writer: asyncio.Task[None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     preauth: bool = False  # counted in App.num_preauth (not yet in max_connections)
     quota_key: str | None = None  # counted in the ClientQuota's connections under this key
     # the watchdog's throughput window: when it began, and the session's counters then
@@ -55,16 +56,38 @@ class Connection:
     moved: bool = False  # its session was resumed on another socket: leave the session alone at the end
 
 
+class StreamOwner(Protocol):
+    """Something that runs generations outside the WebSocket sessions (the HTTP routes' streams).
+
+    The app counts ``num_live`` in ``num_http_streams`` (capacity, drain) and calls ``interrupt_all`` when a
+    drain times out."""
+
+    @property
+    def num_live(self) -> int: ...
+
+    def interrupt_all(self, reason: str = "cancelled") -> int: ...
+
+
+Mount = Callable[["App"], object]  # registers routes (and stream owners, shutdown hooks) on a new App
+
+
 class App:
-    """ASGI 3 application. ``await app(scope, receive, send)``."""
+    """ASGI 3 application. ``await app(scope, receive, send)``.
+
+    Composition is given at construction: ``hooks`` (a :class:`~rtws.hooks.Hooks`, or a factory that takes the
+    app, such as :func:`rtws.metrics.hooks_for`), ``routes`` (mount functions, called once in order at the end
+    of ``__init__``; each registers its routes with :meth:`route` / :meth:`route_prefix` and its stream owners
+    with :meth:`add_stream_owner`) and ``on_startup`` (coroutines run at startup, before any added later).
+    """
 
     def __init__(self, config: ServerConfig, specs: list[ModelSpec] | None = None,
-                 registry: ModelRegistry | None = None) -> None:
+                 registry: ModelRegistry | None = None, *, hooks: Hooks | Callable[[App], Hooks] | None = None,
+                 routes: Iterable[Mount] = (), on_startup: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
         self.config = config
         self.specs = list(specs or [])
         self.registry = registry or ModelRegistry()
         self.connections: set[Connection] = set()
-        self.num_http_streams = 0
+        self._stream_owners: list[StreamOwner] = []
         self.draining = False
         self.started = False
         self.loading: dict[str, dict[str, Any]] = {}  # model name -> load progress while it loads (/readyz)
@@ -88,6 +111,9 @@ class App:
             replica=config.replica_id,
         )
         self.quota = ClientQuota(config.max_connections_per_client, config.max_generations_per_client)
+        self.admission = Admission(self.registry, max_tokens=config.max_tokens_limit,
+                                   chars_per_token=config.prompt_chars_per_token, rate_limiter=self.rate_limiter,
+                                   quota=self.quota)  # the HTTP routes' (each Session builds its own on the same)
         self.num_preauth = 0  # WebSockets waiting for hello {token}: their own budget
         self.num_admitting = 0  # HTTP requests past the capacity check, tokenizing
         # Tokenizing and chat templates run here, never on the event loop. One worker keeps frames in order.
@@ -100,9 +126,14 @@ class App:
             ("GET", "/readyz"): self._readyz,
         }
         self.prefix_routes: list[tuple[str, str, Handler]] = []
+        self.ws_routes: dict[str, Handler] = {}  # WebSocket paths besides /ws; called after websocket.connect
         self._watchdog: asyncio.Task[None] | None = None
-        self.on_startup: list[Callable[[], Awaitable[None]]] = []
+        self.on_startup: list[Callable[[], Awaitable[None]]] = list(on_startup)
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
+        if hooks is not None:
+            self.hooks = hooks if isinstance(hooks, Hooks) else hooks(self)
+        for mount in routes:
+            mount(self)
 
     # ------------------------------------------------------------------ ASGI entry
 
@@ -191,14 +222,21 @@ class App:
             conn.session.close()
         self.sessions.close_all()
         for served in self.registry.models():
-            stop = getattr(served, "stop", None)
-            if stop is not None:
-                await asyncio.get_running_loop().run_in_executor(None, stop)
+            await asyncio.get_running_loop().run_in_executor(None, served.stop)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.started = False
         log.info("server stopped", extra={"event": "stopped"})
 
     # ------------------------------------------------------------------ drain
+
+    def add_stream_owner(self, owner: StreamOwner) -> None:
+        """Count ``owner``'s generations in :attr:`num_http_streams`, and interrupt them when a drain times out."""
+        self._stream_owners.append(owner)
+
+    @property
+    def num_http_streams(self) -> int:
+        """Live generations outside the WebSocket sessions (HTTP responses), summed over the stream owners."""
+        return sum(owner.num_live for owner in self._stream_owners)
 
     def live_generations(self) -> int:
         return sum(len(c.session.live) for c in self.connections) + self.num_http_streams
@@ -240,9 +278,11 @@ class App:
                 if conn not in closed_cleanly and conn in self.connections:
                     conn.closing = True
                     conn.session.close()
-                    _force_close(conn.send, 1001, "server shutting down", abort_after=0.0)
+                    force_close(conn.send, 1001, "server shutting down", abort_after=0.0)
         cancelled += sum(len(s.live) for s in self.sessions.held())
         self.sessions.close_all()
+        for owner in self._stream_owners:  # HTTP responses still running: they end now, reason cancelled
+            cancelled += owner.interrupt_all("cancelled")
         log.info("drained", extra={"event": "drain_done", "cancelled": cancelled})
 
     # ------------------------------------------------------------------ HTTP
@@ -252,6 +292,10 @@ class App:
 
     def route_prefix(self, method: str, prefix: str, handler: Handler) -> None:
         self.prefix_routes.append((method, prefix, handler))
+
+    def websocket_route(self, path: str, handler: Handler) -> None:
+        """Serve WebSockets at ``path`` with ``handler`` (it gets the scope after ``websocket.connect``)."""
+        self.ws_routes[path] = handler
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
@@ -276,11 +320,16 @@ class App:
                              f"{method} {path} is not allowed" if known else f"no route for {path}",
                              headers=[(b"allow", allow.encode())] if known else None)
             return
+        tracked = TrackedSend(send)
         try:
-            await handler(scope, receive, send)
+            await handler(scope, receive, tracked)
         except Exception:
-            # One error boundary per request: log the cause, tell the client nothing internal.
+            # One error boundary per request: log the cause, tell the client nothing internal. Once the status
+            # line is out a 500 cannot follow it: the connection is dropped instead (a truncated response).
             log.exception("HTTP handler failed", extra={"event": "http_error", "path": path})
+            if tracked.started:
+                await abort_response(send)
+                return
             try:
                 await send_error(send, "internal", "internal server error")
             except Exception:
@@ -291,7 +340,7 @@ class App:
         await send_json(send, 503 if self.draining else 200, {"status": "draining" if self.draining else "ok"})
 
     async def _readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        models = {m.name: bool(getattr(m, "warm", True)) for m in self.registry.models()}
+        models = {m.name: m.warm for m in self.registry.models()}
         ready = self.started and not self.draining and bool(models) and all(models.values())
         body: dict[str, Any] = {"ready": ready, "models": models}
         if self.loading:
@@ -361,53 +410,21 @@ class App:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # websocket.connect
-        if scope["path"] == "/v1/realtime":
-            from .realtime import serve as serve_realtime  # the OpenAI Realtime API edge
-
-            await serve_realtime(self, scope, receive, send)
+        ws_route = self.ws_routes.get(scope["path"])
+        if ws_route is not None:  # another WebSocket protocol (rtws.realtime's OpenAI Realtime edge)
+            await ws_route(scope, receive, send)
             return
-        if scope["path"] != "/ws":
-            await self._reject_ws(send, 404, "not_found", f"no WebSocket endpoint at {scope['path']}")
+        try:
+            upgrade = self._admit_upgrade(scope)
+        except RtwsError as exc:  # the one rendering of a refused upgrade: an HTTP error before the accept
+            await self._reject_ws(send, exc.http_status, exc.code, exc.message)
             return
-        if self.draining:
-            await self._reject_ws(send, 503, "overloaded", "server is draining")
-            return
-        refusal = self.check_host_and_origin(scope, state_changing=True)
-        if refusal is not None:
-            self.hooks.rejected(refusal[0])
-            await self._reject_ws(send, 403 if refusal[0] == "origin" else 421, "unauthorized", refusal[1])
-            return
-        authenticated = not self.config.auth_enabled
-        rate_key = "addr:" + client_address(scope)
-        token = bearer_token(scope)
-        if self.config.auth_enabled and token is not None:
-            if not key_ok(token, frozenset(self.config.api_keys)):
-                self.hooks.rejected("unauthorized")
-                await self._reject_ws(send, 401, "unauthorized", "invalid API key")
-                return
-            authenticated = True
-            rate_key = "key:" + key_id(token)  # verified: only then does a token name the client
-        if authenticated and self.at_capacity:
-            self.hooks.rejected("max_connections")
-            await self._reject_ws(send, 503, "overloaded", "too many connections")
-            return
-        if not authenticated and self.num_preauth >= self.config.max_preauth_connections:
-            # The pre-auth budget is full: make room by closing the oldest socket still waiting. A flood of
-            # keyless sockets then churns only among itself, and a real client (which sends hello at once)
-            # gets its turn instead of a 503.
-            self._evict_oldest_preauth()
-        quota_key: str | None = None
-        if authenticated and self.quota.max_connections is not None:
-            over = self.quota.open_connection(rate_key)
-            if over is not None:
-                self.hooks.rejected("max_connections_per_client")
-                await self._reject_ws(send, 429, "overloaded", over)
-                return
-            quota_key = rate_key
+        authenticated, rate_key, token, quota_key = (upgrade.authenticated, upgrade.rate_key, upgrade.token,
+                                                     upgrade.quota_key)
         subprotocol = protocol.choose_subprotocol(scope.get("subprotocols", []))
         codec = protocol.codec_for(subprotocol)
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
-        _tune_socket(send, self.config.transport_high_water, self.config.socket_send_buffer)
+        tune_socket(send, self.config.transport_high_water, self.config.socket_send_buffer)
 
         if codec.binary:
             async def send_frame(data: bytes | str) -> None:
@@ -421,7 +438,7 @@ class App:
         def policy_close(code: int, reason: str) -> None:
             if conn is not None:
                 if reason in _ABUSE_REASONS:
-                    _stop_reading(conn.send)  # parse nothing more from a flooder while its close runs
+                    stop_reading(conn.send)  # parse nothing more from a flooder while its close runs
                 self.spawn(self._close(conn, code, reason, flush=True))
 
         def on_authenticated(s: Session) -> str | None:
@@ -508,6 +525,65 @@ class App:
                 conn.quota_key = None
             self.hooks_connection(-1)
 
+    def _admit_upgrade(self, scope: Scope) -> _Upgrade:
+        """The checks a ``/ws`` upgrade passes before it is accepted. Raises :class:`~rtws.errors.RtwsError`
+        carrying the HTTP status to refuse with (the refusal already counted in ``hooks.rejected``)."""
+        if scope["path"] != "/ws":
+            raise RtwsError("not_found", f"no WebSocket endpoint at {scope['path']}", status=404)
+        if self.draining:
+            raise RtwsError("overloaded", "server is draining", status=503)
+        refusal = self.check_host_and_origin(scope, state_changing=True)
+        if refusal is not None:
+            self.hooks.rejected(refusal[0])
+            raise RtwsError("unauthorized", refusal[1], status=403 if refusal[0] == "origin" else 421)
+        authenticated = not self.config.auth_enabled
+        rate_key = "addr:" + client_address(scope)
+        token = bearer_token(scope)
+        if self.config.auth_enabled and token is not None:
+            if not key_ok(token, frozenset(self.config.api_keys)):
+                self.hooks.rejected("unauthorized")
+                raise RtwsError("unauthorized", "invalid API key", status=401)
+            authenticated = True
+            rate_key = "key:" + key_id(token)  # verified: only then does a token name the client
+        if authenticated and self.at_capacity:
+            self.hooks.rejected("max_connections")
+            raise RtwsError("overloaded", "too many connections", status=503)
+        if not authenticated and self.num_preauth >= self.config.max_preauth_connections:
+            # The pre-auth budget is full: make room by closing the oldest socket still waiting. A flood of
+            # keyless sockets then churns only among itself, and a real client (which sends hello at once)
+            # gets its turn instead of a 503.
+            self._evict_oldest_preauth()
+        quota_key: str | None = None
+        if authenticated and self.quota.max_connections is not None:
+            over = self.quota.open_connection(rate_key)
+            if over is not None:
+                self.hooks.rejected("max_connections_per_client")
+                raise RtwsError("overloaded", over, status=429)
+            quota_key = rate_key
+        return _Upgrade(authenticated, rate_key, token, quota_key)
+
+    def attach_connection(self, session: Session, send: Send, quota_key: str | None) -> Connection:
+        """Track an accepted socket of another WebSocket edge (Realtime) like a ``/ws`` one: in
+        ``connections`` (watchdog, drain, ``max_connections``), with its writer task started. Pair with
+        :meth:`detach_connection` in a ``finally``."""
+        now = time.monotonic()
+        conn = Connection(session=session, send=send, opened=now, quota_key=quota_key, win_start=now)
+        self.connections.add(conn)
+        self.hooks_connection(+1)
+        conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))
+        return conn
+
+    def detach_connection(self, conn: Connection) -> None:
+        """The socket of :meth:`attach_connection` is gone: stop its writer, close its session, release it."""
+        if conn.writer is not None:
+            conn.writer.cancel()
+        conn.session.close()
+        self.connections.discard(conn)
+        if conn.quota_key is not None:
+            self.quota.close_connection(conn.quota_key)
+            conn.quota_key = None
+        self.hooks_connection(-1)
+
     def _evict_oldest_preauth(self) -> None:
         waiting = [c for c in self.connections if c.preauth and not c.closing]
         if not waiting:
@@ -536,7 +612,7 @@ class App:
                 if other.writer is not None:
                     other.writer.cancel()
                 held.detach()
-                _force_close(other.send, 4001, "session resumed on another connection")
+                force_close(other.send, 4001, "session resumed on another connection")
         if conn.writer is not None:
             conn.writer.cancel()
         fresh.close()
@@ -580,14 +656,14 @@ class App:
         if flush:
             await conn.session.flush(1.0)
         conn.session.close()
-        if conn.session.send_started is not None or not _writable(conn.send):
-            _force_close(conn.send, code, reason, abort_after)  # the writer is stuck on a full socket
+        if conn.session.send_started is not None or not writable(conn.send):
+            force_close(conn.send, code, reason, abort_after)  # the writer is stuck on a full socket
             return False
         try:
             async with asyncio.timeout(deadline):
                 await conn.send({"type": "websocket.close", "code": code, "reason": reason})
         except Exception:  # includes TimeoutError: the transport paused under us
-            _force_close(conn.send, code, reason, abort_after)
+            force_close(conn.send, code, reason, abort_after)
             return False
         return True
 
@@ -613,13 +689,13 @@ class App:
             s = conn.session
             if conn.closing:
                 continue
-            if _buffered(conn.send) > cfg.max_transport_buffer:
+            if buffered(conn.send) > cfg.max_transport_buffer:
                 log.warning("closing socket over its transport buffer", extra={
                     "event": "transport_buffer", "session": s.id, "client": s.client})
                 self.hooks.rejected("transport_buffer")
                 conn.closing = True
                 s.close()
-                _force_close(conn.send, 1008, "send buffer full", abort_after=0.0)
+                force_close(conn.send, 1008, "send buffer full", abort_after=0.0)
                 continue
             if s.send_started is not None and now - s.send_started > cfg.stall_timeout_s:
                 log.warning("closing stalled reader", extra={"event": "stalled", "session": s.id,
@@ -648,22 +724,14 @@ class App:
                 self._close_soon(conn, 1000, "idle timeout")
 
 
-def _tune_socket(send: Send, high_water: int, sndbuf: int | None) -> None:
-    """Bound what the transport and the kernel buffer for one socket, so backpressure reaches the session early.
+@dataclass(frozen=True, slots=True)
+class _Upgrade:
+    """A ``/ws`` upgrade that passed :meth:`App._admit_upgrade`."""
 
-    Uses uvicorn's protocol object (the bound ``send``'s owner); a no-op under another ASGI server.
-    """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None:
-        return
-    try:
-        transport.set_write_buffer_limits(high=high_water)
-        if sndbuf is not None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    except (OSError, AttributeError, ValueError) as exc:
-        log.debug("socket tuning failed: %r", exc)
+    authenticated: bool
+    rate_key: str  # the client's verified identity so far (its key's id, else its address)
+    token: str | None  # the Authorization bearer token, if any
+    quota_key: str | None  # counted in the ClientQuota's connections under this key
 
 
 class _LogBudget:
@@ -686,64 +754,3 @@ class _LogBudget:
 
 
 _ABUSE_REASONS = frozenset({"too many errors", "control frames not read"})
-
-
-def _stop_reading(send: Send) -> None:
-    """Tell rtws's uvicorn protocol (:mod:`rtws.transport`) to parse nothing more from this peer."""
-    stop = getattr(getattr(send, "__self__", None), "stop_reading", None)
-    if callable(stop):
-        stop()
-
-
-def _transport(send: Send) -> Any:
-    return getattr(getattr(send, "__self__", None), "transport", None)
-
-
-def _writable(send: Send) -> bool:
-    """False when uvicorn's protocol has paused writing (its transport is above the high-water mark)."""
-    ev = getattr(getattr(send, "__self__", None), "writable", None)
-    return bool(ev.is_set()) if ev is not None else True
-
-
-def _buffered(send: Send) -> int:
-    """Bytes the socket's transport holds unsent (0 when unknown)."""
-    transport = _transport(send)
-    try:
-        return int(transport.get_write_buffer_size()) if transport is not None else 0
-    except (AttributeError, RuntimeError, ValueError):
-        return 0
-
-
-def _force_close(send: Send, code: int, reason: str, abort_after: float = 2.0) -> None:
-    """Close a WebSocket whose ASGI ``send`` is blocked on flow control.
-
-    ASGI has no abort, and ``websocket.close`` itself waits for the socket to
-    drain, which a stalled reader never does. uvicorn's protocol object is the
-    bound ``send``'s owner: queue the close frame on its transport, then close
-    the transport (aborting if the peer never reads it).
-    """
-    proto = getattr(send, "__self__", None)
-    transport = getattr(proto, "transport", None)
-    conn = getattr(proto, "conn", None)
-    if transport is None:
-        # Not uvicorn (Ray Serve's replica): a close message is all ASGI offers. Such hosts queue sends without
-        # blocking, so it goes out at once; a host whose send blocks leaves the task waiting until it drains.
-        task = asyncio.ensure_future(send({"type": "websocket.close", "code": code, "reason": reason}))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return
-    try:
-        if conn is not None and not getattr(proto, "close_sent", True):
-            conn.send_close(code, reason)
-            transport.write(b"".join(conn.data_to_send()))
-            proto.close_sent = True  # type: ignore[union-attr]
-    except Exception:
-        pass
-    if abort_after <= 0:
-        transport.abort()
-    else:
-        transport.close()
-        loop = asyncio.get_running_loop()
-        loop.call_later(abort_after, lambda: transport.is_closing() and transport.abort())
-    # Let the protocol's writers and readers see the end now rather than after the abort.
-    if hasattr(proto, "writable"):
-        proto.writable.set()  # type: ignore[union-attr]

@@ -26,18 +26,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
+from .errors import RtwsError
+
 Mode: TypeAlias = Literal["chat", "text"]
 SYSTEM_ROLES = frozenset({"system", "developer"})
 MAX_ID_LENGTH = 128
 
 
-class ConversationError(ValueError):
+class ConversationError(RtwsError, ValueError):
     """A request a conversation store refuses. ``code`` is the protocol error code to answer with."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(slots=True)

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from .hooks import GenerationRecord
-from .http import Receive, Scope, Send, send_bytes
+from .hooks import GenerationRecord, Hooks
+from .http.asgi import Receive, Scope, Send, send_bytes
 from .logs import GenerationLog
 
 if TYPE_CHECKING:
@@ -49,18 +49,19 @@ STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-def install(app: App) -> None:
-    """Wire the app's observation hooks. Call once, before the app starts (models take the step observer).
+def hooks_for(app: App) -> Hooks:
+    """The app's observation hooks (pass as ``App(hooks=hooks_for)``; models take the step observer).
 
     Always: one JSON log line per finished generation (:class:`~rtws.logs.GenerationLog`).
-    With ``config.enable_metrics``: :class:`MetricsHooks` and ``GET /metrics``; without, ``/metrics`` is 404.
+    With ``config.enable_metrics``: :class:`MetricsHooks`, whose ``GET /metrics`` :func:`mount` registers.
     """
-    if app.config.enable_metrics:
-        hooks = MetricsHooks(app)
-        app.hooks = hooks
-        app.route("GET", "/metrics", hooks.handle)
-    else:
-        app.hooks = GenerationLog()
+    return MetricsHooks(app) if app.config.enable_metrics else GenerationLog()
+
+
+def mount(app: App) -> None:
+    """``GET /metrics`` when the app's hooks are :class:`MetricsHooks` (else ``/metrics`` is 404)."""
+    if isinstance(app.hooks, MetricsHooks):
+        app.route("GET", "/metrics", app.hooks.handle)
 
 
 class _Hist:
@@ -199,6 +200,8 @@ class _AppCollector:
         totals: dict[tuple[str, str], dict[str, float]] = {}
         states: dict[tuple[str, str, str], int] = {}
         for st in app.registry.served_versions():
+            if st.served is None:
+                continue
             s = st.served.engine.stats()
             row = totals.setdefault((st.name, st.version), dict.fromkeys(
                 (*engine_gauges, "steps", "step_errors"), 0.0))
@@ -265,6 +268,8 @@ def kv_cache_families(app: App) -> Iterator[Metric]:
                                                  "cache", labels=labels),
     }
     for st in app.registry.served_versions():
+        if st.served is None:
+            continue
         s = st.served.engine.stats()
         for key, gauge in gauges.items():
             gauge.add_metric([st.name, st.version], float(getattr(s, key, 0)))

@@ -6,10 +6,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import Engine, EngineConfig, StepObserver
 from .generation import SamplingParams, TokenEvent
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 log = logging.getLogger("rtws.model")
 
@@ -39,6 +42,19 @@ class ModelSpec:
     kv_cache_gb: float | None = None
     prefix_cache: bool = True
     block_size: int = 16
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, *, name: str, path: str, version: str = "1",
+                    device: str | None = None, dtype: str | None = None) -> ModelSpec:
+        """The spec the server's ``config`` gives a model at ``path`` (``device``/``dtype`` override it)."""
+        return cls(
+            name=name, path=path, version=version, device=device or config.device, dtype=dtype or config.dtype,
+            num_slots=config.num_slots, max_seq_len=config.max_seq_len, prefill_budget=config.prefill_budget,
+            max_batch_size=config.max_batch_size, max_batch_wait_ms=config.max_batch_wait_ms,
+            aging_s=config.priority_aging_s, max_prompt_tokens=config.max_prompt_tokens,
+            cuda_graphs=config.cuda_graphs, kv_cache_gb=config.kv_cache_gb, prefix_cache=config.prefix_cache,
+            block_size=config.block_size, quantization=config.quantization,
+        )
 
 
 class ServedModel:

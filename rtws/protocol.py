@@ -1,9 +1,10 @@
 """Wire protocol v1: frames, codecs and validation.
 
 Pure: no I/O, no asyncio, no torch. Every frame is a msgspec Struct defined
-once here; the msgpack and JSON codecs share them. ``decode_client_frame``
-never raises: a frame that cannot be accepted becomes a :class:`ProtocolError`
-carrying the error code the client must receive.
+once here; the msgpack and JSON codecs share them. :meth:`Codec.decode_client`
+raises nothing but :class:`ProtocolError` (an :class:`~rtws.errors.RtwsError`):
+a frame that cannot be accepted becomes one, carrying the error code the client
+must receive.
 
 The protocol is documented in ``docs/protocol.md``.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
+from .errors import RtwsError
 from .generation import FinishReason
 
 SUBPROTOCOL_MSGPACK: Final = "rtws.v1.msgpack"
@@ -26,7 +29,7 @@ MAX_ID_LENGTH: Final = 128
 MAX_STOP_STRINGS: Final = 16
 MAX_STOP_LENGTH: Final = 256
 MAX_SEED: Final = 2**63 - 1
-# Numeric bounds, declared once: the WebSocket frames and the HTTP bodies (rtws/http_api.py) use the same
+# Numeric bounds, declared once: the WebSocket frames and the HTTP bodies (rtws/http/schemas.py) use the same
 # annotated types below, so a value is valid over HTTP exactly when it is valid over the WebSocket. They bound
 # what msgspec accepts (no unbounded ints reach torch); the server's configured limits are checked after decoding.
 MAX_INT32: Final = 2**31 - 1
@@ -217,26 +220,29 @@ class ConversationFrame(msgspec.Struct, tag="conversation", tag_field="type", fr
     dropped: int = 0
 
 
-ServerFrame: TypeAlias = Ready | Delta | Done | Error | ConversationFrame
 AnyFrame: TypeAlias = (Hello | Generate | Cancel | Ack | Forget | History | Ready | Delta | Done | Error
                        | ConversationFrame)
 
 
-class ProtocolError(Exception):
-    """A client frame that must be answered with an ``error`` frame.
+class ProtocolError(RtwsError):
+    """A client frame that must be answered with an ``error`` frame (the session renders it).
 
     ``id`` is the generation id when one could be read from the frame, so the
-    error can be attributed to it.
+    error can be attributed to it; ``retry_after`` is set for refusals that can
+    succeed later (``rate_limited``).
     """
 
-    def __init__(self, code: ErrorCode, message: str, id: GenId | None = None) -> None:
-        super().__init__(message)
+    code: ErrorCode
+
+    def __init__(self, code: ErrorCode, message: str, id: GenId | None = None, *,
+                 retry_after: float | None = None) -> None:
+        super().__init__(code.value, message, retry_after=retry_after)
         self.code = code
-        self.message = message
         self.id = id
 
     def to_frame(self) -> Error:
-        return Error(code=self.code.value, message=self.message, id=self.id)
+        return Error(code=self.code.value, message=self.message, id=self.id,
+                     retry_after=None if self.retry_after is None else round(self.retry_after, 3))
 
 
 # --------------------------------------------------------------------------- codecs
@@ -323,14 +329,28 @@ def _valid_id(gid: object) -> bool:
     return isinstance(gid, str) and 0 < len(gid) <= MAX_ID_LENGTH
 
 
+def sampling_problem(temperature: float, top_p: float) -> str | None:
+    """Why sampling values msgspec accepted are still refused (NaN passes its bounds), or None."""
+    if not math.isfinite(temperature) or not math.isfinite(top_p):
+        return "temperature and top_p must be finite"
+    return None
+
+
+def request_problem(prompt: str | None, messages: list[Message] | None, temperature: float, top_p: float,
+                    conversation: str | None = None) -> str | None:
+    """Cross-field checks msgspec constraints cannot express, for a ``generate`` frame and an ``/infer`` body
+    alike: the ``invalid_params`` message, or None."""
+    if (prompt is None) == (messages is None):
+        return "exactly one of 'prompt' or 'messages' is required"
+    if messages is not None and not messages and conversation is None:
+        return "'messages' must not be empty"
+    return sampling_problem(temperature, top_p)
+
+
 def _check_generate(frame: Generate) -> None:
-    """Cross-field checks msgspec constraints cannot express."""
-    if (frame.prompt is None) == (frame.messages is None):
-        raise ProtocolError(ErrorCode.INVALID_PARAMS, "exactly one of 'prompt' or 'messages' is required", frame.id)
-    if frame.messages is not None and not frame.messages and frame.conversation is None:
-        raise ProtocolError(ErrorCode.INVALID_PARAMS, "'messages' must not be empty", frame.id)
-    if not math.isfinite(frame.temperature) or not math.isfinite(frame.top_p):
-        raise ProtocolError(ErrorCode.INVALID_PARAMS, "temperature and top_p must be finite", frame.id)
+    problem = request_problem(frame.prompt, frame.messages, frame.temperature, frame.top_p, frame.conversation)
+    if problem is not None:
+        raise ProtocolError(ErrorCode.INVALID_PARAMS, problem, frame.id)
 
 
 MSGPACK: Final = Codec(SUBPROTOCOL_MSGPACK)
@@ -350,7 +370,7 @@ def codec_for_frame(data: bytes | str) -> Codec:
     return JSON if isinstance(data, str) else MSGPACK
 
 
-def prompt_chars(prompt: str | None, messages: list[Message] | list[dict[str, Any]] | None) -> int:
+def prompt_chars(prompt: str | None, messages: Sequence[Message] | Sequence[dict[str, Any]] | None) -> int:
     """Characters a request asks to tokenize: the prompt, or every message's role, name and content."""
     if messages is None:
         return len(prompt or "")
@@ -363,7 +383,7 @@ def prompt_chars(prompt: str | None, messages: list[Message] | list[dict[str, An
     return n
 
 
-def check_prompt_chars(prompt: str | None, messages: list[Message] | list[dict[str, Any]] | None,
+def check_prompt_chars(prompt: str | None, messages: Sequence[Message] | Sequence[dict[str, Any]] | None,
                        max_prompt_tokens: int, chars_per_token: int = DEFAULT_CHARS_PER_TOKEN) -> str | None:
     """A refusal message when the request is too long to possibly fit ``max_prompt_tokens``, else None.
 

@@ -44,11 +44,11 @@ from . import realtime_events as ev
 from .auth import key_id, key_ok
 from .conversations import Conversation, ConversationError
 from .conversations import Item as StoredItem
-from .http import Receive, Scope, Send, bearer_token, client_address
+from .http.asgi import Receive, Scope, Send, bearer_token, client_address
 from .protocol import Cancel, Delta, Done, Error, Generate, Message, ProtocolError, Ready
 
 if TYPE_CHECKING:
-    from .app import App
+    from .app import App, Connection
     from .session import Offload, Session
 
 log = logging.getLogger("rtws.realtime")
@@ -789,6 +789,15 @@ def rate_limit_probe(app: App, key: str) -> Callable[[], ev.RateLimit | None] | 
     return probe
 
 
+def mount(app: App) -> None:
+    """Serve the Realtime edge at ``/v1/realtime`` on ``app`` (pass it in ``App(routes=[...])``)."""
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        await serve(app, scope, receive, send)
+
+    app.websocket_route("/v1/realtime", handler)
+
+
 async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     """ASGI handler for ``/v1/realtime?model=NAME`` (``websocket.connect`` already received).
 
@@ -800,10 +809,8 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     The session gets the same tokenizer thread, rate limiter and generation
     quota as a ``/ws`` session; it is never held for resume.
     """
-    import asyncio
-
-    from .app import Connection, _tune_socket
     from .session import Session
+    from .transport import tune_socket
 
     cfg = app.config
     if app.draining:
@@ -847,7 +854,7 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
         if quota_key is not None:
             app.quota.close_connection(quota_key)
         raise
-    _tune_socket(send, cfg.transport_high_water, cfg.socket_send_buffer)
+    tune_socket(send, cfg.transport_high_water, cfg.socket_send_buffer)
 
     async def send_events(data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -872,11 +879,7 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     rt.attach(session)
     session.rate_key = rate_key
     session.draining = app.draining
-    now = time.monotonic()
-    conn = Connection(session=session, send=send, opened=now, quota_key=quota_key, win_start=now)
-    app.connections.add(conn)
-    app.hooks_connection(+1)
-    conn.writer = asyncio.get_running_loop().create_task(app._run_writer(conn))
+    conn = app.attach_connection(session, send, quota_key)
     session.start()
     try:
         while True:
@@ -887,14 +890,7 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
             elif msg["type"] == "websocket.disconnect":
                 break
     finally:
-        if conn.writer is not None:
-            conn.writer.cancel()
-        session.close()
-        app.connections.discard(conn)
-        if conn.quota_key is not None:
-            app.quota.close_connection(conn.quota_key)
-            conn.quota_key = None
-        app.hooks_connection(-1)
+        app.detach_connection(conn)
 
 
 __all__ = ["PATH", "RealtimeCodec", "RealtimeConnection", "RealtimeError", "serve"]

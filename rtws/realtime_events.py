@@ -330,10 +330,3 @@ class ErrorBody(msgspec.Struct, frozen=True):
 class ErrorEvent(msgspec.Struct, tag="error", tag_field="type", frozen=True):
     event_id: str
     error: ErrorBody
-
-
-ServerEvent: TypeAlias = (
-    SessionCreated | SessionUpdated | ItemAdded | ItemDone | ItemRetrieved | ItemDeleted | ItemTruncated
-    | ResponseCreated | ResponseDone | OutputItemAdded | OutputItemDone | ContentPartAdded | ContentPartDone
-    | TextDelta | TextDone | RateLimitsUpdated | ErrorEvent
-)

@@ -24,9 +24,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .generation import SamplingParams
+from .errors import RtwsError
+from .generation import SamplingParams, TokenEvent
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .model import ModelSpec
 
 log = logging.getLogger("rtws.registry")
 
@@ -37,25 +42,39 @@ _BARRIER_TIMEOUT_S = 30.0
 
 
 class Served(Protocol):
-    name: str
-    version: str
-    engine: Any
-    context_len: int
-    max_prompt_tokens: int
+    """One loaded model version, as the registry and the front ends use it (:class:`rtws.model.ServedModel`)."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def model(self) -> Any: ...  # the torch module (its dtype, its quantization)
+    @property
+    def device(self) -> str: ...
+    @property
+    def context_len(self) -> int: ...
+    @property
+    def max_prompt_tokens(self) -> int: ...
+    @property
+    def warm(self) -> bool: ...  # False while its warm-up generation runs
+    @property
+    def loaded_at(self) -> float: ...  # time.time() when it loaded
 
     def encode(self, prompt: str | None = ..., messages: list[dict[str, Any]] | None = ...) -> list[int]: ...
 
+    def stop(self) -> None: ...
 
-Loader = Callable[[Any], Awaitable[Any]]  # ModelSpec -> a started, warm Served (App.load_model)
+
+Loader = Callable[["ModelSpec"], Awaitable[Served]]  # a started, warm Served (App.load_model)
 
 
-class RegistryError(Exception):
-    """A registry operation refused. ``code`` is an HTTP-style error code for the admin API."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class RegistryError(RtwsError):
+    """A registry operation refused. ``code`` is an error code for the admin API (``conflict``: 409)."""
 
 
 class SwapError(RegistryError):
@@ -79,7 +98,7 @@ class VersionStatus:
     reason: str | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
-    served: Any = field(default=None, repr=False)
+    served: Served | None = field(default=None, repr=False)
 
     def set(self, state: str, reason: str | None = None) -> None:
         self.state = state
@@ -117,12 +136,10 @@ class _Entry:
             self.versions.remove(st)
 
 
-def _status_for(served: Any) -> VersionStatus:
-    spec = getattr(served, "spec", None)
-    return VersionStatus(
-        name=served.name, version=str(getattr(served, "version", "")), path=str(getattr(spec, "path", "")),
-        device=str(getattr(served, "device", getattr(spec, "device", ""))), dtype=str(getattr(spec, "dtype", "")),
-        state=WARM if getattr(served, "warm", True) else LOADING, served=served)
+def _status_for(served: Served) -> VersionStatus:
+    spec = served.spec
+    return VersionStatus(name=served.name, version=served.version, path=spec.path, device=served.device,
+                         dtype=spec.dtype, state=WARM if served.warm else LOADING, served=served)
 
 
 class ModelRegistry:
@@ -183,7 +200,7 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ versions
 
-    async def swap(self, spec: Any, load: Loader, *, default: bool = False) -> VersionStatus:
+    async def swap(self, spec: ModelSpec, load: Loader, *, default: bool = False) -> VersionStatus:
         """Load ``spec`` (a ``ModelSpec``) and route ``spec.name`` to it; return its status once it serves.
 
         A new name is added; an existing one is hot-swapped: its previous
@@ -196,7 +213,7 @@ class ModelRegistry:
         st = self._begin(spec)
         return await self._complete(st, spec, load, default)
 
-    def start_swap(self, spec: Any, load: Loader, *, default: bool = False) -> VersionStatus:
+    def start_swap(self, spec: ModelSpec, load: Loader, *, default: bool = False) -> VersionStatus:
         """:meth:`swap` in a background task. Returns the ``loading`` status at once; it updates in place.
 
         Raises :class:`RegistryError` synchronously for the same conflicts as :meth:`swap`.
@@ -255,7 +272,7 @@ class ModelRegistry:
             if served is not None:
                 st = self._status_of(served)
                 s = served.engine.stats()
-                item.update(version=st.version, status=WARM if getattr(served, "warm", True) else LOADING,
+                item.update(version=st.version, status=WARM if served.warm else LOADING,
                             running=s.running, waiting=s.waiting, slots_in_use=s.slots_in_use,
                             num_slots=s.num_slots)
             else:
@@ -287,14 +304,15 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         current = {id(s) for s in self._current.values()}
         for st in self.served_versions():
-            if id(st.served) not in current:  # the app stops the routed ones itself
-                await loop.run_in_executor(None, st.served.stop)
+            served = st.served
+            if served is not None and id(served) not in current:  # the app stops the routed ones itself
+                await loop.run_in_executor(None, served.stop)
                 st.served = None
                 st.set(UNLOADED, "server shutdown")
 
     # ------------------------------------------------------------------ internals
 
-    def _status_of(self, served: Any) -> VersionStatus:
+    def _status_of(self, served: Served) -> VersionStatus:
         entry = self._entries.setdefault(served.name, _Entry(served.name))
         for st in entry.versions:
             if st.served is served:
@@ -303,7 +321,7 @@ class ModelRegistry:
         entry.versions.append(st)
         return st
 
-    def _begin(self, spec: Any) -> VersionStatus:
+    def _begin(self, spec: ModelSpec) -> VersionStatus:
         name, version = str(spec.name), str(spec.version)
         entry = self._entries.setdefault(name, _Entry(name))
         if entry.loading is not None:
@@ -321,7 +339,7 @@ class ModelRegistry:
                                         "path": st.path, "replaces": None if cur is None else str(cur.version)})
         return st
 
-    async def _complete(self, st: VersionStatus, spec: Any, load: Loader, default: bool) -> VersionStatus:
+    async def _complete(self, st: VersionStatus, spec: ModelSpec, load: Loader, default: bool) -> VersionStatus:
         name = st.name
         entry = self._entries[name]
         t0 = time.perf_counter()
@@ -348,7 +366,7 @@ class ModelRegistry:
         if default or self.default_name is None:
             self.default_name = name
         st.served = served
-        st.device = str(getattr(served, "device", st.device))
+        st.device = served.device
         st.set(WARM)
         if old is not None:
             self._drain(old, self._status_of(old))
@@ -357,15 +375,15 @@ class ModelRegistry:
                                          "seconds": round(time.perf_counter() - t0, 3)})
         return st
 
-    def _drain(self, served: Any, st: VersionStatus) -> None:
+    def _drain(self, served: Served, st: VersionStatus) -> None:
         st.set(DRAINING)
         self._spawn(self._retire(served, st))
 
-    async def _retire(self, served: Any, st: VersionStatus) -> None:
+    async def _retire(self, served: Served, st: VersionStatus) -> None:
         """Wait until the engine holds no generation, then stop it and drop the references."""
         engine = served.engine
         t0 = time.perf_counter()
-        if getattr(engine, "running", True):
+        if engine.running:
             await _barrier(served)
         while True:
             s = engine.stats()
@@ -393,7 +411,7 @@ class ModelRegistry:
         task.add_done_callback(done)
 
 
-async def _barrier(served: Any) -> None:
+async def _barrier(served: Served) -> None:
     """Push one 1-token generation through ``served``'s engine and wait for it.
 
     Engine commands apply in order, so once it finishes, every generation
@@ -403,7 +421,7 @@ async def _barrier(served: Any) -> None:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
-    def sink(ev: Any) -> None:
+    def sink(ev: TokenEvent) -> None:
         if ev.finish is not None and not done.done():
             done.set_result(None)
 

@@ -7,20 +7,22 @@ import logging
 import socket
 import sys
 import threading
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
-from .admin import mount_admin
+from . import metrics, realtime
 from .app import App
 from .auth import key_ok
 from .config import ServerConfig
-from .http import Receive, Scope, Send, bearer_token, send_error
+from .http import routes as http_routes
+from .http.admin import mount_admin
+from .http.asgi import Receive, Scope, Send, bearer_token, send_error
 from .limits import ConnectionGuard
 from .logs import setup_logging
-from .metrics import install as install_metrics
 from .model import ModelSpec
 from .transport import GuardedHttpProtocol, GuardedWebSocketProtocol, GuardSettings
 
@@ -38,34 +40,17 @@ def default_spec(config: ServerConfig) -> ModelSpec:
     else:
         path = config.model
         name = Path(path.rstrip("/")).name or path
-    return spec_from_config(config, name=config.model_name or name, path=path)
+    return ModelSpec.from_config(config, name=config.model_name or name, path=path)
 
 
-def spec_from_config(config: ServerConfig, *, name: str, path: str, version: str = "1", device: str | None = None,
-                     dtype: str | None = None) -> ModelSpec:
-    return ModelSpec(
-        name=name, path=path, version=version, device=device or config.device, dtype=dtype or config.dtype,
-        num_slots=config.num_slots, max_seq_len=config.max_seq_len, prefill_budget=config.prefill_budget,
-        max_batch_size=config.max_batch_size, max_batch_wait_ms=config.max_batch_wait_ms,
-        aging_s=config.priority_aging_s, max_prompt_tokens=config.max_prompt_tokens, cuda_graphs=config.cuda_graphs,
-        kv_cache_gb=config.kv_cache_gb, prefix_cache=config.prefix_cache, block_size=config.block_size,
-        quantization=config.quantization,
-    )
-
-
-def build_app(config: ServerConfig, specs: list[ModelSpec] | None = None) -> App:
-    """The ASGI app with every HTTP API mounted. ``specs`` defaults to the config's one model."""
-    app = App(config, specs if specs is not None else [default_spec(config)])
-    install_metrics(app)  # generation logs always; Prometheus hooks and /metrics when enable_metrics
-    mount_admin(app)
-    try:
-        from .http_api import mount
-    except ImportError:  # pragma: no cover - the HTTP API module is optional while developing
-        pass
-    else:
-        mount(app)
-    protect_metrics(app)
-    return app
+def build_app(config: ServerConfig, specs: list[ModelSpec] | None = None, *,
+              on_startup: Iterable[Callable[[], Awaitable[None]]] = ()) -> App:
+    """The ASGI app with every HTTP API mounted. ``specs`` defaults to the config's one model; ``on_startup``
+    runs at startup before any hook added later (:class:`~rtws.api.InferenceServer` loads its models there)."""
+    return App(config, specs if specs is not None else [default_spec(config)],
+               hooks=metrics.hooks_for,  # generation logs always; Prometheus hooks when enable_metrics
+               routes=[metrics.mount, mount_admin, http_routes.mount, realtime.mount, protect_metrics],
+               on_startup=on_startup)
 
 
 def metrics_keys(config: ServerConfig) -> frozenset[str]:

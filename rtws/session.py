@@ -36,10 +36,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .admission import Admission, AdmissionError, deadline, encoder, record_template
 from .auth import key_id, key_ok
 from .conversations import Conversation, ConversationError, ConversationStore, Mode, NewItem
 from .generation import SamplingParams, TokenEvent
-from .hooks import GenerationRecord, Hooks
+from .hooks import Hooks
 from .limits import ClientQuota, RateLimiter
 from .protocol import (
     Ack,
@@ -60,7 +61,6 @@ from .protocol import (
     ProtocolError,
     Ready,
     Usage,
-    check_prompt_chars,
     codec_for_frame,
 )
 
@@ -228,6 +228,8 @@ class Session:
         self._replay: collections.deque[bytes] = collections.deque()
         self._offload = offload
         self.quota = quota
+        self.admission = Admission(models, max_tokens=limits.max_tokens, chars_per_token=limits.chars_per_token,
+                                   rate_limiter=rate_limiter, quota=quota)
         self._on_authenticated = on_authenticated
         self.control_bytes = 0  # encoded control/error frames queued, not yet written
         self._error_tokens = float(limits.error_burst)
@@ -378,28 +380,12 @@ class Session:
         if len(self.live) >= self.limits.max_generations:
             raise ProtocolError(ErrorCode.TOO_MANY_GENERATIONS,
                                 f"at most {self.limits.max_generations} live generations per session", f.id)
-        if f.max_tokens > self.limits.max_tokens:
-            raise ProtocolError(ErrorCode.INVALID_PARAMS, f"max_tokens must be <= {self.limits.max_tokens}", f.id)
-        model = self.models.get(f.model)
-        if model is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"unknown model {str(f.model)[:64]!r}", f.id)
-        max_prompt = getattr(model, "max_prompt_tokens", None)
-        if isinstance(max_prompt, int):
-            too_long = check_prompt_chars(f.prompt, f.messages, max_prompt, self.limits.chars_per_token)
-            if too_long is not None:  # refused without tokenizing: a 1 MiB prompt costs nothing
-                raise ProtocolError(ErrorCode.INVALID_PARAMS, too_long, f.id)
-        if self.rate_limiter is not None:
-            wait = self.rate_limiter.acquire(self.rate_key)
-            if wait > 0:
-                self.hooks.rejected("rate_limited")
-                self._queue_control(Error(code=ErrorCode.RATE_LIMITED.value, id=f.id,
-                                          message=f"rate limit exceeded; retry in {wait:.2f} s",
-                                          retry_after=round(wait, 3)))
-                return
-        conv: Conversation | None = None
-        new: list[NewItem] = []
         mode: Mode = "text" if f.prompt is not None else "chat"
-        if f.conversation is not None:
+        found: list[tuple[Conversation, list[NewItem]]] = []
+
+        def conversation_check(model: Any) -> None:  # between the rate limit and the quota (rtws.admission)
+            if f.conversation is None:
+                return
             try:
                 conv = self.conversations.get_or_create(f.conversation)
             except ConversationError as exc:
@@ -415,27 +401,23 @@ class Session:
                    [NewItem(m.role, m.content, m.name) for m in f.messages or ()])
             if not new and not conv.items:
                 raise ProtocolError(ErrorCode.INVALID_PARAMS, "the conversation is empty: send messages", f.id)
-        quota_key: str | None = None
-        if self.quota is not None:
-            refusal = self.quota.start_generation(self.rate_key)
-            if refusal is not None:
-                raise ProtocolError(ErrorCode.TOO_MANY_GENERATIONS, refusal, f.id)
-            quota_key = self.rate_key
-        messages = None if f.messages is None else [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in f.messages]
-        params = SamplingParams(
-            max_tokens=f.max_tokens,
-            temperature=f.temperature,
-            top_p=f.top_p,
-            top_k=f.top_k,
-            seed=f.seed if f.seed is not None else secrets.randbits(63),
-            stop=tuple(f.stop),
-        )
+            found.append((conv, new))
+
+        try:
+            admitted = self.admission.admit(f, self.rate_key, extra=conversation_check)
+        except AdmissionError as exc:
+            if exc.code == ErrorCode.RATE_LIMITED.value:  # answered, not raised (Session.handle's contract)
+                self.hooks.rejected(exc.metric)
+                self._queue_control(Error(code=exc.code, id=f.id, message=exc.message,
+                                          retry_after=None if exc.retry_after is None else round(exc.retry_after, 3)))
+                return
+            raise ProtocolError(ErrorCode(exc.code), exc.message, f.id) from None
+        model, params, quota_key = admitted.model, admitted.params, admitted.quota_key
+        conv, new = found[0] if found else (None, [])
         now = time.monotonic()
         gen = Generation(id=f.id, rid=-1, engine=model.engine, model=model, prompt_tokens=0, started=now,
                          quota_key=quota_key)
         self.live[f.id] = gen  # counts against the limits (and is cancellable) while it is being tokenized
-        prompt = f.prompt
         work: Callable[[], list[int]]
         if conv is not None:
             # Render a snapshot (the tokenizer thread must not read a list the loop appends to); the new
@@ -450,9 +432,7 @@ class Session:
                 ids, gen.dropped = snap.fit(new, lambda c, extra, skip: _encode(model, mode, c, extra, skip), limit)
                 return ids
         else:
-            def work() -> list[int]:
-                ids: list[int] = model.encode(prompt, messages)
-                return ids
+            work = encoder(model, admitted.request)
         if self._offload is None:
             try:
                 ids = work()
@@ -494,11 +474,10 @@ class Session:
                                       id=gen.id))
 
     def _submit(self, gen: Generation, ids: list[int], params: SamplingParams, priority: str) -> None:
-        deadline = gen.started + self.limits.request_timeout if self.limits.request_timeout else None
         gen.prompt_tokens = len(ids)
         try:
             gen.rid = gen.engine.submit(ids, params, lambda ev, g=gen: self._on_event(g, ev), priority=priority,
-                                        deadline=deadline)
+                                        deadline=deadline(gen.started, self.limits.request_timeout))
         except BaseException:
             self._drop(gen)
             raise
@@ -524,8 +503,7 @@ class Session:
                 self.conversations.forget(conv.id)  # created by this refused generate: leave no trace
 
     def _release(self, gen: Generation) -> None:
-        if gen.quota_key is not None and self.quota is not None:
-            self.quota.end_generation(gen.quota_key)
+        self.admission.release(gen.quota_key)
         gen.quota_key = None
 
     def _stop(self, gen: Generation) -> None:
@@ -837,14 +815,10 @@ class Session:
         self.hooks.frame_sent(len(data), tokens)
 
     def _record(self, gen: Generation, reason: str) -> None:
-        now = time.monotonic()
-        self.hooks.generation_finished(GenerationRecord(
-            id=gen.id, request_id=gen.rid, model=gen.model.name, version=str(getattr(gen.model, "version", "")),
-            client=self.client, session=self.id, transport=self.transport, reason=reason,
-            prompt_tokens=gen.prompt_tokens,
-            completion_tokens=gen.sent_tokens,
-            ttft_s=None if gen.first_sent is None else round(gen.first_sent - gen.started, 6),
-            total_s=round(now - gen.started, 6), queue_s=gen.queue_s))
+        rec = record_template(gen.model, gen.id, client=self.client, session=self.id, transport=self.transport)
+        self.hooks.generation_finished(rec.finish(
+            request_id=gen.rid, reason=reason, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.sent_tokens,
+            started=gen.started, first_at=gen.first_sent, now=time.monotonic(), queue_s=gen.queue_s))
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything queued has been written (or ``timeout``). True when empty."""

@@ -15,7 +15,7 @@ another ASGI server they are simply absent.
   connection opened for the first request; otherwise the connection is closed
   (``408`` when it can still be written). Idle keep-alive connections are
   closed by uvicorn's ``timeout_keep_alive``; bodies have their own deadline
-  (``body_timeout_s``, enforced by :func:`rtws.http.read_body`).
+  (``body_timeout_s``, enforced by :func:`rtws.http.asgi.read_body`).
 - **Pings**: each WebSocket may send ``ping_burst`` pings, refilled at
   ``ping_rate_per_s``; past that, and whenever its transport holds more than
   ``max_transport_buffer`` unsent bytes (pongs to a client that stopped
@@ -280,3 +280,139 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             # A refused upgrade is complete once its response is written; without this uvicorn logs an ERROR
             # ("returned without completing handshake") for every refusal, which lets a client flood the log.
             self.handshake_complete = True
+
+
+# =========================================================================== uvicorn internals, in one place
+#
+# ASGI offers no abort, no write-buffer limits and no "is this socket writable". rtws reaches one level down for
+# them, through the object that owns the bound ``send`` callable uvicorn hands the app: for HTTP a
+# ``RequestResponseCycle`` (``transport``, ``response_started``), for a WebSocket the protocol object itself
+# (``transport``, ``conn``, ``close_sent``, ``writable``, and :class:`GuardedWebSocketProtocol`'s
+# ``stop_reading``). Everything below degrades to a no-op (or to plain ASGI messages) under another ASGI host
+# (Ray Serve's replica). ``tests/test_imports.py::test_uvicorn_internals_rtws_reaches_for_exist`` fails when a
+# uvicorn upgrade moves any of them.
+
+
+def send_owner(send: Any) -> Any:
+    """The uvicorn object behind an ASGI ``send`` (None under another host). Unwraps :class:`TrackedSend`."""
+    return getattr(getattr(send, "inner", send), "__self__", None)
+
+
+def transport_of(send: Any) -> Any:
+    """The asyncio transport under ``send`` (None when unreachable)."""
+    return getattr(send_owner(send), "transport", None)
+
+
+class TrackedSend:
+    """An ASGI HTTP ``send`` that remembers whether the response has started (its status line is out).
+
+    The app's error boundary reads :attr:`started`: after the start a 500 can no longer be sent.
+    """
+
+    __slots__ = ("inner", "started")
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.started = False
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.inner(message)
+
+
+async def abort_response(send: Any) -> None:
+    """End an HTTP response that failed after it started: drop the connection (the client sees a truncated
+    response, never a second status line); under a host without a reachable transport, end the body."""
+    transport = transport_of(send)
+    if transport is not None:
+        transport.abort()
+        return
+    try:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except Exception:
+        pass
+
+
+def abort_http(send: Any) -> None:
+    """Drop the connection under a response whose writes no longer drain (uvicorn's transport, if reachable)."""
+    transport = transport_of(send)
+    if transport is not None:
+        transport.abort()
+
+
+def tune_socket(send: Any, high_water: int, sndbuf: int | None) -> None:
+    """Bound what the transport and the kernel buffer for one socket, so backpressure reaches the session early.
+
+    Uses uvicorn's protocol object (the bound ``send``'s owner); a no-op under another ASGI server.
+    """
+    import socket
+
+    transport = transport_of(send)
+    if transport is None:
+        return
+    try:
+        transport.set_write_buffer_limits(high=high_water)
+        if sndbuf is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    except (OSError, AttributeError, ValueError) as exc:
+        log.debug("socket tuning failed: %r", exc)
+
+
+def stop_reading(send: Any) -> None:
+    """Tell :class:`GuardedWebSocketProtocol` to parse nothing more from this peer."""
+    stop = getattr(send_owner(send), "stop_reading", None)
+    if callable(stop):
+        stop()
+
+
+def writable(send: Any) -> bool:
+    """False when uvicorn's protocol has paused writing (its transport is above the high-water mark)."""
+    ev = getattr(send_owner(send), "writable", None)
+    return bool(ev.is_set()) if ev is not None else True
+
+
+def buffered(send: Any) -> int:
+    """Bytes the socket's transport holds unsent (0 when unknown)."""
+    transport = transport_of(send)
+    try:
+        return int(transport.get_write_buffer_size()) if transport is not None else 0
+    except (AttributeError, RuntimeError, ValueError):
+        return 0
+
+
+def force_close(send: Any, code: int, reason: str, abort_after: float = 2.0) -> None:
+    """Close a WebSocket whose ASGI ``send`` is blocked on flow control.
+
+    ASGI has no abort, and ``websocket.close`` itself waits for the socket to
+    drain, which a stalled reader never does. uvicorn's protocol object is the
+    bound ``send``'s owner: queue the close frame on its transport, then close
+    the transport (aborting if the peer never reads it).
+    """
+    proto = send_owner(send)
+    transport = getattr(proto, "transport", None)
+    conn = getattr(proto, "conn", None)
+    if transport is None:
+        # Not uvicorn (Ray Serve's replica): a close message is all ASGI offers. Such hosts queue sends without
+        # blocking, so it goes out at once; a host whose send blocks leaves the task waiting until it drains.
+        task = asyncio.ensure_future(send({"type": "websocket.close", "code": code, "reason": reason}))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return
+    try:
+        if conn is not None and not getattr(proto, "close_sent", True):
+            conn.send_close(code, reason)
+            transport.write(b"".join(conn.data_to_send()))
+            proto.close_sent = True
+    except Exception:
+        pass
+    if abort_after <= 0:
+        transport.abort()
+    else:
+        transport.close()
+        loop = asyncio.get_running_loop()
+        loop.call_later(abort_after, lambda: transport.is_closing() and transport.abort())
+    # Let the protocol's writers and readers see the end now rather than after the abort.
+    if hasattr(proto, "writable"):
+        proto.writable.set()

@@ -17,7 +17,7 @@ from tests.helpers.server import UNIT, RunningServer
 
 from rtws import protocol
 from rtws.hooks import GenerationRecord, Hooks
-from rtws.http_api import InferRequest
+from rtws.http.schemas import InferRequest
 
 # --------------------------------------------------------------------------- helpers
 

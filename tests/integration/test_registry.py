@@ -20,8 +20,8 @@ from tests.helpers.models import build_model
 from tests.helpers.server import UNIT, RunningServer, ServerFactory, run
 
 from rtws.client import Client, GenerationError
+from rtws.model import ModelSpec
 from rtws.registry import SwapError
-from rtws.server import spec_from_config
 
 ADMIN = "admin-secret"
 PROMPT = "ROMEO:"
@@ -222,8 +222,8 @@ def test_failed_swap_keeps_the_old_version_serving(server_factory: ServerFactory
 
     # A warm-up failure (through the Python API): the new version loads, but its warm-up generation
     # cannot run (a one-token context). It is stopped; v1 keeps serving.
-    spec = dataclasses.replace(spec_from_config(srv.app.config, name="tiny", path=str(tiny_llama_v2_dir),
-                                                version="3"), max_seq_len=1)
+    spec = dataclasses.replace(ModelSpec.from_config(srv.app.config, name="tiny", path=str(tiny_llama_v2_dir),
+                                                      version="3"), max_seq_len=1)
     with pytest.raises(SwapError) as info:
         on_loop(srv, srv.app.registry.swap(spec, srv.app.load_model))
     assert info.value.status.state == "failed" and "PromptError" in (info.value.status.reason or "")
@@ -344,7 +344,7 @@ def test_shutdown_stops_a_draining_version(server_factory: ServerFactory, tiny_l
                                            tiny_llama_v2_dir: Path) -> None:
     srv = server_factory(tiny_llama_long_dir, model_name="tiny")
     v1 = srv.app.registry.get("tiny")
-    spec = spec_from_config(srv.app.config, name="tiny", path=str(tiny_llama_v2_dir), version="2")
+    spec = ModelSpec.from_config(srv.app.config, name="tiny", path=str(tiny_llama_v2_dir), version="2")
 
     async def main() -> str:
         async with await Client.connect(srv.url) as c:

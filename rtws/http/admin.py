@@ -23,20 +23,26 @@ Routes (JSON bodies and answers; errors are ``{"error": {"code", "message"}}``):
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .auth import key_ok
-from .http import BodyTooLarge, Receive, Scope, Send, bearer_token, read_body, send_error, send_json
-from .registry import RegistryError
+from ..auth import key_ok
+from ..errors import RtwsError
+from ..model import ModelSpec
+from .asgi import BodyTooLarge, Receive, Scope, Send, bearer_token, read_body, send_error, send_json
 
 if TYPE_CHECKING:
-    from .app import App
+    from ..app import App
+
+Reply = tuple[int, Any, list[tuple[bytes, bytes]]]  # status, JSON body, extra headers
+Route = Callable[["re.Match[str]", Receive], Awaitable[Reply]]
 
 PREFIX = "/admin/"
 MAX_BODY = 64 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+_MODELS_PATH = re.compile(r"^/admin/models/?$")
 _VERSION_PATH = re.compile(r"^/admin/models/(?P<name>.+)/versions/(?P<version>[^/]+)$")
 _VERSIONS_PATH = re.compile(r"^/admin/models/(?P<name>.+)/versions$")
 _MODEL_PATH = re.compile(r"^/admin/models/(?P<name>.+)$")
@@ -65,12 +71,6 @@ class ModelRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     default: bool = False
 
 
-class _Refused(Exception):
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
-
-
 def admin_keys(app: App) -> frozenset[str]:
     """The keys that open the admin API: ``admin_api_keys``, else ``api_keys``."""
     cfg = app.config
@@ -86,8 +86,17 @@ def mount_admin(app: App) -> None:
 
 
 class AdminAPI:
+    """The ``/admin/`` routes of one app: a route table of (path pattern, {method: handler}), tried in order;
+    a path that matches with another method is 405, no match is 404."""
+
     def __init__(self, app: App) -> None:
         self.app = app
+        self.routes: list[tuple[re.Pattern[str], dict[str, Route]]] = [
+            (_MODELS_PATH, {"GET": self._list, "POST": self._add}),
+            (_VERSION_PATH, {"GET": self._version}),
+            (_VERSIONS_PATH, {"POST": self._swap}),
+            (_MODEL_PATH, {"GET": self._model, "DELETE": self._remove}),
+        ]
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         keys = admin_keys(self.app)
@@ -102,82 +111,86 @@ class AdminAPI:
             return
         try:
             status, body, headers = await self._dispatch(scope["method"], scope["path"], receive)
-        except _Refused as exc:
-            await send_error(send, exc.code, exc.message, status=exc.status)
-            return
-        except RegistryError as exc:
-            await send_error(send, exc.code, exc.message, status=409 if exc.code == "conflict" else 400)
+        except RtwsError as exc:  # refusals of this API and of the registry: status from the one code table
+            await send_error(send, exc.code, exc.message, status=exc.http_status)
             return
         except ConnectionResetError:
             return
         await send_json(send, status, body, headers)
 
-    async def _dispatch(self, method: str, path: str, receive: Receive) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+    async def _dispatch(self, method: str, path: str, receive: Receive) -> Reply:
+        for pattern, handlers in self.routes:
+            m = pattern.match(path)
+            if m is None:
+                continue
+            handler = handlers.get(method)
+            if handler is None:
+                raise RtwsError("method_not_allowed", f"{method} {path} is not allowed")
+            return await handler(m, receive)
+        raise RtwsError("not_found", f"no route for {path}")
+
+    # ------------------------------------------------------------------ the routes
+
+    async def _list(self, m: re.Match[str], receive: Receive) -> Reply:
         reg = self.app.registry
-        if path in ("/admin/models", "/admin/models/"):
-            if method == "GET":
-                return 200, _one_line_reasons({"default": reg.default_name, "models": reg.health()}), []
-            if method == "POST":
-                req = await _body(receive, ModelRequest)
-                _check_name(req.name, "name")
-                if reg.known(req.name):
-                    raise _Refused("conflict", f"model {req.name!r} exists; POST a version to "
-                                   f"/admin/models/{req.name}/versions to swap it", 409)
-                return await self._start(req.name, req.version, req.model_path, req.device, req.dtype, req.default,
-                                         req.quantization)
-            raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
-        m = _VERSION_PATH.match(path)
-        if m:
-            if method != "GET":
-                raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
-            st = reg.status(m["name"], m["version"])
-            if st is None:
-                raise _Refused("not_found", f"model {m['name']!r} has no version {m['version']!r}")
-            return 200, _one_line_reasons({"model": st.name, **st.as_dict()}), []
-        m = _VERSIONS_PATH.match(path)
-        if m:
-            name = m["name"]
-            if method != "POST":
-                raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
-            if not reg.known(name):
-                raise _Refused("unknown_model", f"unknown model {name!r}; POST /admin/models to add it")
-            vreq = await _body(receive, VersionRequest)
-            return await self._start(name, vreq.version, vreq.model_path, vreq.device, vreq.dtype, vreq.default,
-                                     vreq.quantization)
-        m = _MODEL_PATH.match(path)
-        if m:
-            name = m["name"]
-            if method == "GET":
-                for item in reg.health():
-                    if item["name"] == name:
-                        return 200, _one_line_reasons(item), []
-                raise _Refused("unknown_model", f"unknown model {name!r}")
-            if method == "DELETE":
-                if not reg.known(name):
-                    raise _Refused("unknown_model", f"unknown model {name!r}")
-                st = reg.retire(name)
-                if st is None:
-                    return 200, {"model": name, "status": "removed"}, []
-                return 202, self._accepted(st.name, st.version, st.state), []
-            raise _Refused("method_not_allowed", f"{method} {path} is not allowed")
-        raise _Refused("not_found", f"no route for {path}")
+        return 200, _one_line_reasons({"default": reg.default_name, "models": reg.health()}), []
+
+    async def _add(self, m: re.Match[str], receive: Receive) -> Reply:
+        req = await _body(receive, ModelRequest)
+        _check_name(req.name, "name")
+        if self.app.registry.known(req.name):
+            raise RtwsError("conflict", f"model {req.name!r} exists; POST a version to "
+                            f"/admin/models/{req.name}/versions to swap it")
+        return await self._start(req.name, req.version, req.model_path, req.device, req.dtype, req.default,
+                                 req.quantization)
+
+    async def _version(self, m: re.Match[str], receive: Receive) -> Reply:
+        st = self.app.registry.status(m["name"], m["version"])
+        if st is None:
+            raise RtwsError("not_found", f"model {m['name']!r} has no version {m['version']!r}")
+        return 200, _one_line_reasons({"model": st.name, **st.as_dict()}), []
+
+    async def _swap(self, m: re.Match[str], receive: Receive) -> Reply:
+        name = m["name"]
+        if not self.app.registry.known(name):
+            raise RtwsError("unknown_model", f"unknown model {name!r}; POST /admin/models to add it")
+        vreq = await _body(receive, VersionRequest)
+        return await self._start(name, vreq.version, vreq.model_path, vreq.device, vreq.dtype, vreq.default,
+                                 vreq.quantization)
+
+    async def _model(self, m: re.Match[str], receive: Receive) -> Reply:
+        name = m["name"]
+        for item in self.app.registry.health():
+            if item["name"] == name:
+                return 200, _one_line_reasons(item), []
+        raise RtwsError("unknown_model", f"unknown model {name!r}")
+
+    async def _remove(self, m: re.Match[str], receive: Receive) -> Reply:
+        name = m["name"]
+        reg = self.app.registry
+        if not reg.known(name):
+            raise RtwsError("unknown_model", f"unknown model {name!r}")
+        st = reg.retire(name)
+        if st is None:
+            return 200, {"model": name, "status": "removed"}, []
+        return 202, self._accepted(st.name, st.version, st.state), []
 
     async def _start(self, name: str, version: str, path: str, device: str | None, dtype: str | None,
-                     default: bool, quantization: str | None = None) -> tuple[int, Any, list[tuple[bytes, bytes]]]:
+                     default: bool, quantization: str | None = None) -> Reply:
         import dataclasses
 
-        from .server import spec_from_config  # the server module imports this one
 
         _check_name(version, "version")
         if not path.strip() or len(path) > 4096:
-            raise _Refused("invalid_params", "model_path must be a non-empty path or hub id")
+            raise RtwsError("invalid_params", "model_path must be a non-empty path or hub id")
         changes = {k: v for k, v in (("device", device), ("dtype", dtype), ("quantization", quantization))
                    if v is not None}
         try:
             self.app.config.replace(**changes)
         except ValueError as exc:
-            raise _Refused("invalid_params", str(exc)) from None
-        spec = spec_from_config(self.app.config, name=name, path=path, version=version, device=device, dtype=dtype)
+            raise RtwsError("invalid_params", str(exc)) from None
+        spec = ModelSpec.from_config(self.app.config, name=name, path=path, version=version, device=device,
+                                     dtype=dtype)
         if quantization is not None:
             spec = dataclasses.replace(spec, quantization=quantization)
         st = self.app.registry.start_swap(spec, self.app.load_model, default=default)
@@ -208,7 +221,7 @@ def _one_line_reasons(obj: Any) -> Any:
 
 def _check_name(value: str, field: str) -> None:
     if not _NAME.fullmatch(value):
-        raise _Refused("invalid_params", f"{field} must be 1-128 characters of letters, digits and ._:@+- "
+        raise RtwsError("invalid_params", f"{field} must be 1-128 characters of letters, digits and ._:@+- "
                        "starting with a letter or digit")
 
 
@@ -216,10 +229,10 @@ async def _body(receive: Receive, kind: type[Any]) -> Any:
     try:
         raw = await read_body(receive, MAX_BODY)
     except BodyTooLarge:
-        raise _Refused("payload_too_large", f"body over {MAX_BODY} bytes") from None
+        raise RtwsError("payload_too_large", f"body over {MAX_BODY} bytes") from None
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
-        raise _Refused("invalid_params", str(exc)) from None
+        raise RtwsError("invalid_params", str(exc)) from None
     except msgspec.DecodeError:
-        raise _Refused("invalid_params", "body must be a JSON object") from None
+        raise RtwsError("invalid_params", "body must be a JSON object") from None

@@ -1,4 +1,7 @@
-"""Small ASGI HTTP helpers: JSON responses, bounded body reads, error bodies. No framework."""
+"""Small ASGI HTTP helpers: JSON responses, bounded body reads, error bodies. No framework.
+
+Error statuses come from the one code table, :data:`rtws.errors.STATUS_FOR_CODE`.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +10,14 @@ from typing import Any
 
 import msgspec
 
+from ..errors import status_for
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _json = msgspec.json.Encoder()
-
-STATUS_FOR_CODE = {
-    "bad_frame": 400,
-    "invalid_params": 400,
-    "unknown_type": 400,
-    "duplicate_id": 409,
-    "unknown_id": 404,
-    "unauthorized": 401,
-    "unknown_model": 404,
-    "too_many_generations": 429,
-    "rate_limited": 429,
-    "overloaded": 503,
-    "internal": 500,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "payload_too_large": 413,
-    "request_timeout": 408,
-    "forbidden": 403,
-    "bad_host": 421,
-}
 
 
 class BodyTooLarge(Exception):
@@ -113,4 +98,4 @@ async def send_error(send: Send, code: str, message: str, status: int | None = N
                      headers: list[tuple[bytes, bytes]] | None = None, **extra: Any) -> None:
     """``{"error": {"code", "message", ...}}`` with the status that matches ``code``."""
     body = {"error": {"code": code, "message": message, **extra}}
-    await send_json(send, status or STATUS_FOR_CODE.get(code, 400), body, headers)
+    await send_json(send, status or status_for(code), body, headers)
