@@ -26,7 +26,7 @@ def test_light_modules_leave_torch_unloaded() -> None:
 
 # --------------------------------------------------------------------------- import direction (static, by ast)
 
-RTWS = Path(__file__).resolve().parent.parent / "rtws"
+RTWS = Path(__file__).resolve().parents[2] / "rtws"
 ENGINE = ("engine", "runner", "scheduler", "kv_blocks", "generation")
 FRONT = ("session", "app", "http", "realtime", "realtime_events", "server", "api", "admission")
 PURE = ("protocol", "admission", "scheduler", "generation", "errors", "hooks", "limits")
