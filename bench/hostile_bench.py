@@ -356,11 +356,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         server.command("lag_reset")
+        server.command("steps_reset")
         cpu0 = server.cpu_seconds()
         with RssSampler(server) as rss:
             rss0 = rss.peak
             base = asyncio.run(run_normal(url, args.streams, args.duration, args.max_tokens))
         base_lag = server.command("lag")
+        base_steps = server.command("steps")
         base_cpu = server.cpu_seconds() - cpu0
         rows.append(phase_rows("baseline", base, base_lag, rss0, rss.peak))
 
@@ -369,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 args=(server.port, args.attackers, args.duration + 2.0, q,
                                                       [a for a in args.attacks.split(",") if a]))
         server.command("lag_reset")
+        server.command("steps_reset")
         cpu0 = server.cpu_seconds()
         with RssSampler(server) as rss:
             rss0 = rss.peak
@@ -378,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             counts = q.get(timeout=args.duration + 120)
             proc.join(30)
         attack_lag = server.command("lag")
+        attack_steps = server.command("steps")
+        print("# XAB", base_steps.get("ab"), attack_steps.get("ab"), flush=True)
         attack_cpu = server.cpu_seconds() - cpu0
         events = {e: len(server.log_events(e)) for e in ("stalled", "ws_refused", "error_budget", "control_budget",
                                                           "transport_buffer", "raw_connection_refused")}
@@ -402,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
                 ["phase", "p50", "p99", "max", "samples"],
                 [lag_row("baseline", base_lag), lag_row("under attack", attack_lag)]
                 + ([burst_row] if burst_row else []))
+    print_table("engine steps (duration of each engine step, and the rows it computed: normal + attacker "
+                "generations)", ["phase", "steps", "p50 ms", "p99 ms", "max ms", "mean rows"],
+                [[label, str(st.get("steps", 0)), ms(st.get("p50", float("nan"))), ms(st.get("p99", float("nan"))),
+                  ms(st.get("max", float("nan"))), f"{st.get('rows', float('nan')):.1f}"]
+                 for label, st in (("baseline", base_steps), ("under attack", attack_steps))])
     attacker_cpu = counts.pop("cpu_s", 0)
     print_table("attack connections (each ends when the server closes it; then it reconnects)",
                 ["attack", "connections made"], [[k, str(v)] for k, v in sorted(counts.items())])

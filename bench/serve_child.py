@@ -56,6 +56,29 @@ class LagSampler:
                 "samples": len(s)}
 
 
+class StepSampler:
+    """Engine step durations and batch rows, recorded on the engine thread (wraps the app's step observer)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.steps: list[tuple[float, int]] = []
+        self.tagged: dict[float, list[float]] = {}
+
+    def on_step(self, engine: Any, plan: Any, seconds: float, events: Any) -> None:
+        if len(self.steps) < 1_000_000:
+            self.steps.append((seconds, len(plan.prefill) + len(plan.decode)))
+            self.tagged.setdefault(sys.getswitchinterval(), []).append(seconds)
+        if self.inner is not None:
+            self.inner.on_step(engine, plan, seconds, events)
+
+    def report(self) -> dict[str, Any]:
+        s = list(self.steps)
+        dur = [d for d, _ in s]
+        return {"steps": len(s), "p50": percentile(dur, 50), "p99": percentile(dur, 99),
+                "max": max(dur) if dur else float("nan"),
+                "rows": sum(r for _, r in s) / len(s) if s else float("nan")}
+
+
 def transport_buffered(conn: Any) -> int:
     """Bytes waiting in the connection's transport write buffer (uvicorn's protocol owns the ASGI ``send``)."""
     transport = getattr(getattr(conn.send, "__self__", None), "transport", None)
@@ -76,9 +99,18 @@ def main() -> int:
     setup_logging(cfg.log_level)
     app = build_app(cfg)
     lag = LagSampler()
+    steps = StepSampler(app.hooks.step_observer)
+    app.hooks.step_observer = steps  # read when a model is loaded (at startup)
 
     async def start_lag() -> None:
         lag.start()
+        if os.environ.get("XSWITCH_AB"):
+            async def toggle() -> None:
+                while True:
+                    for v in (0.005, float(os.environ["XSWITCH_AB"])):
+                        sys.setswitchinterval(v)
+                        await asyncio.sleep(0.5)
+            asyncio.get_running_loop().create_task(toggle())
 
     app.on_startup.append(start_lag)
     server = Server(uvicorn_config(app, cfg), app)
@@ -94,6 +126,15 @@ def main() -> int:
             return {"ok": True}
         if cmd == "lag":
             return lag.report()
+        if cmd == "steps_reset":
+            steps.steps = []
+            steps.tagged = {}
+            return {"ok": True}
+        if cmd == "steps":
+            r = steps.report()
+            r["ab"] = {str(k): [len(v), percentile(v, 50), percentile(v, 99)] for k, v in steps.tagged.items()}
+            print("AB", r["ab"], file=sys.stderr, flush=True)
+            return r
         if cmd == "gc":
             gc.collect()
             return {"rss_kib": rss_kib(os.getpid())}

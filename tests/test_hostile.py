@@ -145,6 +145,35 @@ def test_ping_flood_memory_is_bounded(server_factory: ServerFactory, tiny_llama_
     assert growth < 64, f"RSS grew {growth:.1f} MiB under a ping flood"
 
 
+def test_a_closed_ping_flooder_is_refused_cheaply_for_the_cooldown(server_factory: ServerFactory,
+                                                                  tiny_llama_dir: Path) -> None:
+    """A socket closed 1008 for a ping flood puts its upgrade identity (address + Authorization + subprotocol)
+    in the penalty box: its next upgrades get 429 with retry-after before any handshake, while the same address
+    with another key still gets 101; once the cooldown is over the flooder's identity is let in again."""
+    cooldown = 2.0 * UNIT
+    server = server_factory(tiny_llama_dir, api_keys=(KEY, "k2-other"), ping_rate_per_s=10.0, ping_burst=20,
+                            abuse_cooldown_s=cooldown)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    flooder, status, _ = handshake(server.port, headers=auth, rcvbuf=4096)
+    assert status == 101
+    ping_flood(flooder, 1.0 * UNIT)
+    assert wait_for(lambda: server_alive_connections(server) == 0, 5.0 * UNIT), "the flooder was not closed"
+    flooder.close()
+    t_closed = time.monotonic()
+    again, again_status, _ = handshake(server.port, headers=auth)
+    raw = again.recv(4096) if again_status == 429 else b""
+    again.close()
+    other, other_status, _ = handshake(server.port, headers={"Authorization": "Bearer k2-other"})
+    other.close()
+    assert again_status == 429, again_status
+    assert raw == b"", "a refused upgrade is closed after its 429"
+    assert other_status == 101, other_status
+    time.sleep(max(0.0, cooldown + 0.2 - (time.monotonic() - t_closed)))
+    later, later_status, _ = handshake(server.port, headers=auth)
+    later.close()
+    assert later_status == 101, later_status
+
+
 def test_unread_control_frames_are_bounded_and_closed(server_factory: ServerFactory, tiny_llama_dir: Path) -> None:
     """`cancel {id: "X"*128}` sent over and over without reading: the control queue stays under its byte budget
     and the socket is closed; RSS does not follow the flood."""
