@@ -382,10 +382,11 @@ def main(argv: list[str] | None = None) -> int:
             proc.join(30)
         attack_lag = server.command("lag")
         attack_steps = server.command("steps")
-        print("# XAB", base_steps.get("ab"), attack_steps.get("ab"), flush=True)
         attack_cpu = server.cpu_seconds() - cpu0
-        events = {e: len(server.log_events(e)) for e in ("stalled", "ws_refused", "error_budget", "control_budget",
+        events = {e: len(server.log_events(e)) for e in ("stalled", "error_budget", "control_budget",
                                                           "transport_buffer", "raw_connection_refused")}
+        for e in ("ws_refused", "upgrade_cooldown"):  # logged at most once a second, with a running total
+            events[e] = max((int(d.get("refused_total", 1)) for d in server.log_events(e)), default=0)
         rows.append(phase_rows(f"+ {args.attackers} attackers", hostile, attack_lag, rss0, rss.peak))
         attack_peak, attack_rss0 = rss.peak, rss0
 

@@ -9,7 +9,8 @@ process, not in the server's HTTP surface:
   cached per loop iteration);
 * a control pipe: once listening it prints ``{"event": "ready", "port", "pid"}``
   on stdout, then answers one JSON line per command read from stdin:
-  ``lag_reset``, ``lag`` (p50/p99/max since the last reset), ``stats``
+  ``lag_reset``, ``lag`` (p50/p99/max since the last reset), ``steps_reset``, ``steps`` (engine step
+  durations p50/p99/max and mean rows per step, recorded by a step observer on the engine thread), ``stats``
   (connections, engine counters, RSS, bytes held per session: send buffer +
   transport write buffer), ``sessions`` (per-session send state),
   ``touch_kv`` (write every KV slot once, so its pages are resident) and ``gc``. Closing stdin stops the server.
@@ -62,12 +63,11 @@ class StepSampler:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.steps: list[tuple[float, int]] = []
-        self.tagged: dict[float, list[float]] = {}
 
     def on_step(self, engine: Any, plan: Any, seconds: float, events: Any) -> None:
         if len(self.steps) < 1_000_000:
             self.steps.append((seconds, len(plan.prefill) + len(plan.decode)))
-            self.tagged.setdefault(sys.getswitchinterval(), []).append(seconds)
+
         if self.inner is not None:
             self.inner.on_step(engine, plan, seconds, events)
 
@@ -104,13 +104,6 @@ def main() -> int:
 
     async def start_lag() -> None:
         lag.start()
-        if os.environ.get("XSWITCH_AB"):
-            async def toggle() -> None:
-                while True:
-                    for v in (0.005, float(os.environ["XSWITCH_AB"])):
-                        sys.setswitchinterval(v)
-                        await asyncio.sleep(0.5)
-            asyncio.get_running_loop().create_task(toggle())
 
     app.on_startup.append(start_lag)
     server = Server(uvicorn_config(app, cfg), app)
@@ -128,13 +121,9 @@ def main() -> int:
             return lag.report()
         if cmd == "steps_reset":
             steps.steps = []
-            steps.tagged = {}
             return {"ok": True}
         if cmd == "steps":
-            r = steps.report()
-            r["ab"] = {str(k): [len(v), percentile(v, 50), percentile(v, 99)] for k, v in steps.tagged.items()}
-            print("AB", r["ab"], file=sys.stderr, flush=True)
-            return r
+            return steps.report()
         if cmd == "gc":
             gc.collect()
             return {"rss_kib": rss_kib(os.getpid())}
