@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max_generations_per_client (default: num_slots // 2; 0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of: " + ", ".join(ATTACKS))
+    p.add_argument("--switch-ab", type=float, default=None, metavar="SECONDS",
+                   help="probe: the server alternates sys.setswitchinterval between Python's default and this "
+                        "every 0.5 s; engine step p50/p99 are printed per interval (interleaved A/B)")
     p.add_argument("--only-burst", action="store_true",
                    help="run only the burst phase (also against older servers, for a before/after)")
     return p
@@ -341,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         cfg["torch_threads"] = args.threads
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    if args.switch_ab:
+        env = {**(env or {}), "RTWS_BENCH_SWITCH_AB": str(args.switch_ab)}
     rows = []
     with ServerProcess(cfg, env=env) as server:
         url = server.url
@@ -413,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
                 [[label, str(st.get("steps", 0)), ms(st.get("p50", float("nan"))), ms(st.get("p99", float("nan"))),
                   ms(st.get("max", float("nan"))), f"{st.get('rows', float('nan')):.1f}"]
                  for label, st in (("baseline", base_steps), ("under attack", attack_steps))])
+    if args.switch_ab:
+        print_table("engine steps by GIL switch interval (interleaved every 0.5 s)",
+                    ["phase", "interval s", "steps", "p50 ms", "p99 ms"],
+                    [[label, k, str(v["steps"]), ms(v["p50"]), ms(v["p99"])]
+                     for label, st in (("baseline", base_steps), ("under attack", attack_steps))
+                     for k, v in sorted(st.get("by_switch_interval", {}).items())])
     attacker_cpu = counts.pop("cpu_s", 0)
     print_table("attack connections (each ends when the server closes it; then it reconnects)",
                 ["attack", "connections made"], [[k, str(v)] for k, v in sorted(counts.items())])

@@ -10,7 +10,9 @@ process, not in the server's HTTP surface:
 * a control pipe: once listening it prints ``{"event": "ready", "port", "pid"}``
   on stdout, then answers one JSON line per command read from stdin:
   ``lag_reset``, ``lag`` (p50/p99/max since the last reset), ``steps_reset``, ``steps`` (engine step
-  durations p50/p99/max and mean rows per step, recorded by a step observer on the engine thread), ``stats``
+  durations p50/p99/max and mean rows per step, recorded by a step observer on the engine thread, also per
+  GIL switch interval when ``RTWS_BENCH_SWITCH_AB=<seconds>`` makes the server alternate that interval with
+  Python's default every 0.5 s), ``stats``
   (connections, engine counters, RSS, bytes held per session: send buffer +
   transport write buffer), ``sessions`` (per-session send state),
   ``touch_kv`` (write every KV slot once, so its pages are resident) and ``gc``. Closing stdin stops the server.
@@ -63,10 +65,12 @@ class StepSampler:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.steps: list[tuple[float, int]] = []
+        self.by_interval: dict[float, list[float]] = {}  # step durations by the GIL switch interval in effect
 
     def on_step(self, engine: Any, plan: Any, seconds: float, events: Any) -> None:
         if len(self.steps) < 1_000_000:
             self.steps.append((seconds, len(plan.prefill) + len(plan.decode)))
+            self.by_interval.setdefault(sys.getswitchinterval(), []).append(seconds)
 
         if self.inner is not None:
             self.inner.on_step(engine, plan, seconds, events)
@@ -104,6 +108,16 @@ def main() -> int:
 
     async def start_lag() -> None:
         lag.start()
+        ab = os.environ.get("RTWS_BENCH_SWITCH_AB")  # "0.0005": alternate sys.setswitchinterval with the default
+        if ab:
+            async def alternate() -> None:
+                default = sys.getswitchinterval()
+                while True:
+                    for v in (default, float(ab)):
+                        sys.setswitchinterval(v)
+                        await asyncio.sleep(0.5)
+
+            asyncio.get_running_loop().create_task(alternate())
 
     app.on_startup.append(start_lag)
     server = Server(uvicorn_config(app, cfg), app)
@@ -121,9 +135,13 @@ def main() -> int:
             return lag.report()
         if cmd == "steps_reset":
             steps.steps = []
+            steps.by_interval = {}
             return {"ok": True}
         if cmd == "steps":
-            return steps.report()
+            r = steps.report()
+            r["by_switch_interval"] = {str(k): {"steps": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)}
+                                       for k, v in steps.by_interval.items()}
+            return r
         if cmd == "gc":
             gc.collect()
             return {"rss_kib": rss_kib(os.getpid())}
