@@ -236,6 +236,8 @@ class Session:
         self.bytes_sent = 0  # written to the socket (for the watchdog's throughput window)
         self.blocked_s = 0.0  # total time spent inside completed sends
         self.batch = False  # hello {batch: true}: frames ready together leave as one batch message
+        self.paused_at = 0.0  # when the session last paused (the watchdog's acknowledgement-stall rule)
+        self.acked_at = 0.0  # when an ack last advanced the window
 
     # ------------------------------------------------------------------ inbound
 
@@ -595,6 +597,7 @@ class Session:
     def _ack_to(self, received: int) -> None:
         if received > self.acked:
             self.acked = received
+            self.acked_at = time.monotonic()
         retained = self._retained
         while retained and retained[0].n <= received:
             self.unacked -= len(retained.popleft().data)
@@ -696,6 +699,7 @@ class Session:
         for engine, rids in by_engine.values():
             (engine.pause if paused else engine.resume)(rids)
         if paused:
+            self.paused_at = time.monotonic()
             self.num_pauses += 1
             self.hooks.paused("send_buffer")
 
@@ -850,6 +854,12 @@ class Session:
             self._record(gen, p.done)
             self._number(done, gid)
         return delta, done, p.tokens
+
+    def ack_stalled(self, now: float, timeout: float) -> bool:
+        """Paused at the acknowledgement window, with no ack for ``timeout`` seconds: a client that stopped
+        acknowledging (behind a proxy whose ``send`` never blocks, the only sign that it stopped reading)."""
+        return (self.acking and self.paused and self.unacked > 0
+                and now - max(self.paused_at, self.acked_at) > timeout)
 
     @property
     def _resume_below(self) -> int:

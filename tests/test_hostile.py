@@ -174,6 +174,38 @@ def test_a_closed_ping_flooder_is_refused_cheaply_for_the_cooldown(server_factor
     assert later_status == 101, later_status
 
 
+def test_a_client_that_stops_acking_is_closed_after_the_stall_timeout(server_factory: ServerFactory,
+                                                                     tiny_llama_long_dir: Path) -> None:
+    """Behind a proxy whose send never blocks, acks are the only sign a client reads. A client that opted in
+    to acks and then stops acking (while its socket keeps taking bytes) is paused at the window and, once no
+    ack came for stall_timeout_s, closed 1008; a client that keeps acking (rtws.client) finishes normally."""
+    stall = 1.5 * UNIT
+    server = server_factory(tiny_llama_long_dir, send_high_watermark=4096, stall_timeout_s=stall)
+
+    async def silent() -> tuple[int | None, str, float]:
+        async with connect(server.url, subprotocols=["rtws.v1.msgpack"]) as ws:  # type: ignore[list-item]
+            await ws.recv()  # ready
+            await ws.send(msgspec.msgpack.encode({"type": "ack", "received": 0}))
+            await ws.send(msgspec.msgpack.encode({"type": "generate", "id": "g", "prompt": "a",
+                                                  "max_tokens": 4000, "temperature": 0.0}))
+            t0 = time.monotonic()
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 30 * UNIT)  # reads everything, acks nothing
+            except Exception:  # noqa: BLE001 - the close ends the loop
+                pass
+            return ws.close_code, ws.close_reason or "", time.monotonic() - t0
+
+    async def acking() -> str:
+        async with await Client.connect(server.url) as c:
+            return (await (await c.generate("a", max_tokens=1500, temperature=0.0)).result()).reason
+
+    code, reason, took = run(silent())
+    assert code == 1008 and "acknowledgements stalled" in reason, (code, reason)
+    assert took < stall + 10.0 * UNIT, took
+    assert run(acking()) == "length"
+
+
 def test_unread_control_frames_are_bounded_and_closed(server_factory: ServerFactory, tiny_llama_dir: Path) -> None:
     """`cancel {id: "X"*128}` sent over and over without reading: the control queue stays under its byte budget
     and the socket is closed; RSS does not follow the flood."""
