@@ -775,7 +775,6 @@ class Session:
                 if self._first:
                     data = self._first.popleft()
                     self.buffered -= len(data)
-                    self.control_bytes -= len(data)
                     await self._write(data)
                     continue
                 if self._replay:
@@ -790,6 +789,7 @@ class Session:
                 if self._control:
                     data = self._control.popleft()
                     self.buffered -= len(data)
+                    self.control_bytes -= len(data)
                     self._number(data)
                     await self._write(data)
                     self._after_write()
@@ -815,6 +815,7 @@ class Session:
         while self._control and len(frames) < self._BATCH_FRAMES and size < self._BATCH_BYTES:
             data = self._control.popleft()
             self.buffered -= len(data)
+            self.control_bytes -= len(data)
             self._number(data)
             frames.append(data)
             size += len(data)

@@ -206,6 +206,30 @@ def test_a_client_that_stops_acking_is_closed_after_the_stall_timeout(server_fac
     assert run(acking()) == "length"
 
 
+def test_control_budget_counts_only_unwritten_frames(server_factory: ServerFactory, tiny_llama_dir: Path) -> None:
+    """The control budget bounds control/error frames *queued and unread*, not a socket's lifetime total: a
+    client that reads every answer gets 200 error frames (about 4x max_control_bytes) and keeps its socket."""
+    server = server_factory(tiny_llama_dir, max_control_bytes=4096)
+
+    async def main() -> tuple[int, int | None]:
+        answered = 0
+        async with connect(server.url, subprotocols=["rtws.v1.msgpack"]) as ws:  # type: ignore[list-item]
+            await ws.recv()  # ready
+            for i in range(200):
+                await ws.send(msgspec.msgpack.encode({"type": "cancel", "id": f"unknown-{i:04d}"}))
+                try:
+                    frame = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10 * UNIT))
+                except Exception:  # noqa: BLE001 - closed by the server: the count says how far it got
+                    break
+                if frame.get("code") == "unknown_id":
+                    answered += 1
+                await asyncio.sleep(0.02)  # 50 errors/s: under the error-frame rate
+            return answered, ws.close_code
+
+    answered, code = run(main())
+    assert answered == 200 and code is None, (answered, code)
+
+
 def test_unread_control_frames_are_bounded_and_closed(server_factory: ServerFactory, tiny_llama_dir: Path) -> None:
     """`cancel {id: "X"*128}` sent over and over without reading: the control queue stays under its byte budget
     and the socket is closed; RSS does not follow the flood."""
