@@ -418,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
                 [[label, str(st.get("steps", 0)), ms(st.get("p50", float("nan"))), ms(st.get("p99", float("nan"))),
                   ms(st.get("max", float("nan"))), f"{st.get('rows', float('nan')):.1f}"]
                  for label, st in (("baseline", base_steps), ("under attack", attack_steps))])
+    print_table("garbage collections in the server (each holds the GIL: engine and loop both wait)",
+                ["phase", "gen 0 n / total ms", "gen 1 n / total ms", "gen 2 n / total ms", "gen 2 max ms"],
+                [[label] + [f"{st['gc'][g]['n']} / {st['gc'][g]['total'] * 1e3:.0f}" for g in ("0", "1", "2")]
+                 + [ms(st["gc"]["2"]["max"])]
+                 for label, st in (("baseline", base_steps), ("under attack", attack_steps)) if "gc" in st])
     if args.switch_ab:
         print_table("engine steps by GIL switch interval (interleaved every 0.5 s)",
                     ["phase", "interval s", "steps", "p50 ms", "p99 ms"],

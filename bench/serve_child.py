@@ -83,6 +83,29 @@ class StepSampler:
                 "rows": sum(r for _, r in s) / len(s) if s else float("nan")}
 
 
+class GcPauses:
+    """Durations of the interpreter's garbage collections (gc.callbacks), by generation: a collection holds
+    the GIL, so it stalls the engine thread and the event loop alike."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._t0 = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif len(self.pauses) < 1_000_000:
+            self.pauses.append((int(info.get("generation", -1)), time.perf_counter() - self._t0))
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for g in (0, 1, 2):
+            d = [x for gen, x in self.pauses if gen == g]
+            out[str(g)] = {"n": len(d), "total": sum(d), "max": max(d) if d else 0.0}
+        return out
+
+
 def transport_buffered(conn: Any) -> int:
     """Bytes waiting in the connection's transport write buffer (uvicorn's protocol owns the ASGI ``send``)."""
     transport = getattr(getattr(conn.send, "__self__", None), "transport", None)
@@ -104,6 +127,7 @@ def main() -> int:
     app = build_app(cfg)
     lag = LagSampler()
     steps = StepSampler(app.hooks.step_observer)
+    gcp = GcPauses()
     app.hooks.step_observer = steps  # read when a model is loaded (at startup)
 
     async def start_lag() -> None:
@@ -135,10 +159,12 @@ def main() -> int:
             return lag.report()
         if cmd == "steps_reset":
             steps.steps = []
+            gcp.pauses = []
             steps.by_interval = {}
             return {"ok": True}
         if cmd == "steps":
             r = steps.report()
+            r["gc"] = gcp.report()
             r["by_switch_interval"] = {str(k): {"steps": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)}
                                        for k, v in steps.by_interval.items()}
             return r
