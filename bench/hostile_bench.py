@@ -17,7 +17,8 @@ One real server (``bench/serve_child.py``, built like ``rtws serve``, with API k
 
 Printed next to each other: normal streams' TTFT p99 and ITL p99 (client-side: gap between deltas divided by
 the tokens they carry), generations completed and failed, the server's event-loop lag (10 ms sampler in the
-server process), and its RSS (start, peak, growth) per phase. Targets (issue 14): ITL p99 under attack within
+server process), and its RSS (start, peak, growth) per phase; also each engine step's duration and rows,
+and the server's garbage collections, per phase (the ITL tail follows the engine's step tail). Targets (issue 14): ITL p99 under attack within
 1.5x of the baseline, no normal generation failed, RSS growth under 256 MiB, loop lag p99 under 10 ms during
 the burst.
 """
