@@ -17,7 +17,8 @@ One real server (``bench/serve_child.py``, built like ``rtws serve``, with API k
 
 Printed next to each other: normal streams' TTFT p99 and ITL p99 (client-side: gap between deltas divided by
 the tokens they carry), generations completed and failed, the server's event-loop lag (10 ms sampler in the
-server process), and its RSS (start, peak, growth) per phase. Targets (issue 14): ITL p99 under attack within
+server process), and its RSS (start, peak, growth) per phase; also each engine step's duration and rows,
+and the server's garbage collections, per phase (the ITL tail follows the engine's step tail). Targets (issue 14): ITL p99 under attack within
 1.5x of the baseline, no normal generation failed, RSS growth under 256 MiB, loop lag p99 under 10 ms during
 the burst.
 """
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max_generations_per_client (default: num_slots // 2; 0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of: " + ", ".join(ATTACKS))
+    p.add_argument("--switch-ab", type=float, default=None, metavar="SECONDS",
+                   help="probe: the server alternates sys.setswitchinterval between Python's default and this "
+                        "every 0.5 s; engine step p50/p99 are printed per interval (interleaved A/B)")
     p.add_argument("--only-burst", action="store_true",
                    help="run only the burst phase (also against older servers, for a before/after)")
     return p
@@ -341,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         cfg["torch_threads"] = args.threads
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    if args.switch_ab:
+        env = {**(env or {}), "RTWS_BENCH_SWITCH_AB": str(args.switch_ab)}
     rows = []
     with ServerProcess(cfg, env=env) as server:
         url = server.url
@@ -356,11 +362,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
         server.command("lag_reset")
+        server.command("steps_reset")
         cpu0 = server.cpu_seconds()
         with RssSampler(server) as rss:
             rss0 = rss.peak
             base = asyncio.run(run_normal(url, args.streams, args.duration, args.max_tokens))
         base_lag = server.command("lag")
+        base_steps = server.command("steps")
         base_cpu = server.cpu_seconds() - cpu0
         rows.append(phase_rows("baseline", base, base_lag, rss0, rss.peak))
 
@@ -369,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 args=(server.port, args.attackers, args.duration + 2.0, q,
                                                       [a for a in args.attacks.split(",") if a]))
         server.command("lag_reset")
+        server.command("steps_reset")
         cpu0 = server.cpu_seconds()
         with RssSampler(server) as rss:
             rss0 = rss.peak
@@ -378,9 +387,12 @@ def main(argv: list[str] | None = None) -> int:
             counts = q.get(timeout=args.duration + 120)
             proc.join(30)
         attack_lag = server.command("lag")
+        attack_steps = server.command("steps")
         attack_cpu = server.cpu_seconds() - cpu0
-        events = {e: len(server.log_events(e)) for e in ("stalled", "ws_refused", "error_budget", "control_budget",
+        events = {e: len(server.log_events(e)) for e in ("stalled", "error_budget", "control_budget",
                                                           "transport_buffer", "raw_connection_refused")}
+        for e in ("ws_refused", "upgrade_cooldown"):  # logged at most once a second, with a running total
+            events[e] = max((int(d.get("refused_total", 1)) for d in server.log_events(e)), default=0)
         rows.append(phase_rows(f"+ {args.attackers} attackers", hostile, attack_lag, rss0, rss.peak))
         attack_peak, attack_rss0 = rss.peak, rss0
 
@@ -402,6 +414,22 @@ def main(argv: list[str] | None = None) -> int:
                 ["phase", "p50", "p99", "max", "samples"],
                 [lag_row("baseline", base_lag), lag_row("under attack", attack_lag)]
                 + ([burst_row] if burst_row else []))
+    print_table("engine steps (duration of each engine step, and the rows it computed: normal + attacker "
+                "generations)", ["phase", "steps", "p50 ms", "p99 ms", "max ms", "mean rows"],
+                [[label, str(st.get("steps", 0)), ms(st.get("p50", float("nan"))), ms(st.get("p99", float("nan"))),
+                  ms(st.get("max", float("nan"))), f"{st.get('rows', float('nan')):.1f}"]
+                 for label, st in (("baseline", base_steps), ("under attack", attack_steps))])
+    print_table("garbage collections in the server (each holds the GIL: engine and loop both wait)",
+                ["phase", "gen 0 n / total ms", "gen 1 n / total ms", "gen 2 n / total ms", "gen 2 max ms"],
+                [[label] + [f"{st['gc'][g]['n']} / {st['gc'][g]['total'] * 1e3:.0f}" for g in ("0", "1", "2")]
+                 + [ms(st["gc"]["2"]["max"])]
+                 for label, st in (("baseline", base_steps), ("under attack", attack_steps)) if "gc" in st])
+    if args.switch_ab:
+        print_table("engine steps by GIL switch interval (interleaved every 0.5 s)",
+                    ["phase", "interval s", "steps", "p50 ms", "p99 ms"],
+                    [[label, k, str(v["steps"]), ms(v["p50"]), ms(v["p99"])]
+                     for label, st in (("baseline", base_steps), ("under attack", attack_steps))
+                     for k, v in sorted(st.get("by_switch_interval", {}).items())])
     attacker_cpu = counts.pop("cpu_s", 0)
     print_table("attack connections (each ends when the server closes it; then it reconnects)",
                 ["attack", "connections made"], [[k, str(v)] for k, v in sorted(counts.items())])

@@ -87,6 +87,7 @@ class Tally:
 
     tokens: int = 0
     frames: int = 0
+    messages: int = 0  # WebSocket messages read (a batch message carries several frames)
     requests: int = 0
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
@@ -111,7 +112,8 @@ class Tally:
             self.e2e.append(now - r.sent)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "frames": self.frames, "requests": self.requests, "ttft": self.ttft,
+        return {"tokens": self.tokens, "frames": self.frames, "messages": self.messages,
+                "requests": self.requests, "ttft": self.ttft,
                 "itl": self.itl, "e2e": self.e2e, "cancel": self.cancel, "reasons": self.reasons,
                 "errors": self.errors, "t_start": self.t_start, "t_end": self.t_end}
 
@@ -131,7 +133,7 @@ class Conn:
 
     @classmethod
     async def open(cls, url: str, name: str, *, rcvbuf: int | None = None, maxseg: int | None = None,
-                   timeout: float = 60.0) -> Conn:
+                   timeout: float = 60.0, batch: bool = False) -> Conn:
         from websockets.asyncio.client import connect
 
         u = urlsplit(url)
@@ -149,6 +151,8 @@ class Conn:
             if isinstance(frame, p.Error):
                 await ws.close()
                 raise ConnectionError(f"{frame.code}: {frame.message}")
+        if batch and frame.limits.batch:  # opt in to batch messages (docs/protocol.md, "Batches")
+            await ws.send(codec.encode(p.Hello(batch=True)))
         return cls(ws, codec, name)
 
     async def generate(self, prompt: str, max_tokens: int, *, temperature: float = 0.0,
@@ -189,44 +193,14 @@ class Conn:
     async def _read(self) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        decode = self.codec.decode_any
+        decode = self.codec.decode_message
         try:
             async for data in self.ws:
                 now = clock()
-                f = decode(data)
-                if isinstance(f, p.Delta):
-                    r = self.reqs.get(f.id)
-                    if r is None:
-                        continue
-                    t = self.tally
-                    if r.cancel_sent is not None:
-                        r.frames_after_cancel += 1
-                    if f.tokens:
-                        if r.first is None:
-                            r.first = now
-                            if r.first_token is not None and not r.first_token.done():
-                                r.first_token.set_result(None)
-                            if t is not None and f.tokens > 1:
-                                t.itl.extend([(now - r.sent) / f.tokens] * (f.tokens - 1))
-                        elif t is not None:
-                            t.itl.extend([(now - r.last) / f.tokens] * f.tokens)
-                        r.last = now
-                        r.tokens += f.tokens
-                        if t is not None:
-                            t.tokens += f.tokens
-                    r.frames += 1
-                    if t is not None:
-                        t.frames += 1
-                elif isinstance(f, p.Done):
-                    r = self.reqs.get(f.id)
-                    if r is not None:
-                        r.reason = f.reason
-                        self._finish(r, now)
-                elif isinstance(f, p.Error):
-                    r = self.reqs.get(f.id) if f.id is not None else None
-                    if r is not None:
-                        r.error = f.code
-                        self._finish(r, now)
+                if self.tally is not None:
+                    self.tally.messages += 1
+                for f in decode(data):
+                    self._on_frame(f, now)
         except ConnectionClosed:
             pass
         finally:
@@ -234,6 +208,41 @@ class Conn:
             now = clock()
             for r in list(self.reqs.values()):
                 r.error = "connection_closed"
+                self._finish(r, now)
+
+    def _on_frame(self, f: Any, now: float) -> None:
+        if isinstance(f, p.Delta):
+            r = self.reqs.get(f.id)
+            if r is None:
+                return
+            t = self.tally
+            if r.cancel_sent is not None:
+                r.frames_after_cancel += 1
+            if f.tokens:
+                if r.first is None:
+                    r.first = now
+                    if r.first_token is not None and not r.first_token.done():
+                        r.first_token.set_result(None)
+                    if t is not None and f.tokens > 1:
+                        t.itl.extend([(now - r.sent) / f.tokens] * (f.tokens - 1))
+                elif t is not None:
+                    t.itl.extend([(now - r.last) / f.tokens] * f.tokens)
+                r.last = now
+                r.tokens += f.tokens
+                if t is not None:
+                    t.tokens += f.tokens
+            r.frames += 1
+            if t is not None:
+                t.frames += 1
+        elif isinstance(f, p.Done):
+            r = self.reqs.get(f.id)
+            if r is not None:
+                r.reason = f.reason
+                self._finish(r, now)
+        elif isinstance(f, p.Error):
+            r = self.reqs.get(f.id) if f.id is not None else None
+            if r is not None:
+                r.error = f.code
                 self._finish(r, now)
 
     async def close(self) -> None:
@@ -341,7 +350,7 @@ class Worker:
                                                            maxseg=spec.get("maxseg")))
                     else:
                         self.conns.append(await Conn.open(spec["url"], f"w{self.wid}c{i}", rcvbuf=spec.get("rcvbuf"),
-                                                          maxseg=spec.get("maxseg")))
+                                                          maxseg=spec.get("maxseg"), batch=spec.get("batch", False)))
                     self.connect_times.append(clock() - t0)
                 except Exception as exc:
                     key = type(exc).__name__ + (f": {exc}"[:80] if str(exc) else "")
@@ -502,7 +511,7 @@ class Fleet:
     """Worker processes holding ``connections`` sessions to ``url`` between them."""
 
     def __init__(self, url: str, connections: int, procs: int, *, raw: bool = False, rcvbuf: int | None = None,
-                 maxseg: int | None = None, timeout: float = 300.0) -> None:
+                 maxseg: int | None = None, timeout: float = 300.0, batch: bool = False) -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
@@ -515,7 +524,7 @@ class Fleet:
         self.shares = share
         self.procs = [
             ctx.Process(target=worker_main, args=(i, {"url": url, "connections": share[i], "raw": raw,
-                                                      "rcvbuf": rcvbuf, "maxseg": maxseg},
+                                                      "rcvbuf": rcvbuf, "maxseg": maxseg, "batch": batch},
                                                   self.cmd_qs[i], self.out_q, self.stop_event), daemon=True)
             for i in range(procs)
         ]
@@ -579,11 +588,11 @@ class Fleet:
 
 def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
     """Combine per-worker tallies: lists concatenated, counts summed, wall = last end - first start."""
-    out: dict[str, Any] = {"tokens": 0, "frames": 0, "requests": 0, "ttft": [], "itl": [], "e2e": [], "cancel": [],
+    out: dict[str, Any] = {"tokens": 0, "frames": 0, "messages": 0, "requests": 0, "ttft": [], "itl": [], "e2e": [], "cancel": [],
                            "reasons": {}, "errors": {}, "cpu_s": 0.0}
     t_start, t_end = float("inf"), 0.0
     for a in answers:
-        for k in ("tokens", "frames", "requests"):
+        for k in ("tokens", "frames", "messages", "requests"):
             out[k] += a.get(k, 0)
         for k in ("ttft", "itl", "e2e", "cancel"):
             out[k].extend(a.get(k, []))

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", default="1,2", help="Ray setups to measure (replica counts)")
     p.add_argument("--frame-interval-ms", default="0",
                    help="comma list of per-socket frame pacing for the Ray runs (0: off)")
+    p.add_argument("--streams-per-socket", type=int, default=1,
+                   help="generations in flight per WebSocket (--concurrency streams over concurrency/this sockets)")
+    p.add_argument("--batch", default="0",
+                   help="comma list of client modes: 0 = one frame per message (v1), 1 = hello {batch: true} "
+                        "(every frame ready at once in one message); each Ray setup runs in each mode, paired "
+                        "with direct in the same mode")
     p.add_argument("--round-trips", type=int, default=100, help="sequential frame round trips per setup")
     p.add_argument("--warmup-requests", type=int, default=16)
     p.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
@@ -139,10 +145,11 @@ def round_trips(url: str, n: int) -> list[float]:
 class Setup:
     """One way of serving: its WebSocket URL and the server-side processes whose CPU counts."""
 
-    def __init__(self, label: str, url: str, pids: dict[str, list[int]]) -> None:
+    def __init__(self, label: str, url: str, pids: dict[str, list[int]], batch: bool = False) -> None:
         self.label = label
         self.url = url
         self.pids = pids
+        self.batch = batch
 
     def cpu(self) -> dict[str, float]:
         out = {}
@@ -154,18 +161,21 @@ class Setup:
 def measure(setup: Setup, args: Any, prompts: list[str], mts: list[int]) -> dict[str, Any]:
     pairs = list(zip(prompts, mts))
     reqs, warm = pairs[: args.requests], pairs[args.requests:]
-    with Fleet(setup.url, args.concurrency, args.procs) as fleet:
-        if fleet.num_connected != args.concurrency:
-            raise RuntimeError(f"{setup.label}: {fleet.num_connected}/{args.concurrency} connected: "
+    per = max(1, args.streams_per_socket)
+    sockets = max(1, args.concurrency // per)
+    with Fleet(setup.url, sockets, args.procs, batch=setup.batch) as fleet:
+        if fleet.num_connected != sockets:
+            raise RuntimeError(f"{setup.label}: {fleet.num_connected}/{sockets} connected: "
                                f"{fleet.connect_errors}")
-        fleet.all(lambda i: {"op": "run", "requests": split(warm, fleet.shares)[i], "streams": 1})
+        fleet.all(lambda i: {"op": "run", "requests": split(warm, fleet.shares)[i], "streams": per})
         cpu0 = setup.cpu()
-        answers = fleet.all(lambda i: {"op": "run", "requests": split(reqs, fleet.shares)[i], "streams": 1})
+        answers = fleet.all(lambda i: {"op": "run", "requests": split(reqs, fleet.shares)[i], "streams": per})
         cpu1 = setup.cpu()
     res = merge(answers)
     res["cpu"] = {k: cpu1[k] - cpu0[k] for k in cpu1}
     res["rtt"] = round_trips(setup.url, args.round_trips)
-    print(f"# {setup.label}: {res['tokens']} tokens in {res['frames']} frames, {num(res['tok_s'])} tok/s, "
+    print(f"# {setup.label}: {res['tokens']} tokens in {res['frames']} frames / {res['messages']} messages, "
+          f"{num(res['tok_s'])} tok/s, "
           f"reasons {res['reasons']}, errors {res['errors']}, server CPU s {res['cpu']}", flush=True)
     return res
 
@@ -177,6 +187,7 @@ def _row(label: str, r: dict[str, Any], ratio: float | None) -> list[str]:
     server = (cpu.get("server", 0.0) + cpu.get("replicas", 0.0)) * 1e3 / tokens
     return [label, num(r["tok_s"]), "100%" if ratio is None else f"{100 * ratio:.0f}%",
             ms(percentile(r["itl"], 50)), ms(percentile(r["itl"], 99)), f"{r['tokens'] / max(1, r['frames']):.2f}",
+            f"{r['tokens'] / max(1, r.get('messages', 0)):.2f}",
             ms(percentile(r["rtt"], 50)), ms(percentile(r["rtt"], 99)), f"{server:.3f}",
             f"{proxy:.3f}" if "proxy" in cpu else "-", f"{server + proxy:.3f}"]
 
@@ -194,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     common_cfg = dict(num_slots=slots, max_connections=args.concurrency + 64, idle_timeout_s=3600.0,
                       max_tokens_limit=max(4096, args.max_tokens), log_level="WARNING")
     rows: list[list[str]] = []
-    direct_runs: list[dict[str, Any]] = []
+    batches = [x.strip() not in ("0", "") for x in args.batch.split(",") if x.strip()]
+    direct_runs: dict[bool, list[dict[str, Any]]] = {b: [] for b in batches}
 
     import ray
     from ray import serve
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     # Both servers stay up for the whole run; each Ray setup is measured in ABBA order against direct
     # (direct, ray, ray, direct, ...), so a drift in the shared machine's load hits both sides alike.
     srv = ServerProcess(server_config(args, **common_cfg, ping_interval_s=None), env=thread_env(args))
-    direct = Setup("direct rtws serve", srv.url, {"server": [srv.pid]})
+    directs = {b: Setup("direct rtws serve" + (", batch" if b else ""), srv.url, {"server": [srv.pid]}, b)
+               for b in batches}
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -229,25 +242,27 @@ def main(argv: list[str] | None = None) -> int:
                         "replicas": [p for p, c in procs.items() if c.startswith("ray::ServeReplica")]}
                 if len(pids["replicas"]) != replicas or len(pids["proxy"]) != 1:
                     raise RuntimeError(f"expected 1 proxy and {replicas} replicas, found {pids}")
-                label = f"ray, {replicas} replica{'s' if replicas > 1 else ''}" + (
-                    f", pacing {interval:g} ms" if interval else "")
-                setup = Setup(label, f"ws://127.0.0.1:{port}/ws", pids)
-                pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
-                for k in range(args.repeat):
-                    if k % 2 == 0:
-                        d = measure(direct, args, prompts, mts)
-                        r = measure(setup, args, prompts, mts)
-                    else:
-                        r = measure(setup, args, prompts, mts)
-                        d = measure(direct, args, prompts, mts)
-                    pairs.append((d, r))
-                    direct_runs.append(d)
-                ratios = sorted(r["tok_s"] / d["tok_s"] for d, r in pairs)
-                ratio_med = statistics.median(ratios)
-                pairs.sort(key=lambda x: x[1]["tok_s"])
-                med = pairs[len(pairs) // 2][1]
-                rows.append(_row(label, med, ratio_med))
-                print(f"# {label}: ray/direct tok/s per pair {[f'{x:.2f}' for x in ratios]}", flush=True)
+                for batch in batches:
+                    label = f"ray, {replicas} replica{'s' if replicas > 1 else ''}" + (
+                        f", pacing {interval:g} ms" if interval else "") + (", batch" if batch else "")
+                    setup = Setup(label, f"ws://127.0.0.1:{port}/ws", pids, batch)
+                    direct = directs[batch]
+                    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+                    for k in range(args.repeat):
+                        if k % 2 == 0:
+                            d = measure(direct, args, prompts, mts)
+                            r = measure(setup, args, prompts, mts)
+                        else:
+                            r = measure(setup, args, prompts, mts)
+                            d = measure(direct, args, prompts, mts)
+                        pairs.append((d, r))
+                        direct_runs[batch].append(d)
+                    ratios = sorted(r["tok_s"] / d["tok_s"] for d, r in pairs)
+                    ratio_med = statistics.median(ratios)
+                    pairs.sort(key=lambda x: x[1]["tok_s"])
+                    med = pairs[len(pairs) // 2][1]
+                    rows.append(_row(label, med, ratio_med))
+                    print(f"# {label}: ray/direct tok/s per pair {[f'{x:.2f}' for x in ratios]}", flush=True)
     finally:
         try:
             serve.shutdown()
@@ -255,13 +270,15 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
             srv.stop()
 
-    direct_runs.sort(key=lambda r: r["tok_s"])
-    rows.insert(0, _row(f"direct rtws serve (median of {len(direct_runs)})", direct_runs[len(direct_runs) // 2],
-                        None))
-    print_table(f"ray_bench summary: {args.concurrency} streams (closed loop, 1 per socket), prompt "
+    for i, batch in enumerate(batches):
+        runs = sorted(direct_runs[batch], key=lambda r: r["tok_s"])
+        if runs:
+            rows.insert(i, _row(f"{directs[batch].label} (median of {len(runs)})", runs[len(runs) // 2], None))
+    per = max(1, args.streams_per_socket)
+    print_table(f"ray_bench summary: {args.concurrency} streams (closed loop, {per} per socket), prompt "
                 f"{args.prompt_len}, max_tokens {args.max_tokens}, {args.requests} requests per run, {args.repeat} "
                 f"ABBA pairs per setup; 'of direct' is the median of the per-pair ratios",
-                ["setup", "tok/s", "of direct", "ITL p50 ms", "ITL p99 ms", "tokens/frame", "RTT p50 ms",
+                ["setup", "tok/s", "of direct", "ITL p50 ms", "ITL p99 ms", "tokens/frame", "tokens/msg", "RTT p50 ms",
                  "RTT p99 ms", "CPU ms/tok rtws", "CPU ms/tok proxy", "CPU ms/tok total"], rows)
     return 0
 

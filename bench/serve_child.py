@@ -9,7 +9,10 @@ process, not in the server's HTTP surface:
   cached per loop iteration);
 * a control pipe: once listening it prints ``{"event": "ready", "port", "pid"}``
   on stdout, then answers one JSON line per command read from stdin:
-  ``lag_reset``, ``lag`` (p50/p99/max since the last reset), ``stats``
+  ``lag_reset``, ``lag`` (p50/p99/max since the last reset), ``steps_reset``, ``steps`` (engine step
+  durations p50/p99/max and mean rows per step, recorded by a step observer on the engine thread, also per
+  GIL switch interval when ``RTWS_BENCH_SWITCH_AB=<seconds>`` makes the server alternate that interval with
+  Python's default every 0.5 s), ``stats``
   (connections, engine counters, RSS, bytes held per session: send buffer +
   transport write buffer), ``sessions`` (per-session send state),
   ``touch_kv`` (write every KV slot once, so its pages are resident) and ``gc``. Closing stdin stops the server.
@@ -56,6 +59,53 @@ class LagSampler:
                 "samples": len(s)}
 
 
+class StepSampler:
+    """Engine step durations and batch rows, recorded on the engine thread (wraps the app's step observer)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.steps: list[tuple[float, int]] = []
+        self.by_interval: dict[float, list[float]] = {}  # step durations by the GIL switch interval in effect
+
+    def on_step(self, engine: Any, plan: Any, seconds: float, events: Any) -> None:
+        if len(self.steps) < 1_000_000:
+            self.steps.append((seconds, len(plan.prefill) + len(plan.decode)))
+            self.by_interval.setdefault(sys.getswitchinterval(), []).append(seconds)
+
+        if self.inner is not None:
+            self.inner.on_step(engine, plan, seconds, events)
+
+    def report(self) -> dict[str, Any]:
+        s = list(self.steps)
+        dur = [d for d, _ in s]
+        return {"steps": len(s), "p50": percentile(dur, 50), "p99": percentile(dur, 99),
+                "max": max(dur) if dur else float("nan"),
+                "rows": sum(r for _, r in s) / len(s) if s else float("nan")}
+
+
+class GcPauses:
+    """Durations of the interpreter's garbage collections (gc.callbacks), by generation: a collection holds
+    the GIL, so it stalls the engine thread and the event loop alike."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._t0 = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif len(self.pauses) < 1_000_000:
+            self.pauses.append((int(info.get("generation", -1)), time.perf_counter() - self._t0))
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for g in (0, 1, 2):
+            d = [x for gen, x in self.pauses if gen == g]
+            out[str(g)] = {"n": len(d), "total": sum(d), "max": max(d) if d else 0.0}
+        return out
+
+
 def transport_buffered(conn: Any) -> int:
     """Bytes waiting in the connection's transport write buffer (uvicorn's protocol owns the ASGI ``send``)."""
     transport = getattr(getattr(conn.send, "__self__", None), "transport", None)
@@ -76,9 +126,22 @@ def main() -> int:
     setup_logging(cfg.log_level)
     app = build_app(cfg)
     lag = LagSampler()
+    steps = StepSampler(app.hooks.step_observer)
+    gcp = GcPauses()
+    app.hooks.step_observer = steps  # read when a model is loaded (at startup)
 
     async def start_lag() -> None:
         lag.start()
+        ab = os.environ.get("RTWS_BENCH_SWITCH_AB")  # "0.0005": alternate sys.setswitchinterval with the default
+        if ab:
+            async def alternate() -> None:
+                default = sys.getswitchinterval()
+                while True:
+                    for v in (default, float(ab)):
+                        sys.setswitchinterval(v)
+                        await asyncio.sleep(0.5)
+
+            asyncio.get_running_loop().create_task(alternate())
 
     app.on_startup.append(start_lag)
     server = Server(uvicorn_config(app, cfg), app)
@@ -94,6 +157,17 @@ def main() -> int:
             return {"ok": True}
         if cmd == "lag":
             return lag.report()
+        if cmd == "steps_reset":
+            steps.steps = []
+            gcp.pauses = []
+            steps.by_interval = {}
+            return {"ok": True}
+        if cmd == "steps":
+            r = steps.report()
+            r["gc"] = gcp.report()
+            r["by_switch_interval"] = {str(k): {"steps": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99)}
+                                       for k, v in steps.by_interval.items()}
+            return r
         if cmd == "gc":
             gc.collect()
             return {"rss_kib": rss_kib(os.getpid())}

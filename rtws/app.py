@@ -703,6 +703,12 @@ class App:
                 self.hooks.rejected("stalled")
                 self._close_soon(conn, 1008, "reader stalled")
                 continue
+            if s.ack_stalled(now, cfg.stall_timeout_s):
+                log.warning("closing socket: acknowledgements stalled", extra={
+                    "event": "stalled", "session": s.id, "client": s.client, "unacked": s.unacked})
+                self.hooks.rejected("stalled")
+                self._close_soon(conn, 1008, "acknowledgements stalled")
+                continue
             if now - conn.win_start >= window:
                 # Throughput over the window: blocked on the reader for most of it, yet little taken.
                 blocked = s.blocked_s - conn.win_blocked

@@ -153,6 +153,7 @@ class Client:
         self._reconnect_fn = reconnect
         self.resume = resume and reconnect is not None
         self.received = 0  # frames of this session received (ready not counted): what acks carry
+        self.messages = 0  # WebSocket messages read (a batch message is one, whatever it carries)
         self.resumes = 0
         self.resume_failures = 0
         self._unacked = 0
@@ -168,12 +169,15 @@ class Client:
     @classmethod
     async def connect(cls, url: str, *, token: str | None = None, codec: str = "msgpack",
                       auth: str = "hello", origin: str | None = None, open_timeout: float = 30.0,
-                      max_size: int | None = 2**24, resume: bool = True) -> Client:
+                      max_size: int | None = 2**24, resume: bool = True, batch: bool = False) -> Client:
         """Open a session and wait for ``ready``.
 
         ``auth="hello"`` sends the token in the first frame (as a browser must);
         ``auth="header"`` sends ``Authorization: Bearer``. ``resume``: ack frames and
-        resume the session transparently after a dropped socket.
+        resume the session transparently after a dropped socket. ``batch``: when the
+        server offers it (``ready.limits.batch``), opt in to batch messages (one
+        WebSocket message carries every frame ready at once: fewer messages for
+        sockets with several generations, e.g. behind a proxy that costs per message).
         """
         sub = p.SUBPROTOCOL_JSON if codec == "json" else p.SUBPROTOCOL_MSGPACK
         c = p.codec_for(sub)
@@ -196,6 +200,9 @@ class Client:
                     break
                 if isinstance(frame, p.Error):
                     raise ServerError(frame.code, frame.message)
+            batching = batch and bool(frame.limits.batch)
+            if batching:
+                await ws.send(_wire(c, p.Hello(batch=True)))
             if resume and frame.resume_token is not None:
                 await ws.send(_wire(c, p.Ack(received=0)))  # opt in to acks: the session can be resumed
         except BaseException:
@@ -206,7 +213,7 @@ class Client:
             assert client.ready is not None
             ws = await open_ws(client.ready.replica)
             hello = p.Hello(token=token if auth == "hello" else None, resume=client.ready.resume_token,
-                            received=client.received)
+                            received=client.received, batch=True if batching else None)
             await ws.send(_wire(c, hello))
             return ws
 
@@ -302,11 +309,30 @@ class Client:
                         fut.set_exception(self.closed)
 
     async def _on_data(self, data: bytes | str) -> None:
-        frame = self.codec.decode_any(data)
-        if isinstance(frame, p.Ready):
-            return
-        self.received += 1
+        """One WebSocket message: a frame, or a batch of frames (hello {batch: true}), each counted for acks."""
         self._unacked += len(data)
+        self.messages += 1
+        done = False
+        counted = 0
+        for frame in self.codec.decode_message(data):
+            if isinstance(frame, p.Ready):
+                continue
+            self.received += 1
+            counted += 1
+            done = done or isinstance(frame, p.Done)
+            self._on_frame(frame)
+        if self.resume and (self._unacked >= self._ack_every or done):
+            self._unacked = 0
+            try:
+                await self.ws.send(_wire(self.codec, p.Ack(received=self.received)))
+            except ConnectionClosed:
+                pass
+        if self._replay_left:
+            self._replay_left = max(0, self._replay_left - counted)
+            if not self._replay_left:
+                await self._after_replay()
+
+    def _on_frame(self, frame: Any) -> None:
         if isinstance(frame, (p.Delta, p.Done)):
             stream = self._streams.get(frame.id)
             if stream is not None:
@@ -329,16 +355,6 @@ class Client:
                 fut = futs.pop(0)
                 if not fut.done():
                     fut.set_result(frame)
-        if self.resume and (self._unacked >= self._ack_every or isinstance(frame, p.Done)):
-            self._unacked = 0
-            try:
-                await self.ws.send(_wire(self.codec, p.Ack(received=self.received)))
-            except ConnectionClosed:
-                pass
-        if self._replay_left:
-            self._replay_left -= 1
-            if not self._replay_left:
-                await self._after_replay()
 
     async def _resume(self) -> bool:
         """Reconnect and resume within the server's window. True: reading goes on (resumed or fresh)."""

@@ -117,6 +117,9 @@ class ServerConfig:
         "help": "inbound WebSocket frames per socket per second, sustained; past it the server stops reading "
                 "that socket until its budget refills (burst ws_frame_burst)"})
     ws_frame_burst: int = field(default=1000, metadata={"help": "inbound WebSocket frames allowed in a burst"})
+    abuse_cooldown_s: float = field(default=5.0, metadata={
+        "help": "after a WebSocket is closed for a ping flood or a full send buffer, upgrades with the same "
+                "address + Authorization + subprotocol headers get 429 for this many seconds (0: off)"})
     stall_min_bytes_per_s: int = field(default=64 * 1024, metadata={
         "help": "a socket blocked on its reader for most of a stall_timeout_s window that took fewer bytes/s "
                 "than this is closed 1008"})
@@ -264,6 +267,7 @@ def _validate(c: ServerConfig) -> None:
         v = getattr(c, name)
         need(v is None or v > 0, name, "must be > 0")
     need(c.max_batch_wait_ms >= 0, "max_batch_wait_ms", "must be >= 0")
+    need(c.abuse_cooldown_s >= 0, "abuse_cooldown_s", "must be >= 0")
     need(c.kv_cache_gb is None or c.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
     need(1 <= c.block_size <= 4096, "block_size", "must be in 1..4096")
     need(c.resume_window_s >= 0, "resume_window_s", "must be >= 0")

@@ -104,6 +104,9 @@ class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True, omit_def
     token: Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_LENGTH)] | None = None
     resume: Annotated[str, msgspec.Meta(max_length=MAX_RESUME_LENGTH)] | None = None
     received: FrameCount | None = None
+    # Optional (v1-compatible): true opts this socket in to batch messages (an array of frames in one
+    # WebSocket message, docs/protocol.md "Batches"); send it only to a server whose ready.limits.batch is true.
+    batch: bool | None = None
 
 
 class Generate(msgspec.Struct, tag="generate", tag_field="type", frozen=True):
@@ -162,6 +165,7 @@ class Limits(msgspec.Struct, frozen=True, omit_defaults=True):
     resume_window_s: float | None = None  # how long a session is held after an unclean disconnect
     max_conversations: int | None = None
     max_conversation_generations: int | None = None
+    batch: bool | None = None  # true: this server sends batch messages to a socket that sent hello {batch: true}
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -245,13 +249,42 @@ class ProtocolError(RtwsError):
                      retry_after=None if self.retry_after is None else round(self.retry_after, 3))
 
 
+# --------------------------------------------------------------------------- batch messages
+
+
+def batch_message(frames: list[bytes], binary: bool) -> bytes:
+    """Concatenate encoded frames into one array message: a msgpack array header + the frames, or ``[a,b]``."""
+    if not binary:
+        return b"[" + b",".join(frames) + b"]"
+    n = len(frames)
+    if n < 16:
+        head = bytes((0x90 | n,))
+    elif n < 1 << 16:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(frames)
+
+
+def is_batch(data: bytes | str) -> bool:
+    """True for a batch message: a msgpack array (a frame alone is always a map) or a JSON array."""
+    if isinstance(data, str):
+        return data.lstrip()[:1] == "["
+    if not data:
+        return False
+    b = data[0]
+    if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+        return True
+    return b in (0x5B, 0x20, 0x0A, 0x0D, 0x09) and data.lstrip()[:1] == b"["
+
+
 # --------------------------------------------------------------------------- codecs
 
 
 class Codec:
     """Encoder/decoder pair for one subprotocol. Instances are shared, stateless."""
 
-    __slots__ = ("name", "binary", "_decoder", "_encoder", "_raw_decoder", "_any_decoder")
+    __slots__ = ("name", "binary", "_decoder", "_encoder", "_raw_decoder", "_any_decoder", "_list_decoder")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -260,11 +293,13 @@ class Codec:
             self._decoder: Any = msgspec.msgpack.Decoder(ClientFrame)
             self._raw_decoder: Any = msgspec.msgpack.Decoder()
             self._any_decoder: Any = msgspec.msgpack.Decoder(AnyFrame)
+            self._list_decoder: Any = msgspec.msgpack.Decoder(list[AnyFrame])
             self._encoder: Any = msgspec.msgpack.Encoder()
         else:
             self._decoder = msgspec.json.Decoder(ClientFrame)
             self._raw_decoder = msgspec.json.Decoder()
             self._any_decoder = msgspec.json.Decoder(AnyFrame)
+            self._list_decoder = msgspec.json.Decoder(list[AnyFrame])
             self._encoder = msgspec.json.Encoder()
 
     def encode(self, frame: AnyFrame) -> bytes:
@@ -274,6 +309,17 @@ class Codec:
     def decode_any(self, data: bytes | str) -> AnyFrame:
         """Decode a frame of either direction (clients and tests). Raises msgspec errors."""
         return self._any_decoder.decode(data)  # type: ignore[no-any-return]
+
+    def decode_message(self, data: bytes | str) -> list[AnyFrame]:
+        """Decode one WebSocket message into its frames: a batch message (an array) gives each of its frames,
+        in order; any other message is one frame. Raises msgspec errors."""
+        if is_batch(data):
+            return self._list_decoder.decode(data)  # type: ignore[no-any-return]
+        return [self._any_decoder.decode(data)]
+
+    def batch(self, frames: list[bytes]) -> bytes:
+        """One batch message from already encoded frames (a msgpack array / JSON array of them), no re-encoding."""
+        return batch_message(frames, self.binary)
 
     def decode_client(self, data: bytes | str) -> ClientFrame:
         """Decode and validate one client frame.

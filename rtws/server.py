@@ -109,7 +109,8 @@ def uvicorn_config(app: App, config: ServerConfig, sock: socket.socket | None = 
         guard=ConnectionGuard(config.max_raw_connections, config.max_connections_per_address),
         header_timeout_s=config.header_timeout_s, ping_rate_per_s=config.ping_rate_per_s,
         ping_burst=config.ping_burst, max_transport_buffer=config.max_transport_buffer,
-        frames_per_s=config.ws_frames_per_s, frame_burst=config.ws_frame_burst)
+        frames_per_s=config.ws_frames_per_s, frame_burst=config.ws_frame_burst,
+        abuse_cooldown_s=config.abuse_cooldown_s)
     return ucfg
 
 

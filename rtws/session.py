@@ -237,6 +237,9 @@ class Session:
         self.refusing = False  # a policy close is under way: frames are ignored, nothing more is queued
         self.bytes_sent = 0  # written to the socket (for the watchdog's throughput window)
         self.blocked_s = 0.0  # total time spent inside completed sends
+        self.batch = False  # hello {batch: true}: frames ready together leave as one batch message
+        self.paused_at = 0.0  # when the session last paused (the watchdog's acknowledgement-stall rule)
+        self.acked_at = 0.0  # when an ack last advanced the window
 
     # ------------------------------------------------------------------ inbound
 
@@ -260,7 +263,7 @@ class Session:
                       max_prompt_tokens=prompt_cap, max_frame_bytes=lim.max_frame_bytes,
                       window=lim.high_watermark, resume_window_s=lim.resume_window_s if resume else None,
                       max_conversations=lim.max_conversations,
-                      max_conversation_generations=lim.max_conversation_generations)
+                      max_conversation_generations=lim.max_conversation_generations, batch=True)
 
     def on_frame(self, data: bytes | str) -> None:
         """Handle one client frame. Never raises for bad input: answers with an ``error`` frame."""
@@ -339,6 +342,8 @@ class Session:
             self.authenticated = True
             self.rate_key = key
             self.key = key_id(frame.token)
+        if frame.batch is not None:
+            self.batch = frame.batch
         if frame.resume is None:
             if not self.started:
                 self.start()
@@ -570,6 +575,7 @@ class Session:
     def _ack_to(self, received: int) -> None:
         if received > self.acked:
             self.acked = received
+            self.acked_at = time.monotonic()
         retained = self._retained
         while retained and retained[0].n <= received:
             self.unacked -= len(retained.popleft().data)
@@ -671,6 +677,7 @@ class Session:
         for engine, rids in by_engine.values():
             (engine.pause if paused else engine.resume)(rids)
         if paused:
+            self.paused_at = time.monotonic()
             self.num_pauses += 1
             self.hooks.paused("send_buffer")
 
@@ -746,15 +753,21 @@ class Session:
                 if self._first:
                     data = self._first.popleft()
                     self.buffered -= len(data)
-                    self.control_bytes -= len(data)
                     await self._write(data)
                     continue
                 if self._replay:
                     await self._write(self._replay.popleft())
                     continue
+                if self.batch and (self._control or self._pending):
+                    frames, tokens = self._take_batch(encode)
+                    if frames:
+                        await self._write(frames[0] if len(frames) == 1 else self.codec.batch(frames), tokens)
+                    self._after_write()
+                    continue
                 if self._control:
                     data = self._control.popleft()
                     self.buffered -= len(data)
+                    self.control_bytes -= len(data)
                     self._number(data)
                     await self._write(data)
                     self._after_write()
@@ -762,35 +775,70 @@ class Session:
                 if not self._pending:
                     break
                 gid = next(iter(self._pending))
-                p = self._pending.pop(gid)
-                self.buffered -= p.nbytes
-                gen = p.gen
-                # Count and retain both frames before writing either: a write cut by a dropped socket
-                # leaves them retained for replay, never half-counted.
-                delta: bytes | None = None
-                done: bytes | None = None
-                if p.tokens or p.text:
-                    text = "".join(p.text)
-                    delta = encode(Delta(id=gid, seq=gen.seq, text=text, tokens=p.tokens))
-                    gen.seq += 1
-                    gen.sent_tokens += p.tokens
-                    gen.delivered.append(text)
-                    self._number(delta)
-                    if gen.first_sent is None:
-                        gen.first_sent = time.monotonic()
-                        self.hooks.first_token(gen.model.name, gen.first_sent - gen.started)
-                if p.done is not None:
-                    usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.sent_tokens,
-                                  cached_tokens=gen.cached_tokens)
-                    done = encode(Done(id=gid, reason=p.done, usage=usage, dropped=gen.dropped))  # type: ignore[arg-type]
-                    self._finish_conversation(gen, p.done)
-                    self._record(gen, p.done)
-                    self._number(done, gid)
+                delta, done, tokens = self._take_pending(gid, encode)
                 if delta is not None:
-                    await self._write(delta, p.tokens)
+                    await self._write(delta, tokens)
                 if done is not None:
                     await self._write(done)
                 self._after_write()
+
+    _BATCH_FRAMES = 64
+    _BATCH_BYTES = 64 * 1024
+
+    def _take_batch(self, encode: Callable[[Any], bytes]) -> tuple[list[bytes], int]:
+        """Everything ready now (control frames first, then each generation's delta/done), up to a bound,
+        numbered and retained like single frames: the frames of one batch message, and the tokens they carry."""
+        frames: list[bytes] = []
+        size = tokens = 0
+        while self._control and len(frames) < self._BATCH_FRAMES and size < self._BATCH_BYTES:
+            data = self._control.popleft()
+            self.buffered -= len(data)
+            self.control_bytes -= len(data)
+            self._number(data)
+            frames.append(data)
+            size += len(data)
+        while self._pending and len(frames) < self._BATCH_FRAMES - 1 and size < self._BATCH_BYTES:
+            delta, done, n = self._take_pending(next(iter(self._pending)), encode)
+            tokens += n
+            for frame in (delta, done):
+                if frame is not None:
+                    frames.append(frame)
+                    size += len(frame)
+        return frames, tokens
+
+    def _take_pending(self, gid: GenId, encode: Callable[[Any], bytes]) -> tuple[bytes | None, bytes | None, int]:
+        """Pop one generation's pending output: its encoded (delta, done) frames and the delta's tokens."""
+        p = self._pending.pop(gid)
+        self.buffered -= p.nbytes
+        gen = p.gen
+        # Count and retain both frames before writing either: a write cut by a dropped socket
+        # leaves them retained for replay, never half-counted.
+        delta: bytes | None = None
+        done: bytes | None = None
+        if p.tokens or p.text:
+            text = "".join(p.text)
+            delta = encode(Delta(id=gid, seq=gen.seq, text=text, tokens=p.tokens))
+            gen.seq += 1
+            gen.sent_tokens += p.tokens
+            gen.delivered.append(text)
+            self._number(delta)
+            if gen.first_sent is None:
+                gen.first_sent = time.monotonic()
+                self.hooks.first_token(gen.model.name, gen.first_sent - gen.started)
+        if p.done is not None:
+            usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.sent_tokens,
+                          cached_tokens=gen.cached_tokens)
+            done = encode(Done(id=gid, reason=p.done, usage=usage, dropped=gen.dropped))  # type: ignore[arg-type]
+            self._finish_conversation(gen, p.done)
+            self._record(gen, p.done)
+            self._number(done, gid)
+        return delta, done, p.tokens
+
+    def ack_stalled(self, now: float, timeout: float) -> bool:
+        """Paused at the acknowledgement window, with no ack for ``timeout`` seconds: a client that stopped
+        acknowledging (behind a proxy whose ``send`` never blocks, the only sign that it stopped reading)."""
+        return (self.acking and self.paused and self.unacked > 0
+                and now - max(self.paused_at, self.acked_at) > timeout)
 
     @property
     def _resume_below(self) -> int:

@@ -21,11 +21,21 @@ another ASGI server they are simply absent.
   ``max_transport_buffer`` unsent bytes (pongs to a client that stopped
   reading), it is closed with 1008 and aborted: uvicorn answers pings without
   flow control, so this is what bounds a ping flood's memory.
+- **Abuse cooldown**: a WebSocket closed here for abuse (ping flood, send
+  buffer full) puts its *upgrade identity* (peer address, ``Authorization``
+  and ``Sec-WebSocket-Protocol`` headers) in a penalty box for
+  ``abuse_cooldown_s``. Upgrades with that identity are answered ``429`` (with
+  ``retry-after``) as soon as their headers are parsed, before any WebSocket
+  handshake or ASGI work, so a client that reconnects to flood again costs the
+  server one header parse per attempt. Other clients on the same address with
+  other credentials are not affected. Refusals are logged at most once a
+  second (``ws_refused`` / ``upgrade_cooldown`` events, with running counts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,6 +64,34 @@ class GuardSettings:
     frames_per_s: float = 200.0  # inbound WebSocket frames per socket, sustained (then reads pause)
     frame_burst: int = 1000
     refusals_logged_at: float = 0.0  # rate-limits the "connection refused" warning to one a second
+    abuse_cooldown_s: float = 5.0  # upgrades from an identity just closed for abuse get 429 this long (0: off)
+    max_penalties: int = 4096  # identities in the penalty box (oldest dropped first): bounded memory
+    penalties: collections.OrderedDict[tuple[str, bytes, bytes], float] = field(
+        default_factory=collections.OrderedDict)
+    cooldown_refused: int = 0
+    cooldown_logged_at: float = 0.0
+    ws_refused: int = 0
+    ws_refused_logged_at: float = 0.0
+
+    def penalize(self, identity: tuple[str, bytes, bytes] | None) -> None:
+        """Refuse this upgrade identity's next upgrades for ``abuse_cooldown_s``."""
+        if identity is None or self.abuse_cooldown_s <= 0:
+            return
+        self.penalties.pop(identity, None)
+        self.penalties[identity] = time.monotonic() + self.abuse_cooldown_s
+        while len(self.penalties) > self.max_penalties:
+            self.penalties.popitem(last=False)
+
+    def penalized(self, identity: tuple[str, bytes, bytes]) -> float:
+        """Seconds left in the penalty box for this identity (0.0: none). Expired entries are dropped."""
+        until = self.penalties.get(identity)
+        if until is None:
+            return 0.0
+        left = until - time.monotonic()
+        if left <= 0:
+            del self.penalties[identity]
+            return 0.0
+        return left
 
 
 def _settings(config: Any) -> GuardSettings | None:
@@ -68,6 +106,18 @@ def _warn_refused(g: GuardSettings, address: str) -> None:
         log.warning("TCP connection refused: raw connection cap", extra={
             "event": "raw_connection_refused", "client": address, "refused_total": g.guard.refused,
             "open": g.guard.total})
+
+
+def upgrade_identity(address: str, headers: list[tuple[bytes, bytes]]) -> tuple[str, bytes, bytes]:
+    """Who is asking for a WebSocket, as far as the raw request says: (address, Authorization,
+    Sec-WebSocket-Protocol). Not verified: it only keys the abuse cooldown, which then costs nobody else."""
+    auth = proto = b""
+    for name, value in headers:
+        if name == b"authorization":
+            auth = value
+        elif name == b"sec-websocket-protocol":
+            proto = value
+    return address, auth[:512], proto[:512]
 
 
 def _abort_if_open(transport: asyncio.BaseTransport) -> None:
@@ -116,10 +166,37 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm()
+        g = self._g
+        identity = None
+        if g is not None and g.abuse_cooldown_s > 0:
+            identity = upgrade_identity(self._slot or "unknown", self.headers)
+            left = g.penalized(identity)
+            if left > 0:
+                self._refuse_upgrade(g, left)
+                return
         super().handle_websocket_upgrade()
         proto = self.transport.get_protocol()
         if isinstance(proto, GuardedWebSocketProtocol):
             proto._slot, self._slot = self._slot, None  # the WebSocket now holds the raw-connection slot
+            proto._identity = identity
+
+    def _refuse_upgrade(self, g: GuardSettings, left: float) -> None:
+        """429 for an upgrade from an identity in the penalty box: no handshake, no ASGI, one short write."""
+        g.cooldown_refused += 1
+        now = time.monotonic()
+        if now - g.cooldown_logged_at >= 1.0:
+            g.cooldown_logged_at = now
+            log.warning("WebSocket upgrade refused: abuse cooldown", extra={
+                "event": "upgrade_cooldown", "client": self._slot, "refused_total": g.cooldown_refused})
+        transport = self.transport
+        try:
+            transport.write(b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                            b"retry-after: " + str(max(1, round(left))).encode() + b"\r\ncontent-length: 0\r\n"
+                            b"connection: close\r\n\r\n")
+        except (OSError, RuntimeError):
+            pass
+        transport.close()
+        self.loop.call_later(1.0, _abort_if_open, transport)
 
     def _arm(self) -> None:
         if self._g is not None and self.transport is not None and not self.transport.is_closing():
@@ -153,6 +230,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._g = _settings(self.config)
         self._slot: str | None = None
+        self._identity: tuple[str, bytes, bytes] | None = None  # set by GuardedHttpProtocol at the upgrade
         self._refused = False
         self._frame_tokens = float(self._g.frame_burst) if self._g is not None else 0.0
         self._frame_at = time.monotonic()
@@ -257,8 +335,15 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def _refuse(self, reason: str) -> None:
         """Close 1008 now; abort (dropping whatever is buffered) when the peer is not reading anyway."""
         self._refused = True
-        log.warning("closing WebSocket: %s", reason, extra={"event": "ws_refused", "client": self._slot,
-                                                           "reason": reason})
+        g = self._g
+        if g is not None:
+            g.penalize(self._identity)
+            g.ws_refused += 1
+            now = time.monotonic()
+            if now - g.ws_refused_logged_at >= 1.0:  # at most one line a second: refusals cannot flood the log
+                g.ws_refused_logged_at = now
+                log.warning("closing WebSocket: %s", reason, extra={
+                    "event": "ws_refused", "client": self._slot, "reason": reason, "refused_total": g.ws_refused})
         self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008, "reason": reason})
         try:
             self.conn.send_close(1008, reason)
@@ -266,7 +351,6 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         except Exception:  # noqa: BLE001 - the connection may already be failing: closing is all that is left
             pass
         self.close_sent = True
-        g = self._g
         transport = self.transport
         if g is not None and transport.get_write_buffer_size() > g.max_transport_buffer:
             transport.abort()

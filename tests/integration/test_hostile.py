@@ -145,6 +145,91 @@ def test_ping_flood_memory_is_bounded(server_factory: ServerFactory, tiny_llama_
     assert growth < 64, f"RSS grew {growth:.1f} MiB under a ping flood"
 
 
+def test_a_closed_ping_flooder_is_refused_cheaply_for_the_cooldown(server_factory: ServerFactory,
+                                                                  tiny_llama_dir: Path) -> None:
+    """A socket closed 1008 for a ping flood puts its upgrade identity (address + Authorization + subprotocol)
+    in the penalty box: its next upgrades get 429 with retry-after before any handshake, while the same address
+    with another key still gets 101; once the cooldown is over the flooder's identity is let in again."""
+    cooldown = 2.0 * UNIT
+    server = server_factory(tiny_llama_dir, api_keys=(KEY, "k2-other"), ping_rate_per_s=10.0, ping_burst=20,
+                            abuse_cooldown_s=cooldown)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    flooder, status, _ = handshake(server.port, headers=auth, rcvbuf=4096)
+    assert status == 101
+    ping_flood(flooder, 1.0 * UNIT)
+    assert wait_for(lambda: server_alive_connections(server) == 0, 5.0 * UNIT), "the flooder was not closed"
+    flooder.close()
+    t_closed = time.monotonic()
+    again, again_status, _ = handshake(server.port, headers=auth)
+    raw = again.recv(4096) if again_status == 429 else b""
+    again.close()
+    other, other_status, _ = handshake(server.port, headers={"Authorization": "Bearer k2-other"})
+    other.close()
+    assert again_status == 429, again_status
+    assert raw == b"", "a refused upgrade is closed after its 429"
+    assert other_status == 101, other_status
+    time.sleep(max(0.0, cooldown + 0.2 - (time.monotonic() - t_closed)))
+    later, later_status, _ = handshake(server.port, headers=auth)
+    later.close()
+    assert later_status == 101, later_status
+
+
+def test_a_client_that_stops_acking_is_closed_after_the_stall_timeout(server_factory: ServerFactory,
+                                                                     tiny_llama_long_dir: Path) -> None:
+    """Behind a proxy whose send never blocks, acks are the only sign a client reads. A client that opted in
+    to acks and then stops acking (while its socket keeps taking bytes) is paused at the window and, once no
+    ack came for stall_timeout_s, closed 1008; a client that keeps acking (rtws.client) finishes normally."""
+    stall = 1.5 * UNIT
+    server = server_factory(tiny_llama_long_dir, send_high_watermark=4096, stall_timeout_s=stall)
+
+    async def silent() -> tuple[int | None, str, float]:
+        async with connect(server.url, subprotocols=["rtws.v1.msgpack"]) as ws:  # type: ignore[list-item]
+            await ws.recv()  # ready
+            await ws.send(msgspec.msgpack.encode({"type": "ack", "received": 0}))
+            await ws.send(msgspec.msgpack.encode({"type": "generate", "id": "g", "prompt": "a",
+                                                  "max_tokens": 4000, "temperature": 0.0}))
+            t0 = time.monotonic()
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 30 * UNIT)  # reads everything, acks nothing
+            except Exception:  # noqa: BLE001 - the close ends the loop
+                pass
+            return ws.close_code, ws.close_reason or "", time.monotonic() - t0
+
+    async def acking() -> str:
+        async with await Client.connect(server.url) as c:
+            return (await (await c.generate("a", max_tokens=1500, temperature=0.0)).result()).reason
+
+    code, reason, took = run(silent())
+    assert code == 1008 and "acknowledgements stalled" in reason, (code, reason)
+    assert took < stall + 10.0 * UNIT, took
+    assert run(acking()) == "length"
+
+
+def test_control_budget_counts_only_unwritten_frames(server_factory: ServerFactory, tiny_llama_dir: Path) -> None:
+    """The control budget bounds control/error frames *queued and unread*, not a socket's lifetime total: a
+    client that reads every answer gets 200 error frames (about 4x max_control_bytes) and keeps its socket."""
+    server = server_factory(tiny_llama_dir, max_control_bytes=4096)
+
+    async def main() -> tuple[int, int | None]:
+        answered = 0
+        async with connect(server.url, subprotocols=["rtws.v1.msgpack"]) as ws:  # type: ignore[list-item]
+            await ws.recv()  # ready
+            for i in range(200):
+                await ws.send(msgspec.msgpack.encode({"type": "cancel", "id": f"unknown-{i:04d}"}))
+                try:
+                    frame = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 10 * UNIT))
+                except Exception:  # noqa: BLE001 - closed by the server: the count says how far it got
+                    break
+                if frame.get("code") == "unknown_id":
+                    answered += 1
+                await asyncio.sleep(0.02)  # 50 errors/s: under the error-frame rate
+            return answered, ws.close_code
+
+    answered, code = run(main())
+    assert answered == 200 and code is None, (answered, code)
+
+
 def test_unread_control_frames_are_bounded_and_closed(server_factory: ServerFactory, tiny_llama_dir: Path) -> None:
     """`cancel {id: "X"*128}` sent over and over without reading: the control queue stays under its byte budget
     and the socket is closed; RSS does not follow the flood."""

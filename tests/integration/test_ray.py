@@ -80,7 +80,7 @@ def cluster(tiny_llama_long_dir: Path) -> Iterator[Cluster]:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = ServerConfig(model=str(tiny_llama_long_dir), model_name="tiny", num_slots=32, torch_threads=1,
-                           log_level="WARNING", max_connections=64, drain_timeout_s=8.0, stall_timeout_s=10.0)
+                           log_level="WARNING", max_connections=64, drain_timeout_s=8.0, stall_timeout_s=30.0)
         c = Cluster(port, cfg)
         c.deploy(2)
         yield c
