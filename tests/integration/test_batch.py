@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from conftest import ServerFactory, run
+from tests.helpers.server import ServerFactory, run
 from websockets.asyncio.client import connect
 
 from rtws import protocol as p
