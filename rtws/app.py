@@ -265,7 +265,7 @@ class App:
 
         async def flush_and_close(conn: Connection) -> None:
             await conn.session.flush(grace)
-            if await self._close(conn, 1001, "server shutting down", deadline=0.5, abort_after=0.25):
+            if await self.close_connection(conn, 1001, "server shutting down", deadline=0.5, abort_after=0.25):
                 closed_cleanly.add(conn)
 
         if conns:
@@ -400,7 +400,7 @@ class App:
 
     # ------------------------------------------------------------------ WebSocket
 
-    async def _reject_ws(self, send: Send, status: int, code: str, message: str) -> None:
+    async def reject_upgrade(self, send: Send, status: int, code: str, message: str) -> None:
         if self._log_budget.take():
             log.info("WebSocket upgrade refused", extra={"event": "ws_refused", "status": status, "code": code})
         body = protocol.JSON.encode(protocol.Error(code=code, message=message))
@@ -417,7 +417,7 @@ class App:
         try:
             upgrade = self._admit_upgrade(scope)
         except RtwsError as exc:  # the one rendering of a refused upgrade: an HTTP error before the accept
-            await self._reject_ws(send, exc.http_status, exc.code, exc.message)
+            await self.reject_upgrade(send, exc.http_status, exc.code, exc.message)
             return
         authenticated, rate_key, token, quota_key = (upgrade.authenticated, upgrade.rate_key, upgrade.token,
                                                      upgrade.quota_key)
@@ -439,7 +439,7 @@ class App:
             if conn is not None:
                 if reason in _ABUSE_REASONS:
                     stop_reading(conn.send)  # parse nothing more from a flooder while its close runs
-                self.spawn(self._close(conn, code, reason, flush=True))
+                self.spawn(self.close_connection(conn, code, reason, flush=True))
 
         def on_authenticated(s: Session) -> str | None:
             # hello {token} succeeded: move from the pre-auth budget into max_connections and the client's quota
@@ -493,7 +493,7 @@ class App:
                     frame = data if data is not None else msg.get("text", "")
                     if frame_too_big(frame, self.config.max_frame_bytes):  # a proxy may allow more (Ray: 16 MiB)
                         self.hooks.rejected("frame_too_big")
-                        await self._close(conn, CLOSE_TOO_BIG, "frame too big")
+                        await self.close_connection(conn, CLOSE_TOO_BIG, "frame too big")
                         break
                     conn.session.on_frame(frame)
                     handled += 1
@@ -641,7 +641,7 @@ class App:
             if not conn.session.resumable:
                 conn.session.close()
 
-    async def _close(self, conn: Connection, code: int, reason: str, flush: bool = False,
+    async def close_connection(self, conn: Connection, code: int, reason: str, flush: bool = False,
                      deadline: float = 1.0, abort_after: float = 2.0) -> bool:
         """Close one socket with ``code``, within ``deadline`` seconds (plus 1 s when ``flush``). Idempotent.
 
@@ -670,7 +670,7 @@ class App:
     def _close_soon(self, conn: Connection, code: int, reason: str) -> None:
         """Start closing ``conn`` without waiting for it: the watchdog must never block on one socket."""
         if not conn.closing:
-            self.spawn(self._close(conn, code, reason))
+            self.spawn(self.close_connection(conn, code, reason))
 
     async def _watch(self) -> None:
         """Once per tick: close stalled readers, unauthenticated and idle sessions. Never awaits a socket."""

@@ -44,11 +44,13 @@ from . import realtime_events as ev
 from .auth import key_id, key_ok
 from .conversations import Conversation, ConversationError
 from .conversations import Item as StoredItem
+from .errors import RtwsError
 from .http.asgi import Receive, Scope, Send, bearer_token, client_address
 from .protocol import Cancel, Delta, Done, Error, Generate, Message, ProtocolError, Ready
 
 if TYPE_CHECKING:
     from .app import App, Connection
+    from .registry import Served
     from .session import Offload, Session
 
 log = logging.getLogger("rtws.realtime")
@@ -813,41 +815,12 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
     from .transport import tune_socket
 
     cfg = app.config
-    if app.draining:
-        await app._reject_ws(send, 503, "overloaded", "server is draining")
-        return
-    refusal = app.check_host_and_origin(scope, state_changing=True)
-    if refusal is not None:
-        app.hooks.rejected(refusal[0])
-        await app._reject_ws(send, 403 if refusal[0] == "origin" else 421, "unauthorized", refusal[1])
+    try:
+        model_name, served, rate_key, quota_key = _admit_upgrade(app, scope)
+    except RtwsError as exc:  # the one rendering of a refused upgrade, as for /ws
+        await app.reject_upgrade(send, exc.http_status, exc.code, exc.message)
         return
     offered = list(scope.get("subprotocols", []))
-    token = bearer_token(scope) or offered_key(offered)
-    if cfg.auth_enabled and not (token and key_ok(token, frozenset(cfg.api_keys))):
-        app.hooks.rejected("unauthorized")
-        await app._reject_ws(send, 401, "unauthorized", "missing or invalid API key")
-        return
-    if app.at_capacity:
-        app.hooks.rejected("max_connections")
-        await app._reject_ws(send, 503, "overloaded", "too many connections")
-        return
-    query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    model_name = (query.get("model") or [None])[0]
-    served = app.registry.get(model_name)
-    if served is None:
-        app.hooks.rejected("unknown_model")
-        await app._reject_ws(send, 404, "unknown_model", f"unknown model {str(model_name)[:64]!r}")
-        return
-    # Only a verified key names the client; otherwise its address does.
-    rate_key = "key:" + key_id(token) if token and cfg.auth_enabled else "addr:" + client_address(scope)
-    quota_key: str | None = None
-    if app.quota.max_connections is not None:
-        over = app.quota.open_connection(rate_key)
-        if over is not None:
-            app.hooks.rejected("max_connections_per_client")
-            await app._reject_ws(send, 429, "overloaded", over)
-            return
-        quota_key = rate_key
     try:
         await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if SUBPROTOCOL in offered else None})
     except BaseException:
@@ -866,7 +839,7 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
 
     def policy_close(code: int, reason: str) -> None:
         if conn is not None:
-            app.spawn(app._close(conn, code, reason, flush=True))
+            app.spawn(app.close_connection(conn, code, reason, flush=True))
 
     limits = app.session_limits
     rt = RealtimeConnection(SessionConfig(model=model_name or served.name), limits.max_tokens,
@@ -891,6 +864,42 @@ async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
                 break
     finally:
         app.detach_connection(conn)
+
+
+def _admit_upgrade(app: App, scope: Scope) -> tuple[str | None, Served, str, str | None]:
+    """The checks a ``/v1/realtime`` upgrade passes before it is accepted: (model name, model, rate key,
+    quota key). Raises :class:`~rtws.errors.RtwsError` carrying the HTTP status to refuse with (the refusal
+    already counted in ``hooks.rejected``). A quota slot taken here is the caller's to release."""
+    cfg = app.config
+    if app.draining:
+        raise RtwsError("overloaded", "server is draining", status=503)
+    refusal = app.check_host_and_origin(scope, state_changing=True)
+    if refusal is not None:
+        app.hooks.rejected(refusal[0])
+        raise RtwsError("unauthorized", refusal[1], status=403 if refusal[0] == "origin" else 421)
+    token = bearer_token(scope) or offered_key(list(scope.get("subprotocols", [])))
+    if cfg.auth_enabled and not (token and key_ok(token, frozenset(cfg.api_keys))):
+        app.hooks.rejected("unauthorized")
+        raise RtwsError("unauthorized", "missing or invalid API key", status=401)
+    if app.at_capacity:
+        app.hooks.rejected("max_connections")
+        raise RtwsError("overloaded", "too many connections", status=503)
+    query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    model_name = (query.get("model") or [None])[0]
+    served = app.registry.get(model_name)
+    if served is None:
+        app.hooks.rejected("unknown_model")
+        raise RtwsError("unknown_model", f"unknown model {str(model_name)[:64]!r}", status=404)
+    # Only a verified key names the client; otherwise its address does.
+    rate_key = "key:" + key_id(token) if token and cfg.auth_enabled else "addr:" + client_address(scope)
+    quota_key: str | None = None
+    if app.quota.max_connections is not None:
+        over = app.quota.open_connection(rate_key)
+        if over is not None:
+            app.hooks.rejected("max_connections_per_client")
+            raise RtwsError("overloaded", over, status=429)
+        quota_key = rate_key
+    return model_name, served, rate_key, quota_key
 
 
 __all__ = ["PATH", "RealtimeCodec", "RealtimeConnection", "RealtimeError", "serve"]
