@@ -24,7 +24,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,15 +114,6 @@ def model_context_length(config: Any) -> int:
         if isinstance(v, int) and v > 0:
             return v
     return 2048
-
-
-def is_model_dir(path: str) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "config.json").exists()
-
-
-def read_config(path: str) -> Any:
-    return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
 # --------------------------------------------------------------------------- what can be served

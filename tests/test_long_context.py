@@ -96,7 +96,7 @@ def test_a_prompt_that_can_never_fit_the_pool_is_refused_at_submit(server_factor
     per_token = 2 * 2 * 2 * 16 * 4
     gb = 5 * 16 * per_token / 2**30  # 5 blocks: 4 usable = 64 positions
     srv = server_factory(tiny_llama_dir, model_name="tiny", kv_cache_gb=gb)
-    long_text = "But soft, what light through yonder window breaks? " * 5  # over 64 tokens, under the 255 the model accepts
+    long_text = "But soft, what light through yonder window breaks? " * 8  # about 88 tokens: over 64, under 255
     r = post(srv.http, "/infer", {"prompt": long_text, "max_tokens": 2})
     assert r.status == 400
     body = msgspec.json.decode(r.body)
