@@ -645,7 +645,45 @@ class ModelRunner:
                 best, cut = cost, i
         return [order[:cut], order[cut:]] if cut else [seqs]
 
+    @staticmethod
+    def _prefill_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+        """Chunks in forwards whose padding stays bounded: one batch pads every chunk to the widest and reads
+        up to the longest row, so a 12-token chunk beside a 512-token chunk of a 20,000-token prompt would cost
+        as much as that chunk. Greedy, costliest first: a chunk joins a group while the group's padded cost
+        (rows x widest x longest) stays within 1.5 times its members' own costs, plus a 512 x 512 chunk's worth."""
+        if len(chunks) < 2:
+            return [chunks]
+
+        def cost(c: PrefillChunk) -> int:
+            return (c.end - c.start) * c.end
+
+        groups: list[list[PrefillChunk]] = []
+        cur: list[PrefillChunk] = []
+        own = 0
+        for c in sorted(chunks, key=cost, reverse=True):
+            if cur:
+                width = max(x.end - x.start for x in cur + [c])
+                longest = max(x.end for x in cur + [c])
+                if 2 * (len(cur) + 1) * width * longest > 3 * (own + cost(c)) + (1 << 19):
+                    groups.append(cur)
+                    cur, own = [], 0
+            cur.append(c)
+            own += cost(c)
+        groups.append(cur)
+        return groups
+
     def _prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[Sequence]]:
+        groups = self._prefill_groups(chunks)
+        if len(groups) == 1:
+            return self._prefill_group(chunks)
+        parts = [self._prefill_group(g) for g in groups]
+        rows = [s for _, r in parts for s in r]
+        logits = [lg for lg, r in parts if r]
+        if not logits:
+            return parts[0][0], []
+        return (torch.cat(logits) if len(logits) > 1 else logits[0]), rows
+
+    def _prefill_group(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[Sequence]]:
         lengths = [c.end - c.start for c in chunks]
         width = max(lengths)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)

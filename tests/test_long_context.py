@@ -46,6 +46,14 @@ def test_pool_size_follows_the_budget_not_max_len(long_dir: Path) -> None:
     groups = big._length_groups(rows)
     assert [len(g) for g in groups] == [64, 1] and groups[1][0].rid == 99
     assert big._length_groups(rows[:64]) == [rows[:64]]  # similar lengths: one group
+    # Prefill likewise: 12-token chunks are not padded to a 512-token chunk of the long prompt.
+    from rtws.scheduler import PrefillChunk
+
+    chunks = [PrefillChunk(rows[-1], 19_488, 20_000)] + [PrefillChunk(q, 0, 12) for q in rows[:64]]
+    pg = big._prefill_groups(chunks)
+    assert [len(g) for g in pg] == [1, 64] and pg[0][0].seq.rid == 99
+    similar = [PrefillChunk(q, 0, 20 + i % 9) for i, q in enumerate(rows[:32])]
+    assert big._prefill_groups(similar) == [sorted(similar, key=lambda c: (c.end - c.start) * c.end, reverse=True)]
 
 
 @pytest.mark.slow
