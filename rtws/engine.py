@@ -165,6 +165,7 @@ class Engine:
         self._ids = itertools.count(1)
         # Generations by rid, from submit until their last event is handed to the loop (or a cancel).
         self._requests: dict[int, _Request] = {}
+        self._pieces: dict[int, str] = {}  # one-token decodes shared by the streams (at most the vocabulary)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -258,7 +259,8 @@ class Engine:
         while self._commands:
             cmd = self._commands.popleft()
             if isinstance(cmd, Submit):
-                self._requests[cmd.seq.rid] = _Request(cmd.sink, TextStream(self.tokenizer, cmd.seq.params.stop))
+                stream = TextStream(self.tokenizer, cmd.seq.params.stop, self._pieces)
+                self._requests[cmd.seq.rid] = _Request(cmd.sink, stream)
                 sched.add(cmd.seq)
             elif isinstance(cmd, Cancel):
                 seq = sched.get(cmd.rid)

@@ -354,3 +354,23 @@ def test_decode_lanes_equal_the_block_gather_as_rows_join_leave_and_sit_out(tiny
         for i in (0, 1, 5):
             ids = out[True][i]
             assert ids == reference(model, prompts[i], len(ids))
+
+
+def test_shared_one_token_decodes_give_the_same_deltas(tiny_llama_dir: Path, default_model_dir: Path) -> None:
+    """The engine's shared cache of one-token decodes (``pieces``) changes no delta, for streams sharing it."""
+    from transformers import AutoTokenizer
+
+    from rtws.detok import TextStream
+
+    texts = ["Hello, world! ROMEO: what light", "caf\u00e9 \U0001F600 na\u00efve   spaces\n\nnew line",
+             " leading space and \u4e2d\u6587 text", "Hello, world! again, hello"]
+    for path in (tiny_llama_dir, default_model_dir):
+        tok = AutoTokenizer.from_pretrained(path)
+        pieces: dict[int, str] = {}
+        for text in texts:
+            ids = tok.encode(text, add_special_tokens=False)
+            plain, shared = TextStream(tok), TextStream(tok, (), pieces)
+            a = [plain.push(i)[0] for i in ids] + [plain.flush()]
+            b = [shared.push(i)[0] for i in ids] + [shared.flush()]
+            assert a == b and "".join(b) == tok.decode(ids, skip_special_tokens=True)
+        assert pieces  # the cache was used
