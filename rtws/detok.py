@@ -29,14 +29,17 @@ class IncrementalDetokenizer:
     decode starts mid-text (SentencePiece) still produce exact deltas.
     """
 
-    __slots__ = ("_tok", "ids", "_prefix_offset", "_read_offset", "_prefix_text")
+    __slots__ = ("_tok", "ids", "_prefix_offset", "_read_offset", "_prefix_text", "_pieces")
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, pieces: dict[int, str] | None = None) -> None:
         self._tok = tokenizer
         self.ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
         self._prefix_text = ""
+        # Decodes of one-token windows (the usual new prefix window), shared by the streams of one tokenizer:
+        # a pure function of the id, so a dict lookup replaces the second decode of most tokens.
+        self._pieces = pieces
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)  # type: ignore[no-any-return]
@@ -49,7 +52,15 @@ class IncrementalDetokenizer:
             delta = new_text[len(self._prefix_text):]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.ids)
-            self._prefix_text = self._decode(self.ids[self._prefix_offset:self._read_offset])
+            window = self.ids[self._prefix_offset:self._read_offset]
+            pieces = self._pieces
+            if pieces is not None and len(window) == 1:
+                text = pieces.get(window[0])
+                if text is None:
+                    text = pieces[window[0]] = self._decode(window)
+                self._prefix_text = text
+            else:
+                self._prefix_text = self._decode(window)
             return delta
         return ""
 
@@ -67,8 +78,8 @@ class TextStream:
 
     __slots__ = ("_detok", "_stops", "_held")
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), pieces: dict[int, str] | None = None) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, pieces)
         self._stops = tuple(s for s in stop if s)
         self._held = ""
 

@@ -34,6 +34,43 @@ Sink = Callable[[TokenEvent], None]
 
 
 @dataclass(slots=True, frozen=True)
+class Submit:
+    """Engine command: queue ``seq``; its events go to ``sink``."""
+
+    seq: Sequence
+    sink: Sink
+
+
+@dataclass(slots=True, frozen=True)
+class Cancel:
+    """Engine command: drop generation ``rid`` (no further event)."""
+
+    rid: int
+
+
+@dataclass(slots=True, frozen=True)
+class SetPaused:
+    """Engine command: pause (``paused``) or resume the generations ``rids``."""
+
+    rids: tuple[int, ...]
+    paused: bool
+
+
+Command = Submit | Cancel | SetPaused
+
+
+@dataclass(slots=True)
+class _Request:
+    """The engine thread's state for one generation: where its events go, its detokenizer, how many of its
+    tokens no event has carried yet, and whether its last event is made (it stays until that is delivered)."""
+
+    sink: Sink
+    stream: TextStream
+    unsent: int = 0
+    finished: bool = False
+
+
+@dataclass(slots=True, frozen=True)
 class EngineStats:
     running: int = 0
     waiting: int = 0
@@ -123,12 +160,12 @@ class Engine:
             aging_s=config.aging_s,
             kv=self.kv,
         )
-        self._commands: collections.deque[tuple[str, Any]] = collections.deque()
+        self._commands: collections.deque[Command] = collections.deque()
         self._wake = threading.Event()
         self._ids = itertools.count(1)
-        self._sinks: dict[int, Sink] = {}
-        self._streams: dict[int, TextStream] = {}
-        self._unsent: dict[int, int] = {}
+        # Generations by rid, from submit until their last event is handed to the loop (or a cancel).
+        self._requests: dict[int, _Request] = {}
+        self._pieces: dict[int, str] = {}  # one-token decodes shared by the streams (at most the vocabulary)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -183,7 +220,7 @@ class Engine:
             arrival=time.monotonic(),
             deadline=deadline,
         )
-        self._commands.append(("submit", (seq, sink)))
+        self._commands.append(Submit(seq, sink))
         self._wake.set()
         return rid
 
@@ -194,17 +231,17 @@ class Engine:
 
     def cancel(self, rid: int) -> None:
         """Free the generation's blocks at the next step boundary. Idempotent; no event follows."""
-        self._commands.append(("cancel", rid))
+        self._commands.append(Cancel(rid))
         self._wake.set()
 
     def pause(self, rids: Iterable[int]) -> None:
         """Leave these generations out of steps until :meth:`resume`. They keep their KV blocks unless the
         pool runs short, when they are the first preempted (recomputed on resume, nothing lost)."""
-        self._commands.append(("pause", tuple(rids)))
+        self._commands.append(SetPaused(tuple(rids), True))
         self._wake.set()
 
     def resume(self, rids: Iterable[int]) -> None:
-        self._commands.append(("resume", tuple(rids)))
+        self._commands.append(SetPaused(tuple(rids), False))
         self._wake.set()
 
     def stats(self) -> EngineStats:
@@ -220,29 +257,19 @@ class Engine:
     def _apply_commands(self) -> None:
         sched = self.scheduler
         while self._commands:
-            op, arg = self._commands.popleft()
-            if op == "submit":
-                seq, sink = arg
-                self._sinks[seq.rid] = sink
-                self._streams[seq.rid] = TextStream(self.tokenizer, seq.params.stop)
-                self._unsent[seq.rid] = 0
-                sched.add(seq)
-            elif op == "cancel":
-                seq = sched.get(arg)
+            cmd = self._commands.popleft()
+            if isinstance(cmd, Submit):
+                stream = TextStream(self.tokenizer, cmd.seq.params.stop, self._pieces)
+                self._requests[cmd.seq.rid] = _Request(cmd.sink, stream)
+                sched.add(cmd.seq)
+            elif isinstance(cmd, Cancel):
+                seq = sched.get(cmd.rid)
                 if seq is not None:
-                    self._drop(seq)
-            elif op == "pause":
-                for rid in arg:
-                    sched.set_paused(rid, True)
-            elif op == "resume":
-                for rid in arg:
-                    sched.set_paused(rid, False)
-
-    def _drop(self, seq: Sequence) -> None:
-        self.scheduler.finish(seq)
-        self._sinks.pop(seq.rid, None)
-        self._streams.pop(seq.rid, None)
-        self._unsent.pop(seq.rid, None)
+                    sched.finish(seq)
+                    self._requests.pop(seq.rid, None)
+            else:
+                for rid in cmd.rids:
+                    sched.set_paused(rid, cmd.paused)
 
     def _snapshot(self) -> None:
         s = self.scheduler
@@ -362,9 +389,8 @@ class Engine:
             return []
 
     def _on_token(self, seq: Sequence, token: int, events: list[TokenEvent], now: float) -> None:
-        rid = seq.rid
-        stream = self._streams.get(rid)
-        if stream is None:
+        req = self._requests.get(seq.rid)
+        if req is None or req.finished:
             return
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -374,18 +400,18 @@ class Engine:
             return
         seq.output_ids.append(token)
         self._tokens += 1
-        self._unsent[rid] += 1
-        text, stopped = stream.push(token)
+        req.unsent += 1
+        text, stopped = req.stream.push(token)
         if stopped:
             self._finish(seq, "stop", events, now, text=text, flush=False)
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_len:
             self._finish(seq, "length", events, now, text=text)
         elif text:
-            events.append(self._event(seq, text))
+            events.append(self._event(seq, req, text))
 
-    def _event(self, seq: Sequence, text: str) -> TokenEvent:
-        n = self._unsent[seq.rid]
-        self._unsent[seq.rid] = 0
+    def _event(self, seq: Sequence, req: _Request, text: str) -> TokenEvent:
+        n = req.unsent
+        req.unsent = 0
         ids = seq.output_ids[len(seq.output_ids) - n:] if n else []
         return TokenEvent(rid=seq.rid, text=text, tokens=n, prompt_tokens=len(seq.prompt_ids),
                           completion_tokens=len(seq.output_ids), token_ids=ids)
@@ -394,12 +420,12 @@ class Engine:
         self, seq: Sequence, reason: str, events: list[TokenEvent], now: float, text: str = "",
         error: str | None = None, flush: bool = True,
     ) -> None:
-        stream = self._streams.get(seq.rid)
-        if stream is None:
+        req = self._requests.get(seq.rid)
+        if req is None or req.finished:
             return
         if flush:
-            text += stream.flush()
-        ev = self._event(seq, text)
+            text += req.stream.flush()
+        ev = self._event(seq, req, text)
         ev.finish = reason
         ev.error = error
         ev.cached_tokens = seq.cached_tokens or 0
@@ -408,20 +434,17 @@ class Engine:
         if seq.admitted_at is not None:
             ev.queue_s = seq.admitted_at - seq.arrival
         events.append(ev)
-        self._drop_keep_sink(seq)
-
-    def _drop_keep_sink(self, seq: Sequence) -> None:
+        req.finished = True
         self.scheduler.finish(seq)
-        self._streams.pop(seq.rid, None)
-        self._unsent.pop(seq.rid, None)
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         if not events:
             return
-        batch = [(self._sinks.get(ev.rid), ev) for ev in events]
+        reqs = self._requests
+        batch = [(r.sink if (r := reqs.get(ev.rid)) is not None else None, ev) for ev in events]
         for ev in events:
             if ev.finish is not None:
-                self._sinks.pop(ev.rid, None)
+                reqs.pop(ev.rid, None)
         loop = self._loop
         if loop is None or loop.is_closed():
             return

@@ -24,7 +24,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,15 +116,6 @@ def model_context_length(config: Any) -> int:
     return 2048
 
 
-def is_model_dir(path: str) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "config.json").exists()
-
-
-def read_config(path: str) -> Any:
-    return AutoConfig.from_pretrained(path, trust_remote_code=False)
-
-
 # --------------------------------------------------------------------------- what can be served
 
 
@@ -142,6 +132,7 @@ _NON_KV_MODEL_TYPES = frozenset({
 _ALIBI_MODEL_TYPES = frozenset({"bloom", "mpt"})
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 CPU_DEFAULT_KV_CACHE_GB = 1.0
+LANES_MIN_BYTES = 64 << 20
 CUDA_KV_CACHE_FRACTION = 0.7
 
 
@@ -238,6 +229,8 @@ class _PagedLayer(CacheLayerMixin):
         self.v_pool: torch.Tensor | None = None
         self.k_blocks: torch.Tensor | None = None
         self.v_blocks: torch.Tensor | None = None
+        self.k_lanes: torch.Tensor | None = None  # [lanes, heads, length, key_dim] (decode lanes; see _DecodeLanes)
+        self.v_lanes: torch.Tensor | None = None
 
     def allocate(self, shape: LayerShape, positions: int, block_size: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -274,6 +267,14 @@ class _PagedLayer(CacheLayerMixin):
         kp.index_copy_(0, o.write_index, key_states.transpose(1, 2).reshape(b * q, heads, kdim))
         vp.index_copy_(0, o.write_index, value_states.transpose(1, 2).reshape(b * q, heads, vdim))
         n = o.kv_len
+        if o.lanes:
+            # Decode over the lanes: rows 0..b-1 are lanes 0..b-1, so the read is a view (no copy).
+            kl, vl = self.k_lanes, self.v_lanes
+            assert kl is not None and vl is not None and q == 1, "decode lanes not allocated"
+            index = o.lane_index(heads, kl.shape[2])
+            kl.view(-1, kdim).index_copy_(0, index, key_states.reshape(-1, kdim))
+            vl.view(-1, vdim).index_copy_(0, index, value_states.reshape(-1, vdim))
+            return kl[:b, :, :n], vl[:b, :, :n]
         # Whole blocks per row (one contiguous copy each: about twice as fast as per-position rows on CPU).
         k = kb.index_select(0, o.read_index).view(b, n, heads, kdim).transpose(1, 2)
         v = vb.index_select(0, o.read_index).view(b, n, heads, vdim).transpose(1, 2)
@@ -303,6 +304,9 @@ class PagedKVCache(Cache):
         self.write_index: torch.Tensor = torch.zeros(0, dtype=torch.long)
         self.read_index: torch.Tensor = torch.zeros(0, dtype=torch.long)
         self.kv_len = 0
+        self.lanes = False
+        self.lane_pos: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self._lane_index: dict[tuple[int, int], torch.Tensor] = {}
         self.probe: dict[int, list[LayerShape]] | None = None
         super().__init__(layers=[_PagedLayer(self, i) for i in range(num_layers)])
 
@@ -310,6 +314,28 @@ class PagedKVCache(Cache):
         self.write_index = write_index
         self.read_index = read_index
         self.kv_len = kv_len
+        self.lanes = False
+
+    def bind_lanes(self, write_index: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
+        """Decode over the lanes: row ``b`` (lane ``b``) writes its new token at ``positions[b]`` in the pool
+        (``write_index``) and in its lane, and attends over its lane's first ``kv_len`` positions."""
+        self.write_index = write_index
+        self.lane_pos = positions
+        self.kv_len = kv_len
+        self.lanes = True
+        self._lane_index = {}
+
+    def lane_index(self, heads: int, length: int) -> torch.Tensor:
+        """Flat row ``(lane * heads + head) * length + position`` of each new K/V row, shared by the layers."""
+        key = (heads, length)
+        idx = self._lane_index.get(key)
+        if idx is None:
+            p = self.lane_pos
+            lanes = torch.arange(p.shape[0], device=p.device)[:, None]
+            h = torch.arange(heads, device=p.device)[None, :]
+            idx = ((lanes * heads + h) * length + p[:, None]).reshape(-1)
+            self._lane_index[key] = idx
+        return idx
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -404,7 +430,7 @@ class ModelRunner:
 
     def __init__(self, model: Any, num_slots: int, max_len: int, device: torch.device,
                  static_decode: bool | None = None, cuda_graphs: bool = True, *,
-                 kv_cache_gb: float | None = None, block_size: int = 16) -> None:
+                 kv_cache_gb: float | None = None, block_size: int = 16, decode_lanes: bool = True) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.model = model
@@ -440,6 +466,13 @@ class ModelRunner:
         self._static: _StaticDecoder | None = None
         if static_decode:
             self._static = _StaticDecoder(self, capture=cuda_graphs and device.type == "cuda")
+        # Dynamic decode reads short rows from contiguous lanes (a view, no gather), within a budget of a
+        # quarter of the pool or LANES_MIN_BYTES, whichever is larger, allocated as rows grow.
+        self._lanes: _DecodeLanes | None = None
+        lane_budget = max(self.kv_cache_bytes // 4, LANES_MIN_BYTES)
+        cap = min(self.max_blocks_per_seq * block_size, lane_budget // (num_slots * self.bytes_per_token))
+        if decode_lanes and self._static is None and cap >= block_size:
+            self._lanes = _DecodeLanes(self, num_slots, int(cap))
 
     # ------------------------------------------------------------------ setup
 
@@ -532,6 +565,23 @@ class ModelRunner:
                          **{self._cache_kw: self.cache})
         return out.logits
 
+    def _forward_lanes(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One decode forward over the lanes; ``seqs[b]`` holds lane ``b``. Returns logits ``[B, vocab]``."""
+        bs = self.block_size
+        inputs = [(s.next_input(), s.num_cached, s.block_table[s.num_cached // bs]) for s in seqs]
+        packed = torch.tensor(inputs, dtype=torch.long)
+        ids, pos = packed[:, 0:1], packed[:, 1:2]
+        write = packed[:, 2] * bs + packed[:, 1] % bs
+        self._zero_new_blocks([[max(i[2] for i in inputs)]])
+        dev = self.device
+        pos_d = pos.to(dev, non_blocking=True)
+        kv_len = max(s.num_cached for s in seqs) + 1
+        self.cache.bind_lanes(write.to(dev, non_blocking=True), pos_d[:, 0], kv_len)
+        out = self.model(input_ids=ids.to(dev, non_blocking=True), attention_mask=self._masks(pos_d, kv_len),
+                         position_ids=pos_d, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
         """Run one engine step. Raises whatever the model raises; the engine retries without the row at fault."""
@@ -548,7 +598,17 @@ class ModelRunner:
                     decoded = torch.cat([decoded, self._sample(last_logits, last_rows)])
                     rows += last_rows
             return StepOutput(tokens=list(zip(rows, decoded.tolist())))  # one host synchronisation
-        for seqs in self._length_groups(plan.decode) if plan.decode else []:
+        gathered = plan.decode
+        lanes = self._lanes
+        if lanes is not None and plan.decode:
+            laned = [s for s in plan.decode if lanes.fits(s)]
+            gathered = [s for s in plan.decode if not lanes.fits(s)] if len(laned) < len(plan.decode) else []
+            if laned:
+                seqs = lanes.place(laned)
+                logits_parts.append(self._forward_lanes(seqs))
+                lanes.advanced()
+                rows.extend(seqs)
+        for seqs in self._length_groups(gathered) if gathered else []:
             ids = torch.tensor([[s.next_input()] for s in seqs], dtype=torch.long)
             qpos = torch.tensor([[s.num_cached] for s in seqs], dtype=torch.long)
             valid = torch.ones(len(seqs), 1, dtype=torch.bool)
@@ -585,7 +645,45 @@ class ModelRunner:
                 best, cut = cost, i
         return [order[:cut], order[cut:]] if cut else [seqs]
 
+    @staticmethod
+    def _prefill_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+        """Chunks in forwards whose padding stays bounded: one batch pads every chunk to the widest and reads
+        up to the longest row, so a 12-token chunk beside a 512-token chunk of a 20,000-token prompt would cost
+        as much as that chunk. Greedy, costliest first: a chunk joins a group while the group's padded cost
+        (rows x widest x longest) stays within 1.5 times its members' own costs, plus a 512 x 512 chunk's worth."""
+        if len(chunks) < 2:
+            return [chunks]
+
+        def cost(c: PrefillChunk) -> int:
+            return (c.end - c.start) * c.end
+
+        groups: list[list[PrefillChunk]] = []
+        cur: list[PrefillChunk] = []
+        own = 0
+        for c in sorted(chunks, key=cost, reverse=True):
+            if cur:
+                width = max(x.end - x.start for x in cur + [c])
+                longest = max(x.end for x in cur + [c])
+                if 2 * (len(cur) + 1) * width * longest > 3 * (own + cost(c)) + (1 << 19):
+                    groups.append(cur)
+                    cur, own = [], 0
+            cur.append(c)
+            own += cost(c)
+        groups.append(cur)
+        return groups
+
     def _prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[Sequence]]:
+        groups = self._prefill_groups(chunks)
+        if len(groups) == 1:
+            return self._prefill_group(chunks)
+        parts = [self._prefill_group(g) for g in groups]
+        rows = [s for _, r in parts for s in r]
+        logits = [lg for lg, r in parts if r]
+        if not logits:
+            return parts[0][0], []
+        return (torch.cat(logits) if len(logits) > 1 else logits[0]), rows
+
+    def _prefill_group(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[Sequence]]:
         lengths = [c.end - c.start for c in chunks]
         width = max(lengths)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
@@ -777,3 +875,111 @@ class _StaticDecoder:
         else:
             out = self._body(b, kv_len, sampling)
         return out[:n]
+
+
+class _DecodeLanes:
+    """Decode KV kept contiguous per running row, so a decode step reads it as a view instead of a gather.
+
+    Each layer gets ``[lanes, heads, length, dim]`` keys and values beside
+    the block pool (the layout attention reads). A row decoding over the
+    lanes holds lane ``b`` for as long as it decodes; the batch's rows are
+    lanes ``0..B-1`` in order, so attention reads ``lanes[:B, :, :kv_len]``
+    with no copy. Every new token is written twice: to its block in the pool
+    (which stays the source of truth: prefix caching, preemption and prefill
+    read it) and to its lane. A row entering decode (after its prefill, a
+    resume or a preemption) is copied once from its blocks into a free lane;
+    a row leaving frees its lane and the last lane moves into the hole, so
+    lanes stay compact. A lane is trusted only while it holds exactly the
+    row's ``num_cached`` positions; otherwise it is refilled from the pool.
+
+    ``length`` grows by doubling as rows get longer, up to ``cap`` positions
+    (sized by the lane budget): rows longer than that decode through the
+    block gather instead.
+    """
+
+    def __init__(self, runner: ModelRunner, lanes: int, cap: int) -> None:
+        self.r = runner
+        self.lanes = lanes
+        self.cap = cap
+        self.length = 0
+        self.rows: list[Sequence] = []  # lane b holds rows[b]
+        self.valid: list[int] = []  # positions lane b holds for rows[b]
+
+    def nbytes(self) -> int:
+        return self.lanes * self.length * self.r.bytes_per_token
+
+    def fits(self, seq: Sequence) -> bool:
+        return seq.num_cached + 1 <= self.cap
+
+    def _grow(self, need: int) -> None:
+        new = max(self.length, min(self.cap, 128))
+        while new < need:
+            new = min(self.cap, 2 * new)
+        if new == self.length:
+            return
+        for layer, shape in zip(self.r.cache.layers, self.r.layer_shapes):
+            assert isinstance(layer, _PagedLayer)
+            k = torch.zeros(self.lanes, shape.heads, new, shape.key_dim, dtype=self.r.dtype, device=self.r.device)
+            v = torch.zeros(self.lanes, shape.heads, new, shape.value_dim, dtype=self.r.dtype,
+                            device=self.r.device)
+            if layer.k_lanes is not None and layer.v_lanes is not None and self.length:
+                k[:, :, : self.length].copy_(layer.k_lanes)
+                v[:, :, : self.length].copy_(layer.v_lanes)
+            layer.k_lanes, layer.v_lanes = k, v
+        self.length = new
+
+    def _move(self, src: int, dst: int, n: int) -> None:
+        for layer in self.r.cache.layers:
+            assert isinstance(layer, _PagedLayer) and layer.k_lanes is not None and layer.v_lanes is not None
+            layer.k_lanes[dst, :, :n].copy_(layer.k_lanes[src, :, :n])
+            layer.v_lanes[dst, :, :n].copy_(layer.v_lanes[src, :, :n])
+
+    def _fill(self, lane: int, seq: Sequence) -> None:
+        """Copy ``seq``'s cached positions from its blocks into ``lane``."""
+        n = seq.num_cached
+        if n:
+            bs = self.r.block_size
+            blocks = torch.tensor(seq.block_table[: -(-n // bs)], dtype=torch.long, device=self.r.device)
+            for layer in self.r.cache.layers:
+                assert isinstance(layer, _PagedLayer)
+                kb, vb, kl, vl = layer.k_blocks, layer.v_blocks, layer.k_lanes, layer.v_lanes
+                assert kb is not None and vb is not None and kl is not None and vl is not None
+                k = kb.index_select(0, blocks).flatten(0, 1)[:n]
+                v = vb.index_select(0, blocks).flatten(0, 1)[:n]
+                kl[lane, :, :n].copy_(k.transpose(0, 1))
+                vl[lane, :, :n].copy_(v.transpose(0, 1))
+
+    def place(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Give every row of ``seqs`` a lane in ``0..len(seqs)-1`` (moving, evicting and filling lanes as
+        needed) and return the rows in lane order."""
+        want = set(seqs)
+        keep = [(lane, s) for lane, s in enumerate(self.rows)
+                if s in want and self.valid[lane] == s.num_cached]
+        self._grow(max(s.num_cached for s in seqs) + 1)
+        n = len(seqs)
+        rows: list[Sequence | None] = [None] * n
+        valid = [0] * n
+        spill: list[tuple[int, Sequence]] = []
+        for lane, s in keep:
+            if lane < n:
+                rows[lane], valid[lane] = s, s.num_cached
+            else:
+                spill.append((lane, s))
+        holes = [b for b in range(n) if rows[b] is None]
+        for (src, s), dst in zip(spill, holes):  # compact: rows in high lanes move down into holes
+            self._move(src, dst, s.num_cached)
+            rows[dst], valid[dst] = s, s.num_cached
+        kept = {id(s) for s in rows if s is not None}
+        fresh = [s for s in seqs if id(s) not in kept]
+        holes = [b for b in range(n) if rows[b] is None]
+        for s, lane in zip(fresh, holes):
+            self._fill(lane, s)
+            rows[lane], valid[lane] = s, s.num_cached
+        out = [s for s in rows if s is not None]
+        assert len(out) == n
+        self.rows, self.valid = out, valid
+        return out
+
+    def advanced(self) -> None:
+        """The forward wrote one more position in every lane it used."""
+        self.valid = [v + 1 for v in self.valid]

@@ -29,7 +29,6 @@ Policy, in order, at every step boundary:
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -37,12 +36,6 @@ from .generation import SamplingParams
 from .kv_blocks import KVCacheManager
 
 PRIORITY_LEVELS: Final = {"high": 0, "normal": 1, "low": 2}
-
-
-class SeqStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
 
 
 @dataclass(slots=True, eq=False)
@@ -61,7 +54,6 @@ class Sequence:
     priority: int = 1
     arrival: float = 0.0
     deadline: float | None = None
-    status: SeqStatus = SeqStatus.WAITING
     num_cached: int = 0
     output_ids: list[int] = field(default_factory=list)
     paused: bool = False
@@ -187,14 +179,12 @@ class Scheduler:
     def num_free_slots(self) -> int:
         return self.num_slots - len(self._running)
 
-    def has_work(self) -> bool:
-        return bool(self._waiting) or any(not s.paused for s in self._running.values())
-
     def get(self, rid: int) -> Sequence | None:
         return self._running.get(rid) or self._waiting.get(rid)
 
-    def running(self) -> list[Sequence]:
-        return list(self._running.values())
+    def is_waiting(self, rid: int) -> bool:
+        """True while ``rid`` waits for admission (new, or preempted and not yet recomputed)."""
+        return rid in self._waiting
 
     def all_sequences(self) -> list[Sequence]:
         return [*self._running.values(), *self._waiting.values()]
@@ -202,7 +192,6 @@ class Scheduler:
     # ------------------------------------------------------------------ mutations
 
     def add(self, seq: Sequence) -> None:
-        seq.status = SeqStatus.WAITING
         self._waiting[seq.rid] = seq
 
     def finish(self, seq: Sequence) -> None:
@@ -211,7 +200,6 @@ class Scheduler:
         self._running.pop(seq.rid, None)
         if self.kv is not None:
             self.kv.release(seq)
-        seq.status = SeqStatus.FINISHED
 
     def set_paused(self, rid: int, paused: bool) -> None:
         """A paused sequence keeps its blocks; it is the first to be preempted when the pool is short."""
@@ -238,7 +226,6 @@ class Scheduler:
             self.kv.release(seq)
         seq.num_cached = 0
         seq.prefill_len = seq.num_tokens
-        seq.status = SeqStatus.WAITING
         seq.preemptions += 1
         self.num_preemptions += 1
         self._preempted_now.add(seq.rid)
@@ -305,9 +292,8 @@ class Scheduler:
         exhausted: list[Sequence] = []
         budget = self.prefill_budget
         scheduled: set[int] = set()
-        order = sorted(self._running.values(), key=lambda s: (s.priority, s.arrival, s.rid))
-        for seq in order:
-            if seq.status is not SeqStatus.RUNNING or seq.paused:
+        for seq in sorted(self._running.values(), key=lambda s: (s.priority, s.arrival, s.rid)):
+            if seq.paused or seq.rid not in self._running:  # paused, or preempted earlier in this loop
                 continue
             if seq.in_prefill:
                 if budget <= 0:
@@ -382,7 +368,6 @@ class Scheduler:
                     seq.cached_tokens = 0
                 want = min(seq.prefill_len - seq.num_cached, budget)
             del self._waiting[seq.rid]
-            seq.status = SeqStatus.RUNNING
             if seq.admitted_at is None:
                 seq.admitted_at = now
             self._running[seq.rid] = seq

@@ -311,3 +311,67 @@ def test_context_end_stops_with_length(tiny_llama_dir: Path) -> None:
 
     reason, n = run_engine(eng, body)
     assert reason == "length" and len(prompt) + n <= 256
+
+
+def test_decode_lanes_equal_the_block_gather_as_rows_join_leave_and_sit_out(tiny_llama_dir: Path) -> None:
+    """The lanes (contiguous per-row KV, read as a view) give the same logits as the block gather while rows
+    join, finish, sit a step out (paused) and come back: lanes compact, refill from the pool, stay exact."""
+    from rtws.kv_blocks import KVCacheManager
+    from rtws.scheduler import PrefillChunk, Sequence
+
+    model, _ = load_model(str(tiny_llama_dir), torch.device("cpu"), torch.float32)
+    runners = {lanes: ModelRunner(model, 8, 256, torch.device("cpu"), kv_cache_gb=0.01, decode_lanes=lanes)
+               for lanes in (True, False)}
+    assert runners[True]._lanes is not None and runners[False]._lanes is None
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 200, (5 + 3 * i,), generator=g).tolist() for i in range(6)]
+    out: dict[bool, dict[int, list[int]]] = {}
+    for lanes, runner in runners.items():
+        kv = KVCacheManager(runner.num_blocks, runner.block_size, prefix_cache=False)
+        seqs = [Sequence(rid=i, prompt_ids=p, params=SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
+        live: list[Sequence] = []
+        for step in range(40):
+            if step % 4 == 0 and step // 4 < len(seqs):  # a new row joins every 4 steps
+                s = seqs[step // 4]
+                kv.ensure(s, len(s.prompt_ids))
+                res = runner.step(StepPlan(prefill=[PrefillChunk(s, 0, len(s.prompt_ids))], decode=[]))
+                s.num_cached = len(s.prompt_ids)
+                s.output_ids.append(res.tokens[0][1])
+                live.append(s)
+            rows = [s for s in live if not (s.rid == 1 and 10 <= step < 14)]  # row 1 sits four steps out
+            for s in rows:
+                kv.ensure(s, s.num_cached + 1)
+            res = runner.step(StepPlan(prefill=[], decode=rows))
+            for s, tok in res.tokens:
+                s.num_cached += 1
+                s.output_ids.append(tok)
+            live = [s for s in live if not (s.rid == 0 and len(s.output_ids) >= 12)]  # row 0 finishes early
+        out[lanes] = {s.rid: s.output_ids for s in seqs}
+        if lanes:
+            lanes_state = runners[True]._lanes
+            assert lanes_state is not None and len(lanes_state.rows) == len(live)
+    assert out[True] == out[False]
+    with torch.inference_mode():
+        for i in (0, 1, 5):
+            ids = out[True][i]
+            assert ids == reference(model, prompts[i], len(ids))
+
+
+def test_shared_one_token_decodes_give_the_same_deltas(tiny_llama_dir: Path, default_model_dir: Path) -> None:
+    """The engine's shared cache of one-token decodes (``pieces``) changes no delta, for streams sharing it."""
+    from transformers import AutoTokenizer
+
+    from rtws.detok import TextStream
+
+    texts = ["Hello, world! ROMEO: what light", "caf\u00e9 \U0001F600 na\u00efve   spaces\n\nnew line",
+             " leading space and \u4e2d\u6587 text", "Hello, world! again, hello"]
+    for path in (tiny_llama_dir, default_model_dir):
+        tok = AutoTokenizer.from_pretrained(path)
+        pieces: dict[int, str] = {}
+        for text in texts:
+            ids = tok.encode(text, add_special_tokens=False)
+            plain, shared = TextStream(tok), TextStream(tok, (), pieces)
+            a = [plain.push(i)[0] for i in ids] + [plain.flush()]
+            b = [shared.push(i)[0] for i in ids] + [shared.flush()]
+            assert a == b and "".join(b) == tok.decode(ids, skip_special_tokens=True)
+        assert pieces  # the cache was used

@@ -46,6 +46,14 @@ def test_pool_size_follows_the_budget_not_max_len(long_dir: Path) -> None:
     groups = big._length_groups(rows)
     assert [len(g) for g in groups] == [64, 1] and groups[1][0].rid == 99
     assert big._length_groups(rows[:64]) == [rows[:64]]  # similar lengths: one group
+    # Prefill likewise: 12-token chunks are not padded to a 512-token chunk of the long prompt.
+    from rtws.scheduler import PrefillChunk
+
+    chunks = [PrefillChunk(rows[-1], 19_488, 20_000)] + [PrefillChunk(q, 0, 12) for q in rows[:64]]
+    pg = big._prefill_groups(chunks)
+    assert [len(g) for g in pg] == [1, 64] and pg[0][0].seq.rid == 99
+    similar = [PrefillChunk(q, 0, 20 + i % 9) for i, q in enumerate(rows[:32])]
+    assert big._prefill_groups(similar) == [sorted(similar, key=lambda c: (c.end - c.start) * c.end, reverse=True)]
 
 
 @pytest.mark.slow
@@ -96,7 +104,7 @@ def test_a_prompt_that_can_never_fit_the_pool_is_refused_at_submit(server_factor
     per_token = 2 * 2 * 2 * 16 * 4
     gb = 5 * 16 * per_token / 2**30  # 5 blocks: 4 usable = 64 positions
     srv = server_factory(tiny_llama_dir, model_name="tiny", kv_cache_gb=gb)
-    long_text = "But soft, what light through yonder window breaks? " * 5  # over 64 tokens, under the 255 the model accepts
+    long_text = "But soft, what light through yonder window breaks? " * 8  # about 88 tokens: over 64, under 255
     r = post(srv.http, "/infer", {"prompt": long_text, "max_tokens": 2})
     assert r.status == 400
     body = msgspec.json.decode(r.body)

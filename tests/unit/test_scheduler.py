@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rtws.generation import SamplingParams
 from rtws.kv_blocks import KVCacheManager
-from rtws.scheduler import PRIORITY_LEVELS, Scheduler, SeqStatus, Sequence, StepPlan
+from rtws.scheduler import PRIORITY_LEVELS, Scheduler, Sequence, StepPlan
 
 
 def seq(rid: int, n: int = 4, priority: str = "normal", tokens: list[int] | None = None) -> Sequence:
@@ -56,7 +56,7 @@ def test_preemption_takes_the_newest_lowest_priority_and_recomputes_prompt_plus_
     assert kv.pool.num_free == 1
     # Each needs a second block to decode: one left; the low-priority one is preempted first.
     plan = s.schedule(1.0)
-    assert low.status is SeqStatus.WAITING and low.num_cached == 0 and low.block_table == []
+    assert s.is_waiting(low.rid) and low.num_cached == 0 and low.block_table == []
     assert low.prefill_len == 5 and low.preemptions == 1  # prompt (4) + the token it produced
     assert {q.rid for q in plan.decode} == {0, 1}
     run_step(s, plan)
@@ -83,7 +83,7 @@ def test_paused_sequences_keep_blocks_until_memory_is_short_and_go_first() -> No
     for t in range(3):
         run_step(s, s.schedule(2.0 + t))
     plan = s.schedule(9.0)  # b needs a third block: the paused one goes, though it is older
-    assert a.status is SeqStatus.WAITING and a.block_table == [] and [q.rid for q in plan.decode] == [1]
+    assert s.is_waiting(a.rid) and a.block_table == [] and [q.rid for q in plan.decode] == [1]
 
 
 def test_alone_and_out_of_blocks_is_exhausted_not_looping() -> None:
@@ -141,7 +141,7 @@ def test_a_waiting_request_preempts_paused_sequences_when_memory_is_short() -> N
     b = seq(1, n=8)  # needs 2 blocks; 1 free: the paused one gives way
     s.add(b)
     plan = s.schedule(1.0)
-    assert [c.seq.rid for c in plan.prefill] == [1] and a.status is SeqStatus.WAITING and a.paused
+    assert [c.seq.rid for c in plan.prefill] == [1] and s.is_waiting(a.rid) and a.paused
     run_step(s, plan)
     s.set_paused(0, False)
     s.finish(b)
