@@ -117,7 +117,8 @@ def test_rate_limit_answers_with_retry_hint(server_factory: ServerFactory, tiny_
             return outcomes, retry
 
     outcomes, retry = run(main())
-    assert outcomes[:3] == ["length"] * 3 and outcomes[3:] == ["rate_limited"] * 2
+    # The first three are served (a random tiny model may sample EOS as its one token: "stop"); the rest are limited.
+    assert all(o in ("length", "stop") for o in outcomes[:3]) and outcomes[3:] == ["rate_limited"] * 2
     assert retry is not None and 0 < retry <= 1.0
 
 
