@@ -991,13 +991,18 @@ class _CompiledDecoder:
                     acc.append(time.perf_counter() - t)
             return min(e) * 1e3, min(c) * 1e3
 
-        for i, (b, n) in enumerate(shapes):
+        built: list[tuple[int, int, float, bool]] = []
+        for i, (b, n) in enumerate(shapes):  # compile everything first: inductor's worker pool starts meanwhile
             t0 = time.perf_counter()
             got = fn(b, n, False)
             seconds = time.perf_counter() - t0
+            exact = bool(torch.equal(got, sd._body(b, n, False)))
+            built.append((b, n, seconds, exact))
+            log.info("compiled decode step %d/%d (batch %d, kv %d) in %.1f s", i + 1, len(shapes), b, n, seconds,
+                     extra={"event": "decode_compiling", "batch": b, "kv_len": n, "seconds": round(seconds, 1)})
+        for b, n, seconds, exact in built:
             for _ in range(2):
                 fn(b, n, False)
-            exact = bool(torch.equal(got, sd._body(b, n, False)))
             eager_ms, compiled_ms = timed(b, n)
             for _ in range(2):  # a busy box makes single timings noisy: look again before calling it no gain
                 if force or compiled_ms <= COMPILE_MIN_GAIN * eager_ms:
@@ -1010,9 +1015,9 @@ class _CompiledDecoder:
                    "eager_ms": round(eager_ms, 3), "compiled_ms": round(compiled_ms, 3), "exact": exact,
                    "kept": keep}
             report.append(row)
-            log.info("compiled decode step %d/%d (batch %d, kv %d) in %.1f s: eager %.2f ms, compiled %.2f ms, %s",
-                     i + 1, len(shapes), b, n, seconds, eager_ms, compiled_ms,
-                     "kept" if keep else ("not exact: eager" if not exact else "no gain: eager"), extra=row)
+            log.info("decode step (batch %d, kv %d): eager %.2f ms, compiled %.2f ms: %s", b, n, eager_ms,
+                     compiled_ms, "compiled" if keep else ("not exact: eager" if not exact else "no gain: eager"),
+                     extra=row)
         sd.compiled = fn
         self.max_batch = max((b for b, _ in self.keys), default=0)
         return report
