@@ -217,7 +217,8 @@ def add_model_args(p: Any, *, default_concurrency: int = 32) -> None:
                    help="torch intra-op threads here and in a server child (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", default="off", choices=("auto", "on", "off"),
-                   help="in-process engine: torch.compile the small-batch greedy decode step (rtws serve: auto)")
+                   help="torch.compile the small-batch greedy decode step, in-process engines and server children "
+                        "alike (rtws serve's own default: auto)")
 
 
 def slots_for(args: Any, concurrency: int | None = None) -> int:
@@ -503,7 +504,7 @@ def thread_env(args: Any) -> dict[str, str]:
 def server_config(args: Any, **overrides: Any) -> dict[str, Any]:
     """ServerConfig overrides for a bench server from the common model arguments."""
     cfg: dict[str, Any] = {"model": str(args.model), "device": args.device, "dtype": args.dtype,
-                           "prefill_budget": args.prefill_budget}
+                           "prefill_budget": args.prefill_budget, "compile": getattr(args, "compile", "off")}
     cfg.update(overrides)
     return cfg
 
