@@ -965,9 +965,10 @@ class _CompiledDecoder:
 
     @torch.inference_mode()
     def compile_all(self, force: bool) -> list[dict[str, Any]]:
-        """Compile every shape, time 7 interleaved eager and compiled steps of each (the fastest of each), and keep the compiled
-        shapes that are exact and (unless ``force``) at most :data:`COMPILE_MIN_GAIN` of eager's time.
-        Logs one line per shape; returns those lines' fields."""
+        """Compile every shape, then time 7 interleaved eager and compiled steps of each (the fastest of
+        each), and keep the compiled shapes that are exact and (unless ``force``) at most
+        :data:`COMPILE_MIN_GAIN` of eager's time. Logs one line per shape; returns those lines' fields.
+        A compile that raises leaves every shape eager (logged), never fails the load."""
         import time
 
         sd = self.sd
@@ -994,7 +995,12 @@ class _CompiledDecoder:
         built: list[tuple[int, int, float, bool]] = []
         for i, (b, n) in enumerate(shapes):  # compile everything first: inductor's worker pool starts meanwhile
             t0 = time.perf_counter()
-            got = fn(b, n, False)
+            try:
+                got = fn(b, n, False)
+            except Exception as exc:  # no C++ compiler, a tensor subclass inductor cannot lower, ...: stay eager
+                log.warning("decode compile failed, decoding eagerly: %s: %s", type(exc).__name__, exc,
+                            extra={"event": "decode_compile_failed", "batch": b, "kv_len": n})
+                return report
             seconds = time.perf_counter() - t0
             exact = bool(torch.equal(got, sd._body(b, n, False)))
             built.append((b, n, seconds, exact))

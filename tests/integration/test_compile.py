@@ -70,3 +70,19 @@ def test_compile_choice() -> None:
     assert compile_choice("on", "cpu", False, 10)[0] is True
     assert compile_choice("on", "cuda", True, big)[0] is False  # CUDA graphs there
     assert compile_choice("auto", "cuda", False, big)[0] is False
+
+
+def test_a_failing_compile_leaves_decode_eager(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler, or a model inductor cannot lower: the load goes on, eagerly, and says so."""
+    def broken(fn: object, **kw: object) -> object:
+        def run(*a: object) -> None:
+            raise RuntimeError("inductor: no working C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model, _ = load_model(str(tiny_llama_dir), torch.device("cpu"), torch.float32)
+    runner = ModelRunner(model, 2, 128, torch.device("cpu"), kv_cache_gb=0.01, compile="on")
+    runner.warmup()
+    assert runner._compiled is None
+    eager = ModelRunner(model, 2, 128, torch.device("cpu"), kv_cache_gb=0.01, compile="off")
+    assert _greedy(runner, [[5, 9, 13]], 5) == _greedy(eager, [[5, 9, 13]], 5)
