@@ -910,7 +910,10 @@ class _StaticDecoder:
 
 COMPILE_MODES = ("auto", "on", "off")
 COMPILE_AUTO_MIN_PARAMS = 1_000_000  # auto leaves smaller (test-sized) models eager
-COMPILE_MAX_BATCH = 4  # batch buckets compiled: 1, 2, 4 (measured: at 8 and above inductor's step is no faster)
+# Batch buckets compiled: 1, 2, 4. With 2 length buckets that is 6 specialisations of one code object, under
+# torch._dynamo's recompile limit (8). bench/compile_step_bench.py: compiled/eager 0.50x at batch 1, 0.54x at 4,
+# 0.60-0.71x at 8, 0.77x at 16, 0.98x at 24, 1.11x at 32 (batch 8 and 16 would pay too; not enabled: over the limit).
+COMPILE_MAX_BATCH = 4
 COMPILE_LEN_BUCKETS = 2  # KV-length buckets compiled: the first two (128 and 256 positions)
 COMPILE_MIN_GAIN = 0.9  # auto keeps a compiled shape only when its step takes at most this fraction of eager's
 
@@ -972,8 +975,8 @@ class _CompiledDecoder:
         import time
 
         sd = self.sd
-        # cpp_wrapper: the compiled graph is called from C++, not a Python wrapper (measured on this CPU at
-        # batch 1: 1.3 ms against 1.6 ms a step; the compile takes longer once, then the inductor cache has it).
+        # cpp_wrapper: the compiled graph is called from C++, not through a Python wrapper (less per-step overhead;
+        # a longer compile once, then inductor's on-disk cache has it).
         fn = torch.compile(sd._body, dynamic=False, options={"cpp_wrapper": True})
         sd.tables.zero_()
         sd.pos.zero_()

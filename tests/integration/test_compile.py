@@ -44,6 +44,9 @@ def test_compiled_decode_is_greedy_identical_to_eager(tiny_llama_dir: Path) -> N
     compiled.warmup()
     assert {(r["batch"], r["kv_len"]) for r in compiled.compile_report if r["kept"]} == {(1, 128), (2, 128)}
     assert all(r["exact"] for r in compiled.compile_report)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     prompts = [[5, 9, 13, 2, 7], [3, 3, 8]]
     for rows in (prompts[:1], prompts):
         calls = 0
@@ -60,6 +63,7 @@ def test_compiled_decode_is_greedy_identical_to_eager(tiny_llama_dir: Path) -> N
         compiled._compiled.sd.compiled = body
         assert calls == 20, "every decode step took the compiled path"
         assert got == _greedy(eager, rows, 20)
+    assert counters["stats"]["unique_graphs"] == graphs, "serving never recompiles (no stall in the engine thread)"
 
 
 def test_compile_choice() -> None:
