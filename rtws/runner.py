@@ -928,8 +928,10 @@ def compile_choice(mode: str, device_type: str, static: bool, num_params: int) -
     """
     if mode == "off":
         return False, "compile=off"
-    if device_type != "cpu" or static:
+    if device_type != "cpu":
         return False, f"compile={mode}: not on {device_type} (CUDA graphs serve the static decode path there)"
+    if static:
+        return False, f"compile={mode}: the runner was built with static_decode (eager static path asked for)"
     if mode == "on":
         return True, "compile=on"
     if num_params < COMPILE_AUTO_MIN_PARAMS:
