@@ -90,3 +90,15 @@ def test_a_failing_compile_leaves_decode_eager(tiny_llama_dir: Path, monkeypatch
     assert runner._compiled is None
     eager = ModelRunner(model, 2, 128, torch.device("cpu"), kv_cache_gb=0.01, compile="off")
     assert _greedy(runner, [[5, 9, 13]], 5) == _greedy(eager, [[5, 9, 13]], 5)
+
+
+def test_compile_setting_reaches_the_model_spec() -> None:
+    from rtws.config import ServerConfig
+    from rtws.model import ModelSpec
+
+    assert ServerConfig().compile == "auto"
+    cfg = ServerConfig.from_sources(env={"RTWS_COMPILE": "on"})
+    assert cfg.compile == "on"
+    assert ModelSpec.from_config(cfg, name="m", path="p").compile == "on"
+    with pytest.raises(ValueError, match="compile"):
+        ServerConfig(compile="sometimes")
