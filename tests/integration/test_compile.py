@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,8 @@ def _greedy(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[l
     return [s.output_ids for s in seqs]
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor on the CPU needs a C++ compiler")
 def test_compiled_decode_is_greedy_identical_to_eager(tiny_llama_dir: Path) -> None:
     model, _ = load_model(str(tiny_llama_dir), torch.device("cpu"), torch.float32)
     eager = ModelRunner(model, 2, 128, torch.device("cpu"), kv_cache_gb=0.01, compile="off")
