@@ -105,3 +105,14 @@ def test_compile_setting_reaches_the_model_spec() -> None:
     assert ModelSpec.from_config(cfg, name="m", path="p").compile == "on"
     with pytest.raises(ValueError, match="compile"):
         ServerConfig(compile="sometimes")
+
+
+def test_model_config_compile_overrides_the_server() -> None:
+    from rtws.api import ModelConfig
+    from rtws.config import ServerConfig
+
+    cfg = ServerConfig(compile="auto")
+    assert ModelConfig(name="m", model_path="p").to_spec(cfg).compile == "auto"
+    assert ModelConfig(name="m", model_path="p", compile="off").to_spec(cfg).compile == "off"
+    with pytest.raises(ValueError, match="compile"):
+        ModelConfig(name="m", model_path="p", compile="yes")
