@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hi", type=int, default=128, help="burst: largest max_tokens")
     p.add_argument("--repeat", type=int, default=2, help="rounds, ABBA order")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch_threads of both servers (default: theirs)")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds for a server to start")
     return p
 
@@ -111,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     prompts = text_prompts(tok, max(args.requests, args.single), args.prompt_len, args.seed)
     mts = max_tokens_list(args.requests, 0, True, args.lo, args.hi)  # as bench/burst_bench.py
     t0 = time.perf_counter()
-    eager = ServerProcess({"model": args.model, "compile": "off"}, timeout=args.start_timeout)
+    extra = {"torch_threads": args.threads} if args.threads else {}
+    eager = ServerProcess({"model": args.model, "compile": "off", **extra}, timeout=args.start_timeout)
     t1 = time.perf_counter()
-    comp = ServerProcess({"model": args.model, "compile": args.compile, "log_level": "INFO", "log_format": "json"},
+    comp = ServerProcess({"model": args.model, "compile": args.compile, "log_level": "INFO", "log_format": "json",
+                          **extra},
                          timeout=args.start_timeout)
     t2 = time.perf_counter()
     servers = {"eager": eager, "compiled": comp}
