@@ -216,6 +216,9 @@ def add_model_args(p: Any, *, default_concurrency: int = 32) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads here and in a server child (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", default="off", choices=("auto", "on", "off"),
+                   help="torch.compile the small-batch greedy decode step, in-process engines and server children "
+                        "alike (rtws serve's own default: auto)")
 
 
 def slots_for(args: Any, concurrency: int | None = None) -> int:
@@ -231,7 +234,8 @@ def load_served(args: Any, num_slots: int, max_seq_len: int | None = None) -> An
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ModelSpec(name="bench", path=str(args.model), device=args.device, dtype=args.dtype,
-                     num_slots=num_slots, prefill_budget=args.prefill_budget, max_seq_len=max_seq_len)
+                     num_slots=num_slots, prefill_budget=args.prefill_budget, max_seq_len=max_seq_len,
+                     compile=getattr(args, "compile", "off"))
     return load(spec)
 
 
@@ -500,7 +504,7 @@ def thread_env(args: Any) -> dict[str, str]:
 def server_config(args: Any, **overrides: Any) -> dict[str, Any]:
     """ServerConfig overrides for a bench server from the common model arguments."""
     cfg: dict[str, Any] = {"model": str(args.model), "device": args.device, "dtype": args.dtype,
-                           "prefill_budget": args.prefill_budget}
+                           "prefill_budget": args.prefill_budget, "compile": getattr(args, "compile", "off")}
     cfg.update(overrides)
     return cfg
 

@@ -34,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--top", type=int, default=22)
+    p.add_argument("--compile", default="off", choices=("auto", "on", "off"), help="the engine's compile mode")
     args = p.parse_args(argv)
     from rtws.default_model import DEFAULT_MODEL_PATH
 
     ns = argparse.Namespace(model=args.model or DEFAULT_MODEL_PATH, device="cpu", dtype="float32",
-                            prefill_budget=256, threads=args.threads)
+                            prefill_budget=256, threads=args.threads,
+                            compile=args.compile)
     served = load_served(ns, max(64, args.concurrency))
     engine = served.engine
     n = args.requests or max(4, args.concurrency)

@@ -84,6 +84,7 @@ class ModelConfig:
     dtype: str = "auto"
     quantization: str | None = None
     warmup: bool = True
+    compile: str | None = None  # auto | on | off for this model; None: the server's setting
 
     def __post_init__(self) -> None:
         if isinstance(self.model_path, os.PathLike):
@@ -105,6 +106,8 @@ class ModelConfig:
                 "(a pre-quantized checkpoint such as GPTQ or AWQ loads as is with 'none')")
         if not isinstance(self.warmup, bool):
             raise ValueError(f"warmup: must be a bool (got {self.warmup!r})")
+        if self.compile is not None and self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile: must be auto, on or off (got {self.compile!r})")
 
     def to_spec(self, config: ServerConfig, device: str | None = None) -> ModelSpec:
         """The engine's :class:`~rtws.model.ModelSpec`, with the server's engine settings."""
@@ -114,6 +117,8 @@ class ModelConfig:
                                 dtype=None if self.dtype == "auto" else self.dtype)
         if self.quantization is not None:
             spec = dataclasses.replace(spec, quantization=self.quantization.lower())
+        if self.compile is not None:
+            spec = dataclasses.replace(spec, compile=self.compile)
         return spec
 
 

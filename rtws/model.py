@@ -42,6 +42,7 @@ class ModelSpec:
     kv_cache_gb: float | None = None
     prefix_cache: bool = True
     block_size: int = 16
+    compile: str = "off"  # auto | on | off (ModelRunner; ServerConfig's default is auto)
 
     @classmethod
     def from_config(cls, config: ServerConfig, *, name: str, path: str, version: str = "1",
@@ -53,7 +54,7 @@ class ModelSpec:
             max_batch_size=config.max_batch_size, max_batch_wait_ms=config.max_batch_wait_ms,
             aging_s=config.priority_aging_s, max_prompt_tokens=config.max_prompt_tokens,
             cuda_graphs=config.cuda_graphs, kv_cache_gb=config.kv_cache_gb, prefix_cache=config.prefix_cache,
-            block_size=config.block_size, quantization=config.quantization,
+            block_size=config.block_size, quantization=config.quantization, compile=config.compile,
         )
 
 
@@ -166,7 +167,10 @@ def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
     max_len = min(spec.max_seq_len or ctx, ctx)
     runner = rn.ModelRunner(model, spec.num_slots, max_len, device,
                             static_decode=spec.cuda_graphs and device.type == "cuda", cuda_graphs=spec.cuda_graphs,
-                            kv_cache_gb=spec.kv_cache_gb, block_size=spec.block_size)
+                            kv_cache_gb=spec.kv_cache_gb, block_size=spec.block_size, compile=spec.compile)
+    log.info("decode compile: %s", runner.compile_reason,
+             extra={"event": "compile_choice", "model": spec.name, "compile": runner.compile_choice,
+                    "reason": runner.compile_reason})
     runner.warmup()
     engine = Engine(
         runner,

@@ -229,6 +229,7 @@ class _PagedLayer(CacheLayerMixin):
         self.v_pool: torch.Tensor | None = None
         self.k_blocks: torch.Tensor | None = None
         self.v_blocks: torch.Tensor | None = None
+        self.block_size = 1
         self.k_lanes: torch.Tensor | None = None  # [lanes, heads, length, key_dim] (decode lanes; see _DecodeLanes)
         self.v_lanes: torch.Tensor | None = None
 
@@ -241,6 +242,7 @@ class _PagedLayer(CacheLayerMixin):
         self.v_pool = torch.empty(positions, shape.heads, shape.value_dim, dtype=dtype, device=device)
         self.k_blocks = self.k_pool.view(-1, block_size, shape.heads, shape.key_dim)
         self.v_blocks = self.v_pool.view(-1, block_size, shape.heads, shape.value_dim)
+        self.block_size = block_size
         self.zero_blocks(0, 1)
         self.keys, self.values = self.k_pool, self.v_pool
 
@@ -262,8 +264,8 @@ class _PagedLayer(CacheLayerMixin):
         if o.probe is not None:
             o.probe.setdefault(self._index, []).append(LayerShape(heads, kdim, vdim))
             return key_states, value_states
-        kp, vp, kb, vb = self.k_pool, self.v_pool, self.k_blocks, self.v_blocks
-        assert kp is not None and vp is not None and kb is not None and vb is not None, "pool not allocated"
+        kp, vp = self.k_pool, self.v_pool
+        assert kp is not None and vp is not None, "pool not allocated"
         kp.index_copy_(0, o.write_index, key_states.transpose(1, 2).reshape(b * q, heads, kdim))
         vp.index_copy_(0, o.write_index, value_states.transpose(1, 2).reshape(b * q, heads, vdim))
         n = o.kv_len
@@ -276,8 +278,11 @@ class _PagedLayer(CacheLayerMixin):
             vl.view(-1, vdim).index_copy_(0, index, value_states.reshape(-1, vdim))
             return kl[:b, :, :n], vl[:b, :, :n]
         # Whole blocks per row (one contiguous copy each: about twice as fast as per-position rows on CPU).
-        k = kb.index_select(0, o.read_index).view(b, n, heads, kdim).transpose(1, 2)
-        v = vb.index_select(0, o.read_index).view(b, n, heads, vdim).transpose(1, 2)
+        # The block views are taken from the pools here, not from k_blocks/v_blocks, so a compiled decode
+        # step sees one (mutated) input per pool, not two aliased ones (which torch.compile would copy whole).
+        bs = self.block_size
+        k = kp.view(-1, bs, heads, kdim).index_select(0, o.read_index).view(b, n, heads, kdim).transpose(1, 2)
+        v = vp.view(-1, bs, heads, vdim).index_select(0, o.read_index).view(b, n, heads, vdim).transpose(1, 2)
         return k, v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -430,7 +435,8 @@ class ModelRunner:
 
     def __init__(self, model: Any, num_slots: int, max_len: int, device: torch.device,
                  static_decode: bool | None = None, cuda_graphs: bool = True, *,
-                 kv_cache_gb: float | None = None, block_size: int = 16, decode_lanes: bool = True) -> None:
+                 kv_cache_gb: float | None = None, block_size: int = 16, decode_lanes: bool = True,
+                 compile: str = "off") -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.model = model
@@ -473,6 +479,14 @@ class ModelRunner:
         cap = min(self.max_blocks_per_seq * block_size, lane_budget // (num_slots * self.bytes_per_token))
         if decode_lanes and self._static is None and cap >= block_size:
             self._lanes = _DecodeLanes(self, num_slots, int(cap))
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}")
+        self.compile_mode = compile
+        self.compile_choice, self.compile_reason = compile_choice(
+            compile, device.type, self._static is not None, sum(p.numel() for p in model.parameters()))
+        # Compiled greedy decode for small batches (built and timed at warm-up; see _CompiledDecoder).
+        self._compiled: _CompiledDecoder | None = _CompiledDecoder(self) if self.compile_choice else None
+        self.compile_report: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -592,6 +606,16 @@ class ModelRunner:
             rows = [s for g in groups for s in g]
             parts = [self._static.run(g) for g in groups]
             decoded = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if plan.prefill:
+                last_logits, last_rows = self._prefill(plan.prefill)
+                if last_rows:
+                    decoded = torch.cat([decoded, self._sample(last_logits, last_rows)])
+                    rows += last_rows
+            return StepOutput(tokens=list(zip(rows, decoded.tolist())))  # one host synchronisation
+        compiled = self._compiled
+        if plan.decode and compiled is not None and compiled.covers(plan.decode):
+            rows = list(plan.decode)
+            decoded = compiled.sd.run(rows)
             if plan.prefill:
                 last_logits, last_rows = self._prefill(plan.prefill)
                 if last_rows:
@@ -737,6 +761,10 @@ class ModelRunner:
         self.step(StepPlan(prefill=[PrefillChunk(seq, 0, 2)], decode=[]))
         if self._static is not None:
             self._static.capture_all()
+        if self._compiled is not None:
+            self.compile_report = self._compiled.compile_all(force=self.compile_mode == "on")
+            if not self._compiled.keys:
+                self._compiled = None
 
 
 def _buckets(limit: int) -> list[int]:
@@ -791,6 +819,7 @@ class _StaticDecoder:
         self.counters = torch.zeros(bmax, dtype=torch.long, device=dev)
         self.graphs: dict[tuple[int, int, bool], tuple[Any, torch.Tensor]] = {}
         self._pool: Any = None
+        self.compiled: Any = None  # torch.compile of _body (set by _CompiledDecoder), or None: eager
 
     def _body(self, b: int, kv_len: int, sampling: bool) -> torch.Tensor:
         r = self.r
@@ -872,9 +901,137 @@ class _StaticDecoder:
         if self.capture:
             graph, out = self._graph(b, kv_len, sampling)
             graph.replay()
+        elif self.compiled is not None:
+            out = self.compiled(b, kv_len, sampling)
         else:
             out = self._body(b, kv_len, sampling)
         return out[:n]
+
+
+COMPILE_MODES = ("auto", "on", "off")
+COMPILE_AUTO_MIN_PARAMS = 1_000_000  # auto leaves smaller (test-sized) models eager
+# Batch buckets compiled: 1, 2, 4. With 2 length buckets that is 6 specialisations of one code object, under
+# torch._dynamo's recompile limit (8). bench/compile_step_bench.py: compiled/eager 0.50x at batch 1, 0.54x at 4,
+# 0.60-0.71x at 8, 0.77x at 16, 0.98x at 24, 1.11x at 32 (batch 8 and 16 would pay too; not enabled: over the limit).
+COMPILE_MAX_BATCH = 4
+COMPILE_LEN_BUCKETS = 2  # KV-length buckets compiled: the first two (128 and 256 positions)
+COMPILE_MIN_GAIN = 0.9  # auto keeps a compiled shape only when its step takes at most this fraction of eager's
+
+
+def compile_choice(mode: str, device_type: str, static: bool, num_params: int) -> tuple[bool, str]:
+    """Whether to compile the decode step, and why (for the startup log). A pure function.
+
+    ``on`` compiles on the CPU whatever the size; ``auto`` compiles on the CPU for models of at least
+    :data:`COMPILE_AUTO_MIN_PARAMS` parameters (served models, not tests' tiny random ones) and then keeps
+    a compiled shape only where warm-up timing shows it pays; ``off`` never compiles. On CUDA the static
+    decode path replays CUDA graphs instead, so neither mode compiles there.
+    """
+    if mode == "off":
+        return False, "compile=off"
+    if device_type != "cpu":
+        return False, f"compile={mode}: not on {device_type} (CUDA graphs serve the static decode path there)"
+    if static:
+        return False, f"compile={mode}: the runner was built with static_decode (eager static path asked for)"
+    if mode == "on":
+        return True, "compile=on"
+    if num_params < COMPILE_AUTO_MIN_PARAMS:
+        return False, f"compile=auto: {num_params} parameters < {COMPILE_AUTO_MIN_PARAMS} (a test-sized model)"
+    return True, f"compile=auto: {num_params} parameters on cpu; kept per shape only where timing shows a gain"
+
+
+class _CompiledDecoder:
+    """Greedy decode steps of up to :data:`COMPILE_MAX_BATCH` rows, compiled with torch.compile (inductor).
+
+    It runs the static decode body (:class:`_StaticDecoder`: gathers and masks built from the block
+    tables inside it, so shapes are fixed per (batch bucket, KV-length bucket)) through
+    ``torch.compile(dynamic=False)``, one specialisation per shape, all built at warm-up:
+    at most 3 batch buckets x :data:`COMPILE_LEN_BUCKETS` length buckets, greedy only. Prefill, sampling
+    rows, larger batches and longer rows keep the eager paths. Compiled and eager steps write the same
+    pool, so a row moves between them freely (decode lanes refill when a row comes back to them).
+    """
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.sd = _StaticDecoder(runner, capture=False)
+        self.keys: set[tuple[int, int]] = set()
+        self.max_batch = 0
+
+    def shapes(self) -> list[tuple[int, int]]:
+        bs = [b for b in self.sd.buckets if b <= COMPILE_MAX_BATCH] or self.sd.buckets[:1]
+        return [(b, n) for n in self.sd.len_buckets[:COMPILE_LEN_BUCKETS] for b in bs]
+
+    def covers(self, seqs: list[Sequence]) -> bool:
+        if len(seqs) > self.max_batch or any(s.params.temperature != 0 for s in seqs):
+            return False
+        b = next(x for x in self.sd.buckets if x >= len(seqs))
+        longest = max(s.num_cached for s in seqs) + 1
+        if longest > self.sd.len_buckets[-1]:
+            return False
+        return (b, self.sd.kv_bucket(longest)) in self.keys
+
+    @torch.inference_mode()
+    def compile_all(self, force: bool) -> list[dict[str, Any]]:
+        """Compile every shape, then time 7 interleaved eager and compiled steps of each (the fastest of
+        each), and keep the compiled shapes that are exact and (unless ``force``) at most
+        :data:`COMPILE_MIN_GAIN` of eager's time. Logs one line per shape; returns those lines' fields.
+        A compile that raises leaves every shape eager (logged), never fails the load."""
+        import time
+
+        sd = self.sd
+        # cpp_wrapper: the compiled graph is called from C++, not through a Python wrapper (less per-step overhead;
+        # a longer compile once, then inductor's on-disk cache has it).
+        fn = torch.compile(sd._body, dynamic=False, options={"cpp_wrapper": True})
+        sd.tables.zero_()
+        sd.pos.zero_()
+        sd.ids.zero_()
+        report: list[dict[str, Any]] = []
+        shapes = self.shapes()
+
+        def timed(b: int, n: int, pairs: int = 7) -> tuple[float, float]:
+            """Fastest of ``pairs`` interleaved eager/compiled steps, in ms (the minimum: a busy box only adds)."""
+            e: list[float] = []
+            c: list[float] = []
+            for _ in range(pairs):
+                for f, acc in ((sd._body, e), (fn, c)):
+                    t = time.perf_counter()
+                    f(b, n, False)
+                    acc.append(time.perf_counter() - t)
+            return min(e) * 1e3, min(c) * 1e3
+
+        built: list[tuple[int, int, float, bool]] = []
+        for i, (b, n) in enumerate(shapes):  # compile everything first: inductor's worker pool starts meanwhile
+            t0 = time.perf_counter()
+            try:
+                got = fn(b, n, False)
+            except Exception as exc:  # no C++ compiler, a tensor subclass inductor cannot lower, ...: stay eager
+                log.warning("decode compile failed, decoding eagerly: %s: %s", type(exc).__name__, exc,
+                            extra={"event": "decode_compile_failed", "batch": b, "kv_len": n})
+                return report
+            seconds = time.perf_counter() - t0
+            exact = bool(torch.equal(got, sd._body(b, n, False)))
+            built.append((b, n, seconds, exact))
+            log.info("compiled decode step %d/%d (batch %d, kv %d) in %.1f s", i + 1, len(shapes), b, n, seconds,
+                     extra={"event": "decode_compiling", "batch": b, "kv_len": n, "seconds": round(seconds, 1)})
+        for b, n, seconds, exact in built:
+            for _ in range(2):
+                fn(b, n, False)
+            eager_ms, compiled_ms = timed(b, n)
+            for _ in range(2):  # a busy box makes single timings noisy: look again before calling it no gain
+                if force or compiled_ms <= COMPILE_MIN_GAIN * eager_ms:
+                    break
+                eager_ms, compiled_ms = timed(b, n)
+            keep = exact and (force or compiled_ms <= COMPILE_MIN_GAIN * eager_ms)
+            if keep:
+                self.keys.add((b, n))
+            row = {"event": "decode_compiled", "batch": b, "kv_len": n, "seconds": round(seconds, 1),
+                   "eager_ms": round(eager_ms, 3), "compiled_ms": round(compiled_ms, 3), "exact": exact,
+                   "kept": keep}
+            report.append(row)
+            log.info("decode step (batch %d, kv %d): eager %.2f ms, compiled %.2f ms: %s", b, n, eager_ms,
+                     compiled_ms, "compiled" if keep else ("not exact: eager" if not exact else "no gain: eager"),
+                     extra=row)
+        sd.compiled = fn
+        self.max_batch = max((b for b, _ in self.keys), default=0)
+        return report
 
 
 class _DecodeLanes:

@@ -17,6 +17,9 @@ from tests.helpers.server import RunningServer, ServerFactory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers the tests start (in-process or `python -m rtws serve`) never torch.compile the bundled model's decode
+# step (about a minute of warm-up each); tests/integration/test_compile.py checks compile on its own.
+os.environ.setdefault("RTWS_COMPILE", "off")
 
 # CI runs the property tests derandomized (the same examples every run); locally they explore afresh.
 _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -60,6 +63,7 @@ def server_factory() -> Iterator[ServerFactory]:
     def start(model: Path | str | None = None, specs: Any = None, **overrides: Any) -> RunningServer:
         overrides.setdefault("log_level", "WARNING")
         overrides.setdefault("port", 0)  # a test restarting a server passes the old port
+        overrides.setdefault("compile", "off")
         cfg = ServerConfig(model=str(model) if model is not None else None, **overrides)
         server, thread = run_in_thread(cfg, specs)
         rs = RunningServer(server, thread)
