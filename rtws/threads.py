@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-LOOP_CORE_FROM = 4  # from this many usable cores on, the event loop keeps one
+LOOP_CORE_FROM = 2  # from this many usable cores on, the event loop keeps one (measured: docs/operations.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ def choose_threads(cores: int, device: str, torch_threads: int | None = None,
     elif keep_one:
         reason = f"{cores} cores: {intra} for the forward, 1 for the event loop"
     else:
-        reason = f"{cores} core(s): all for the forward (below {LOOP_CORE_FROM} cores a core for the loop costs more)"
+        reason = f"{cores} core: the forward and the event loop share it"
     return ThreadChoice(intra, interop, reason)
 
 
