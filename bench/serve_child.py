@@ -118,12 +118,16 @@ def transport_buffered(conn: Any) -> int:
 def main() -> int:
     from rtws.config import ServerConfig
     from rtws.logs import setup_logging
-    from rtws.server import Server, build_app, uvicorn_config
+    from rtws.server import Server, build_app, set_threads, uvicorn_config
 
     raw = json.loads(sys.argv[1])
     # JSON has no tuples: list values are the config's tuple fields (api_keys, allowed_origins, ...)
     cfg = ServerConfig.from_sources({k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, env={})
     setup_logging(cfg.log_level)
+    import torch
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    set_threads(cfg, device)  # the thread defaults `rtws serve` applies
     app = build_app(cfg)
     lag = LagSampler()
     steps = StepSampler(app.hooks.step_observer)

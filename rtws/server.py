@@ -181,7 +181,7 @@ def serve(config: ServerConfig, specs: list[ModelSpec] | None = None) -> int:
     except ModelLoadError as exc:
         log.error(str(exc), extra={"event": "load_failed", "model_path": exc.model, "error_kind": exc.kind})
         return 2
-    _set_threads(config, check_device(specs[0].path, specs[0].device) if specs else "cpu")
+    set_threads(config, check_device(specs[0].path, specs[0].device) if specs else "cpu")
     app = build_app(config, specs)
     server = Server(uvicorn_config(app, config), app)
     try:
@@ -195,7 +195,7 @@ def serve(config: ServerConfig, specs: list[ModelSpec] | None = None) -> int:
     return 2 if isinstance(app.startup_error, ModelLoadError) else 1
 
 
-def _set_threads(config: ServerConfig, device: str) -> None:
+def set_threads(config: ServerConfig, device: str) -> None:
     from .threads import apply_threads, choose_threads, usable_cores
 
     cores = usable_cores()
