@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=None,
                    help="sessions (default: min(c, max(8, c/16)); each carries c/connections streams)")
     p.add_argument("--procs", type=int, default=min(4, os.cpu_count() or 1), help="client processes")
+    p.add_argument("--batch", action="store_true",
+                   help="clients opt in to batch messages (hello {batch: true}; docs/protocol.md)")
     p.add_argument("--rate", type=float, default=None, help="Poisson arrivals at this many requests/s (open loop)")
     p.add_argument("--cancels", type=int, default=100, help="cancel probes under load (0: skip)")
     p.add_argument("--sweep", default="1,8,32", help="also measure delivered tok/s at these concurrencies ('' skips)")
@@ -124,7 +126,7 @@ class Bench:
         args = self.args
         conns, streams = layout(c, args.connections)
         reqs = list(zip(self.prompts[:n], self.mts[:n]))
-        with Fleet(self.server.url, conns, args.procs) as fleet:
+        with Fleet(self.server.url, conns, args.procs, batch=args.batch) as fleet:
             if fleet.num_connected != conns:
                 raise RuntimeError(f"only {fleet.num_connected}/{conns} connections: {fleet.connect_errors}")
             parts = split(reqs, fleet.shares)
@@ -146,7 +148,7 @@ class Bench:
         args = self.args
         conns, streams = layout(c, args.connections)
         reqs = list(zip(self.prompts, self.mts))
-        with Fleet(self.server.url, conns, args.procs) as load, Fleet(self.server.url, 1, 1) as probe:
+        with Fleet(self.server.url, conns, args.procs, batch=args.batch) as load, Fleet(self.server.url, 1, 1) as probe:
             parts = split(reqs, load.shares)
             load.send([{"op": "background", "requests": parts[i], "streams": streams}
                        for i in range(len(load.procs))])
