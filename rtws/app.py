@@ -525,17 +525,22 @@ class App:
                 conn.quota_key = None
             self.hooks_connection(-1)
 
-    def _admit_upgrade(self, scope: Scope) -> _Upgrade:
-        """The checks a ``/ws`` upgrade passes before it is accepted. Raises :class:`~rtws.errors.RtwsError`
-        carrying the HTTP status to refuse with (the refusal already counted in ``hooks.rejected``)."""
-        if scope["path"] != "/ws":
-            raise RtwsError("not_found", f"no WebSocket endpoint at {scope['path']}", status=404)
+    def check_upgrade(self, scope: Scope) -> None:
+        """The checks every WebSocket upgrade passes first, whatever its path: not draining, and Host and
+        Origin allowed. Raises :class:`~rtws.errors.RtwsError` with the HTTP status to refuse with."""
         if self.draining:
             raise RtwsError("overloaded", "server is draining", status=503)
         refusal = self.check_host_and_origin(scope, state_changing=True)
         if refusal is not None:
             self.hooks.rejected(refusal[0])
             raise RtwsError("unauthorized", refusal[1], status=403 if refusal[0] == "origin" else 421)
+
+    def _admit_upgrade(self, scope: Scope) -> _Upgrade:
+        """The checks a ``/ws`` upgrade passes before it is accepted. Raises :class:`~rtws.errors.RtwsError`
+        carrying the HTTP status to refuse with (the refusal already counted in ``hooks.rejected``)."""
+        if scope["path"] != "/ws":
+            raise RtwsError("not_found", f"no WebSocket endpoint at {scope['path']}", status=404)
+        self.check_upgrade(scope)
         authenticated = not self.config.auth_enabled
         rate_key = "addr:" + client_address(scope)
         token = bearer_token(scope)

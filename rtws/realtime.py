@@ -871,12 +871,7 @@ def _admit_upgrade(app: App, scope: Scope) -> tuple[str | None, Served, str, str
     quota key). Raises :class:`~rtws.errors.RtwsError` carrying the HTTP status to refuse with (the refusal
     already counted in ``hooks.rejected``). A quota slot taken here is the caller's to release."""
     cfg = app.config
-    if app.draining:
-        raise RtwsError("overloaded", "server is draining", status=503)
-    refusal = app.check_host_and_origin(scope, state_changing=True)
-    if refusal is not None:
-        app.hooks.rejected(refusal[0])
-        raise RtwsError("unauthorized", refusal[1], status=403 if refusal[0] == "origin" else 421)
+    app.check_upgrade(scope)
     token = bearer_token(scope) or offered_key(list(scope.get("subprotocols", [])))
     if cfg.auth_enabled and not (token and key_ok(token, frozenset(cfg.api_keys))):
         app.hooks.rejected("unauthorized")
