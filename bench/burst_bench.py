@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def burst(port: int, prompts: list[str], max_tokens: list[int]) -> tuple[int, float]:
-    """Send every request at once on one socket; (completion tokens, seconds from first send to last done)."""
+async def burst(port: int, prompts: list[str], max_tokens: list[int]) -> tuple[int, float, list[str]]:
+    """Every request at once on one socket: (completion tokens, seconds from first send to last done, texts)."""
     from rtws.client import Client
 
     client = await Client.connect(f"ws://127.0.0.1:{port}/ws")
@@ -66,8 +66,7 @@ async def burst(port: int, prompts: list[str], max_tokens: list[int]) -> tuple[i
         wall = time.perf_counter() - t0
     finally:
         await client.close()
-    tokens = sum(r.completion_tokens for r in results)
-    return tokens, wall
+    return sum(r.completion_tokens for r in results), wall, [s.text for s in streams]
 
 
 def generate_burst(model: Any, tok: Any, prompts: list[str], max_tokens: list[int]) -> tuple[int, float]:
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             per_threads: list[str] = []
             for who in order:
                 if who == "rtws":
-                    got[who] = asyncio.run(burst(srv.port, prompts, mts))
+                    got[who] = asyncio.run(burst(srv.port, prompts, mts))[:2]
                     continue
                 best: tuple[int, float] | None = None
                 for t in gen_threads:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from burst_bench import burst  # noqa: E402
 from common import (  # noqa: E402
     ServerProcess,
     max_tokens_list,
@@ -86,21 +87,6 @@ async def single(port: int, prompts: list[str], max_tokens: int) -> tuple[int, f
     finally:
         await client.close()
     return tokens, wall, gaps, texts
-
-
-async def burst(port: int, prompts: list[str], max_tokens: list[int]) -> tuple[int, float, list[str]]:
-    """Every request at once on one socket: (completion tokens, seconds from first send to last done, texts)."""
-    from rtws.client import Client
-
-    client = await Client.connect(f"ws://127.0.0.1:{port}/ws")
-    try:
-        t0 = time.perf_counter()
-        streams = [await client.generate(p, max_tokens=m, temperature=0.0) for p, m in zip(prompts, max_tokens)]
-        results = await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), 600)
-        wall = time.perf_counter() - t0
-    finally:
-        await client.close()
-    return sum(r.completion_tokens for r in results), wall, [s.text for s in streams]
 
 
 def main(argv: list[str] | None = None) -> int:
