@@ -29,7 +29,16 @@ from .model import ModelSpec, ServedModel
 from .registry import ModelRegistry
 from .session import Session, SessionLimits
 from .session_store import SessionStore
-from .transport import TrackedSend, abort_response, buffered, force_close, stop_reading, tune_socket, writable
+from .transport import (
+    TrackedSend,
+    abort_response,
+    buffered,
+    force_close,
+    frame_writer,
+    stop_reading,
+    tune_socket,
+    writable,
+)
 from .wslimits import CLOSE_TOO_BIG, frame_too_big
 
 log = logging.getLogger("rtws.app")
@@ -433,6 +442,7 @@ class App:
             async def send_frame(data: bytes | str) -> None:
                 await send({"type": "websocket.send", "text": data.decode() if isinstance(data, bytes) else data})
 
+        send_many = frame_writer(send, codec.binary)
         conn: Connection | None = None
 
         def policy_close(code: int, reason: str) -> None:
@@ -462,13 +472,14 @@ class App:
 
         def on_resume(fresh: Session, frame: protocol.Hello) -> protocol.Error | None:
             assert conn is not None
-            return self._resume(conn, fresh, frame, send_frame, policy_close, on_resume)
+            return self._resume(conn, fresh, frame, send_frame, policy_close, on_resume, send_many)
 
         session = Session(send_frame, codec, self.registry, self.session_limits, client=client_address(scope),
                           authenticated=authenticated, rate_limiter=self.rate_limiter, hooks=self.hooks,
                           on_policy_close=policy_close, offload=self.offload,
                           quota=self.quota if self.quota.max_generations is not None else None,
-                          on_authenticated=on_authenticated, store=self.sessions, on_resume=on_resume)
+                          on_authenticated=on_authenticated, store=self.sessions, on_resume=on_resume,
+                          send_many=send_many)
         session.rate_key = rate_key
         if self.config.auth_enabled and token is not None:
             session.key = key_id(token)
@@ -602,7 +613,8 @@ class App:
 
     def _resume(self, conn: Connection, fresh: Session, frame: protocol.Hello,
                 send_frame: Callable[[bytes | str], Awaitable[None]], policy_close: Callable[[int, str], None],
-                on_resume: Callable[[Session, protocol.Hello], protocol.Error | None]) -> protocol.Error | None:
+                on_resume: Callable[[Session, protocol.Hello], protocol.Error | None],
+                send_many: Callable[[list[bytes]], Awaitable[None]] | None = None) -> protocol.Error | None:
         """``hello {resume}`` on ``conn``: move the held session onto this socket, or say why not."""
         assert frame.resume is not None
         received = frame.received or 0
@@ -622,7 +634,8 @@ class App:
             conn.writer.cancel()
         fresh.close()
         conn.session = held
-        frames, nbytes = held.attach(send_frame, received, on_policy_close=policy_close, on_resume=on_resume)
+        frames, nbytes = held.attach(send_frame, received, on_policy_close=policy_close, on_resume=on_resume,
+                                     send_many=send_many)
         conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))
         self.sessions.resumed(held, frames, nbytes, claim.held_s)
         return None

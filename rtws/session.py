@@ -183,10 +183,12 @@ class Session:
         quota: ClientQuota | None = None,
         on_authenticated: Callable[[Session], str | None] | None = None,
         transport: str = "ws",
+        send_many: Callable[[list[bytes]], Awaitable[None]] | None = None,
     ) -> None:
         self.id = secrets.token_hex(8)
         self.transport = transport  # the metrics label and log field ("ws"; "realtime" for /v1/realtime)
         self._send = send
+        self._send_many = send_many  # several frames, each its own message, in one transport write (corked)
         self.codec = codec
         self.models = models
         self.limits = limits
@@ -208,6 +210,7 @@ class Session:
         self.send_started: float | None = None
         self.last_activity = time.monotonic()
         self.frames_sent = 0
+        self.writes = 0  # transport writes: fewer than frames_sent when frames ready together went out corked
         self.num_pauses = 0
         self.rate_key = client
         self.key = ""  # key id of the API key that opened the session ("" when auth is off)
@@ -610,7 +613,8 @@ class Session:
 
     def attach(self, send: Callable[[bytes | str], Awaitable[None]], received: int, *,
                on_policy_close: Callable[[int, str], None] | None,
-               on_resume: Callable[[Session, Hello], Error | None] | None) -> tuple[int, int]:
+               on_resume: Callable[[Session, Hello], Error | None] | None,
+               send_many: Callable[[list[bytes]], Awaitable[None]] | None = None) -> tuple[int, int]:
         """Take a new socket: queue ``ready {resumed}``, then every retained frame after ``received``.
 
         ``received`` must have passed :meth:`resume_check`. Run :meth:`run_writer` afterwards.
@@ -618,6 +622,7 @@ class Session:
         """
         self.detach()
         self._send = send
+        self._send_many = send_many
         self._on_policy_close = on_policy_close
         self.on_resume = on_resume
         self._ack_to(received)
@@ -764,6 +769,13 @@ class Session:
                         await self._write(frames[0] if len(frames) == 1 else self.codec.batch(frames), tokens)
                     self._after_write()
                     continue
+                if self._send_many is not None and len(self._control) + len(self._pending) > 1:
+                    # Several frames ready (a step's deltas for this socket's streams): the same messages,
+                    # written together.
+                    frames, tokens = self._take_batch(encode)
+                    await self._write_many(frames, tokens)
+                    self._after_write()
+                    continue
                 if self._control:
                     data = self._control.popleft()
                     self.buffered -= len(data)
@@ -860,7 +872,21 @@ class Session:
         self.blocked_s += time.monotonic() - t0
         self.bytes_sent += len(data)
         self.frames_sent += 1
+        self.writes += 1
         self.hooks.frame_sent(len(data), tokens)
+
+    async def _write_many(self, frames: list[bytes], tokens: int) -> None:
+        assert self._send_many is not None
+        t0 = self.send_started = time.monotonic()
+        await self._send_many(frames)
+        self.send_started = None
+        self.blocked_s += time.monotonic() - t0
+        self.frames_sent += len(frames)
+        self.writes += 1
+        for data in frames:
+            self.bytes_sent += len(data)
+            self.hooks.frame_sent(len(data), tokens)
+            tokens = 0  # the batch's tokens, counted once
 
     def _record(self, gen: Generation, reason: str) -> None:
         rec = record_template(gen.model, gen.id, client=self.client, session=self.id, transport=self.transport)

@@ -74,3 +74,38 @@ def test_clients_that_do_not_opt_in_never_get_an_array(server_factory: ServerFac
             assert isinstance(msgspec.msgpack.decode(data), dict)
     batched = run(main(True))
     assert any(isinstance(msgspec.msgpack.decode(d), list) for d in batched)
+
+
+def test_frames_ready_together_are_written_together_but_stay_separate_messages(
+        server_factory: ServerFactory, tiny_llama_dir: Path) -> None:
+    """Without batch messages, the frames one step makes for one socket (its streams' deltas) go out in one
+    transport write (corked), yet each is still its own WebSocket message, in order, for both codecs."""
+    server = server_factory(tiny_llama_dir)
+
+    async def main(sub: str, codec: p.Codec) -> tuple[list[Any], int, int]:
+        frames: list[Any] = []
+        async with connect(server.url, subprotocols=[sub]) as ws:  # type: ignore[list-item]
+            await ws.recv()  # ready
+            for i in range(8):
+                data = codec.encode(p.Generate(id=i, prompt=PROMPTS[i], max_tokens=24, temperature=0.0))
+                await ws.send(data if codec.binary else data.decode())  # the server decodes by frame kind
+            dones = 0
+            while dones < 8:
+                data = await asyncio.wait_for(ws.recv(), 60)
+                assert isinstance(data, bytes if codec.binary else str)
+                raw = msgspec.msgpack.decode(data) if codec.binary else msgspec.json.decode(data)
+                assert isinstance(raw, dict)  # one frame per message, never an array
+                frame = codec.decode_message(data)[0]
+                frames.append(frame)
+                dones += isinstance(frame, p.Done)
+            [conn] = list(server.app.connections)
+            return frames, conn.session.writes, conn.session.frames_sent
+
+    for sub, codec in ((p.SUBPROTOCOL_MSGPACK, p.MSGPACK), (p.SUBPROTOCOL_JSON, p.JSON)):
+        frames, writes, sent = run(main(sub, codec))
+        assert sent == len(frames) + 1  # + ready
+        assert writes < sent, (writes, sent)
+        for i in range(8):  # per generation: deltas in seq order, then its one done
+            mine = [f for f in frames if getattr(f, "id", None) == i]
+            assert isinstance(mine[-1], p.Done) and sum(isinstance(f, p.Done) for f in mine) == 1
+            assert [f.seq for f in mine[:-1]] == list(range(len(mine) - 1))

@@ -139,10 +139,12 @@ def test_uvicorn_internals_rtws_reaches_for_exist() -> None:
     assert inspect.iscoroutinefunction(RequestResponseCycle.send)
     ws_source = inspect.getsource(WebSocketsSansIOProtocol)
     for attr in ("self.transport = transport", "self.conn = ServerProtocol(", "self.close_sent = ",
-                 "self.writable = asyncio.Event()"):
+                 "self.writable = asyncio.Event()", "self.disconnected = ", "self.handshake_complete = ",
+                 "self.initial_response", "self.conn.send_binary(", "self.conn.send_text("):
         assert attr in ws_source, attr
     assert inspect.iscoroutinefunction(WebSocketsSansIOProtocol.send)
     assert callable(ServerProtocol.send_close) and callable(ServerProtocol.data_to_send)
+    assert callable(ServerProtocol.send_binary) and callable(ServerProtocol.send_text)  # transport.frame_writer
     assert issubclass(transport.GuardedHttpProtocol, HttpToolsProtocol)
     assert issubclass(transport.GuardedWebSocketProtocol, WebSocketsSansIOProtocol)
     assert callable(transport.GuardedWebSocketProtocol.stop_reading)
