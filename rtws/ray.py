@@ -144,7 +144,11 @@ def resolve_num_gpus(config: ServerConfig, options: RayOptions) -> float:
 
 
 def replica_config(config: ServerConfig, num_gpus: float) -> ServerConfig:
-    """The config one replica runs: Ray shows a replica only its own GPU (``cuda:N`` becomes ``cuda``)."""
+    """The config one replica runs: Ray shows a replica only its own GPU (``cuda:N`` becomes ``cuda``), and
+    ``require_ack`` is on unless set explicitly: Serve's ``send`` never blocks, so socket backpressure
+    never reaches the session and only acknowledgements bound what a slow reader makes a replica queue."""
+    if config.require_ack is None:
+        config = config.replace(require_ack=True)
     if num_gpus >= 1 and config.device.startswith("cuda"):
         return config.replace(device="cuda")
     return config
