@@ -27,7 +27,8 @@ HIGH = 4096
 async def _raw(url: str) -> tuple[Any, dict[str, Any]]:
     """A raw msgpack socket and its ready frame as a plain dict (to see which fields are on the wire)."""
     ws = await connect(url, subprotocols=[p.SUBPROTOCOL_MSGPACK], compression=None)  # type: ignore[list-item]
-    ready = msgspec.msgpack.decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
+    raw: bytes = await asyncio.wait_for(ws.recv(decode=False), 30 * UNIT)
+    ready: dict[str, Any] = msgspec.msgpack.decode(raw)
     assert ready["type"] == "ready", ready
     return ws, ready
 

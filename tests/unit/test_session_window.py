@@ -6,6 +6,7 @@ import asyncio
 import random
 from typing import Any
 
+import msgspec
 from tests.helpers.fake_engine import FakeEngine, FakeModel, FakeModels, Wire, frame, make_session, settle
 
 from rtws import protocol as p
@@ -243,4 +244,4 @@ def test_without_require_ack_ready_omits_the_field() -> None:
     s, _, _, _ = make_session()
     limits = s._limits_frame()
     assert limits.ack_required is None and not s.acking
-    assert b"ack_required" not in p.MSGPACK.encode(limits)
+    assert b"ack_required" not in msgspec.msgpack.encode(limits)
