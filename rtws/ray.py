@@ -16,6 +16,9 @@ What this module adds around Serve (docs/scale-out.md explains each):
   socket), a bounded Serve queue, and autoscaling on live generations.
 - **Identity:** every replica announces its id in ``ready.replica`` and in the
   ``rtws_replica_info`` metric.
+- **Flow control:** ``require_ack`` is on unless set explicitly
+  (:func:`replica_config`): Serve's ``send`` never blocks, so only the
+  acknowledgement window bounds what a slow reader makes a replica send.
 - **Routing** (:mod:`rtws.ray_router`): affinity by the ``rtws.replica.<id>``
   subprotocol, else the replica with the fewest live generations.
 - **Drain** on scale-down and redeploy: ``App.drain()`` runs when Serve starts
