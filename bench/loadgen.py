@@ -121,10 +121,14 @@ class Tally:
 class Conn:
     """One WebSocket session (``websockets`` client) with a reader task that timestamps frames."""
 
-    def __init__(self, ws: Any, codec: p.Codec, name: str) -> None:
+    def __init__(self, ws: Any, codec: p.Codec, name: str, ack_every: int | None = None) -> None:
         self.ws = ws
         self.codec = codec
         self.name = name
+        # ready.limits.ack_required (rtws.ray): ack every window/8 bytes and at every done, as rtws.client does
+        self.ack_every = ack_every
+        self.received = 0
+        self._unacked = 0
         self.reqs: dict[Any, Req] = {}
         self.tally: Tally | None = None
         self.closed = False
@@ -153,7 +157,8 @@ class Conn:
                 raise ConnectionError(f"{frame.code}: {frame.message}")
         if batch and frame.limits.batch:  # opt in to batch messages (docs/protocol.md, "Batches")
             await ws.send(codec.encode(p.Hello(batch=True)))
-        return cls(ws, codec, name)
+        ack_every = max(1, (frame.limits.window or 256 * 1024) // 8) if frame.limits.ack_required else None
+        return cls(ws, codec, name, ack_every)
 
     async def generate(self, prompt: str, max_tokens: int, *, temperature: float = 0.0,
                        gid: Any = None) -> Req:
@@ -199,8 +204,16 @@ class Conn:
                 now = clock()
                 if self.tally is not None:
                     self.tally.messages += 1
+                done = False
                 for f in decode(data):
                     self._on_frame(f, now)
+                    self.received += not isinstance(f, p.Ready)
+                    done = done or isinstance(f, p.Done)
+                if self.ack_every is not None:
+                    self._unacked += len(data)
+                    if done or self._unacked >= self.ack_every:
+                        self._unacked = 0
+                        await self.ws.send(self.codec.encode(p.Ack(received=self.received)))
         except ConnectionClosed:
             pass
         finally:

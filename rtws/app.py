@@ -479,7 +479,8 @@ class App:
                           on_policy_close=policy_close, offload=self.offload,
                           quota=self.quota if self.quota.max_generations is not None else None,
                           on_authenticated=on_authenticated, store=self.sessions, on_resume=on_resume,
-                          send_many=send_many)
+                          send_many=send_many,
+                          require_ack=bool(self.config.require_ack))  # /ws only: Realtime has no acks
         session.rate_key = rate_key
         if self.config.auth_enabled and token is not None:
             session.key = key_id(token)

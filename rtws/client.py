@@ -17,6 +17,8 @@ lost and the streams simply go on: an ``async for`` over a stream's text never
 notices. Generates and cancels that never reached the server are sent again.
 If the session cannot be resumed (expired, server restarted), open streams end
 with :class:`ResumeFailed` and the client goes on with the fresh session.
+When the server requires acknowledgements (``ready.limits.ack_required``, on
+under rtws.ray) the client acks with ``resume=False`` too.
 
 Server-held conversations: ``generate(messages=[new turns], conversation="c1")``;
 :meth:`Client.history` and :meth:`Client.forget`.
@@ -220,6 +222,12 @@ class Client:
         usable = resume and frame.resume_token is not None
         return cls(ws, c, frame, reconnect=reconnect if usable else None, resume=usable)
 
+    @property
+    def acking(self) -> bool:
+        """This client acks what it receives: for resume, or because the server requires it
+        (``ready.limits.ack_required``, e.g. behind rtws.ray), with or without resume."""
+        return self.resume or (self.ready is not None and bool(self.ready.limits.ack_required))
+
     async def __aenter__(self) -> Client:
         return self
 
@@ -321,7 +329,7 @@ class Client:
             counted += 1
             done = done or isinstance(frame, p.Done)
             self._on_frame(frame)
-        if self.resume and (self._unacked >= self._ack_every or done):
+        if self.acking and (self._unacked >= self._ack_every or done):
             self._unacked = 0
             try:
                 await self.ws.send(_wire(self.codec, p.Ack(received=self.received)))

@@ -93,6 +93,10 @@ class ServerConfig:
         "help": "server-held conversations per session, at most"})
     max_generations_per_conversation: int = field(default=1, metadata={
         "help": "generations running at once on one conversation, at most"})
+    require_ack: bool | None = field(default=None, metadata={
+        "help": "every /ws session acks from its first frame (ready.limits.ack_required): flow control that "
+                "does not need send to block, for buffering proxies; default (none): off for rtws serve, "
+                "on under rtws.ray / rtws serve-ray"})
     # --- security
     api_keys: tuple[str, ...] = field(default=(), metadata={
         "help": "API keys (comma-separated in RTWS_API_KEYS); empty: auth off"})

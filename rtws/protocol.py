@@ -166,6 +166,10 @@ class Limits(msgspec.Struct, frozen=True, omit_defaults=True):
     max_conversations: int | None = None
     max_conversation_generations: int | None = None
     batch: bool | None = None  # true: this server sends batch messages to a socket that sent hello {batch: true}
+    # true: acknowledgements are required (server setting require_ack, on under rtws.ray): the session acks
+    # from its first frame, as if the client had sent ack {received: 0}; a client that never acks is paused
+    # at the window and closed 1008 after stall_timeout_s. Omitted when off.
+    ack_required: bool | None = None
 
 
 class Usage(msgspec.Struct, frozen=True):

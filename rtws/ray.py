@@ -16,6 +16,9 @@ What this module adds around Serve (docs/scale-out.md explains each):
   socket), a bounded Serve queue, and autoscaling on live generations.
 - **Identity:** every replica announces its id in ``ready.replica`` and in the
   ``rtws_replica_info`` metric.
+- **Flow control:** ``require_ack`` is on unless set explicitly
+  (:func:`replica_config`): Serve's ``send`` never blocks, so only the
+  acknowledgement window bounds what a slow reader makes a replica send.
 - **Routing** (:mod:`rtws.ray_router`): affinity by the ``rtws.replica.<id>``
   subprotocol, else the replica with the fewest live generations.
 - **Drain** on scale-down and redeploy: ``App.drain()`` runs when Serve starts
@@ -144,7 +147,11 @@ def resolve_num_gpus(config: ServerConfig, options: RayOptions) -> float:
 
 
 def replica_config(config: ServerConfig, num_gpus: float) -> ServerConfig:
-    """The config one replica runs: Ray shows a replica only its own GPU (``cuda:N`` becomes ``cuda``)."""
+    """The config one replica runs: Ray shows a replica only its own GPU (``cuda:N`` becomes ``cuda``), and
+    ``require_ack`` is on unless set explicitly: Serve's ``send`` never blocks, so socket backpressure
+    never reaches the session and only acknowledgements bound what a slow reader makes a replica queue."""
+    if config.require_ack is None:
+        config = config.replace(require_ack=True)
     if num_gpus >= 1 and config.device.startswith("cuda"):
         return config.replace(device="cuda")
     return config

@@ -14,8 +14,8 @@ slows only itself.
 
 Acknowledgement window and resume (one mechanism): every frame but ``ready``
 is numbered 1, 2, ... in the order it is written. A client that sends ``ack
-{received: n}`` opts in: from then on every written frame is *retained* until
-acknowledged, and the retained bytes count against the same watermarks, so a
+{received: n}`` opts in (with ``require_ack`` every session is in from its first
+frame): from then on every written frame is *retained* until acknowledged, and the retained bytes count against the same watermarks, so a
 reader that does not ack pauses its own generations even behind a buffering
 proxy. When the socket drops uncleanly the session can be held
 (:meth:`detach`); generations keep running into the pending buffer until the
@@ -184,6 +184,7 @@ class Session:
         on_authenticated: Callable[[Session], str | None] | None = None,
         transport: str = "ws",
         send_many: Callable[[list[bytes]], Awaitable[None]] | None = None,
+        require_ack: bool = False,
     ) -> None:
         self.id = secrets.token_hex(8)
         self.transport = transport  # the metrics label and log field ("ws"; "realtime" for /v1/realtime)
@@ -219,8 +220,11 @@ class Session:
         self.started = False
         self.attached = True
         self.conversations = ConversationStore(limits.max_conversations)
-        # acknowledgement window / retained frames
-        self.acking = False
+        # acknowledgement window / retained frames. require_ack: acking from the first frame, as if the
+        # client had sent ack {received: 0} right after ready (ready is not numbered: frame 1 is the first
+        # retained), announced as ready.limits.ack_required.
+        self.ack_required = require_ack
+        self.acking = require_ack
         self.frames_numbered = 0
         self.acked = 0
         self.unacked = 0
@@ -266,7 +270,8 @@ class Session:
                       max_prompt_tokens=prompt_cap, max_frame_bytes=lim.max_frame_bytes,
                       window=lim.high_watermark, resume_window_s=lim.resume_window_s if resume else None,
                       max_conversations=lim.max_conversations,
-                      max_conversation_generations=lim.max_conversation_generations, batch=True)
+                      max_conversation_generations=lim.max_conversation_generations, batch=True,
+                      ack_required=True if self.ack_required else None)
 
     def on_frame(self, data: bytes | str) -> None:
         """Handle one client frame. Never raises for bad input: answers with an ``error`` frame."""

@@ -41,6 +41,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "rtws"
+STALL_S = 10.0 * UNIT  # the acknowledgement-stall rule closes a reader that stopped acking this long ago
 
 
 def _free_port() -> int:
@@ -80,7 +81,8 @@ def cluster(tiny_llama_long_dir: Path) -> Iterator[Cluster]:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = ServerConfig(model=str(tiny_llama_long_dir), model_name="tiny", num_slots=32, torch_threads=1,
-                           log_level="WARNING", max_connections=64, drain_timeout_s=8.0, stall_timeout_s=30.0)
+                           log_level="WARNING", max_connections=64, drain_timeout_s=8.0,
+                           stall_timeout_s=STALL_S)  # require_ack is left to rtws.ray's default: on
         c = Cluster(port, cfg)
         c.deploy(2)
         yield c
@@ -154,6 +156,9 @@ def test_deployment_options_follow_the_config() -> None:
     assert opts["graceful_shutdown_timeout_s"] > cfg.drain_timeout_s
     assert replica_config(cfg, 1.0).device == "cuda"  # Ray shows each replica its own GPU as cuda:0
     assert resolve_num_gpus(cfg.replace(device="cpu"), RayOptions()) == 0.0
+    # require_ack: on by default behind Serve (send never blocks), off when set so; rtws serve leaves it off
+    assert cfg.require_ack is None and replica_config(cfg, 1.0).require_ack is True
+    assert replica_config(cfg.replace(require_ack=False), 0.0).require_ack is False
     auto = deployment_options(cfg, RayOptions(replicas=2, max_replicas=6))
     a = auto["autoscaling_config"]
     assert "num_replicas" not in auto and a.min_replicas == 1 and a.max_replicas == 6 and a.initial_replicas == 2
@@ -186,12 +191,16 @@ def test_serve_run_builder_and_cli_flags() -> None:
     dep = built._bound_deployment  # Serve's Application wraps one bound deployment
     assert dep.num_replicas == 3 and dep.max_ongoing_requests >= 100
     assert dep.init_args[0]["num_slots"] == 8 and dep.init_args[0]["model"] == "/some/model"
+    assert dep.init_args[0]["require_ack"] is True  # the default behind Serve
+    off = app({"require_ack": "false", "model": "/some/model"})._bound_deployment
+    assert off.init_args[0]["require_ack"] is False
     with pytest.raises(ValueError, match="unknown rtws.ray argument"):
         app({"replica": "2"})
     out = subprocess.run([sys.executable, "-m", "rtws", "serve-ray", "--help"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
-    for flag in ("--replicas", "--max-replicas", "--num-gpus", "--ray-address", "--num-slots", "--max-frame-bytes"):
+    for flag in ("--replicas", "--max-replicas", "--num-gpus", "--ray-address", "--num-slots", "--max-frame-bytes",
+                 "--require-ack", "--no-require-ack"):
         assert flag in out.stdout
     bad = subprocess.run([sys.executable, "-m", "rtws", "serve-ray", "--replicas", "0"], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -437,13 +446,12 @@ def _scrape(cluster: Cluster, replica: str) -> dict[str, float]:
 
 def test_slow_reader_pauses_at_the_window_through_the_proxy(cluster: Cluster) -> None:
     """Serve's send never blocks, so socket backpressure cannot reach the session behind the proxy; the
-    acknowledgement window does. A client that acks once (opting in) and then reads nothing has its
+    acknowledgement window does (rtws.ray turns require_ack on). A client that reads and acks nothing has its
     generations paused once a window of bytes is unacknowledged, and the replica stops sending."""
     async def main() -> None:
         ws, ready = await _session(cluster.ws)
         window = ready.limits.window
-        assert window and ready.replica
-        await _send(ws, p.Ack(received=0))
+        assert window and ready.replica and ready.limits.ack_required  # no opt-in ack needed
         for j in range(16):
             await _send(ws, p.Generate(id=f"s{j}", prompt="x", max_tokens=4000))
         deadline = time.monotonic() + 90 * UNIT
@@ -471,6 +479,77 @@ def test_slow_reader_pauses_at_the_window_through_the_proxy(cluster: Cluster) ->
                     break
         assert received > 2000  # more than was sent before the pause: the generations went on
         await ws.close()
+
+    run(main())
+
+
+def _replica_rss_mib() -> dict[int, float]:
+    """Resident memory (MiB) of every Serve replica process of this cluster, by pid (from /proc)."""
+    out: dict[int, float] = {}
+    for pid in _ray_pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"ServeReplica" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/status") as f:
+                rss = next(ln for ln in f if ln.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+        out[pid] = int(rss.split()[1]) / 1024
+    return out
+
+
+def test_a_reader_that_never_acks_is_paused_and_closed_1008_through_the_proxy(cluster: Cluster) -> None:
+    """Issue 13's slow reader, without any opt-in: a raw client that never acks and never reads. rtws.ray
+    requires acks, so its generations pause at the window (the replica stops writing: at most a window
+    reaches Serve's queues), the stall rule closes it 1008 after stall_timeout_s, its generations are
+    cancelled, and the replica's RSS does not follow the 8 x 4000-token generations it asked for."""
+    async def main() -> None:
+        rss0 = _replica_rss_mib()
+        assert len(rss0) == 2, rss0  # both replicas found in /proc
+        ws, ready = await _session(cluster.ws)
+        window = ready.limits.window
+        assert window and ready.replica and ready.limits.ack_required
+        for j in range(8):
+            await _send(ws, p.Generate(id=f"n{j}", prompt="x", max_tokens=4000))
+        deadline = time.monotonic() + 90 * UNIT
+        paused = 0.0
+        while time.monotonic() < deadline:  # read nothing, ack nothing
+            await asyncio.sleep(0.25)
+            paused = (await asyncio.to_thread(_scrape, cluster, ready.replica)).get("rtws_requests_paused", 0.0)
+            if paused >= 8:
+                break
+        paused_at = time.monotonic()
+        assert paused >= 8, f"only {paused} of 8 generations paused"
+        first = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
+        await asyncio.sleep(1.0 * UNIT)
+        second = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
+        assert second - first < window // 4, (first, second, window)  # the replica stopped writing
+        # Everything the replica wrote is what reaches us; the close frame follows once the stall rule fires.
+        got = 0
+        close: tuple[int, str] | None = None
+        rss_peak = 0.0
+        try:
+            while time.monotonic() < paused_at + STALL_S + 60 * UNIT:
+                try:
+                    data = await asyncio.wait_for(ws.recv(), 0.5)
+                    got += len(data)
+                except asyncio.TimeoutError:
+                    rss_peak = max(rss_peak, max(_replica_rss_mib().values(), default=0.0))
+        except ConnectionClosed as exc:
+            close = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else None
+        closed_after = time.monotonic() - paused_at
+        assert close == (1008, "acknowledgements stalled"), close
+        assert closed_after < STALL_S + 30 * UNIT, closed_after
+        assert 0 < got < 2 * window, (got, window)  # no unbounded queue inside Serve: one window, then nothing
+        growth = max(rss_peak, max(_replica_rss_mib().values())) - max(rss0.values())
+        assert growth < 64, f"replica RSS grew {growth:.1f} MiB"
+        for _ in range(40):  # the closed socket's generations are cancelled: nothing paused, slots freed
+            m = await asyncio.to_thread(_scrape, cluster, ready.replica)
+            if m.get("rtws_requests_paused", 0.0) == 0:
+                break
+            await asyncio.sleep(0.25)
+        assert m.get("rtws_requests_paused", 0.0) == 0, m.get("rtws_requests_paused")
 
     run(main())
 
@@ -556,6 +635,7 @@ async def _live_session(url: str, stop: asyncio.Event) -> _Outcome:
 
     offerer = asyncio.get_running_loop().create_task(offer())
     cancel_sent = False
+    received = 0  # frames, acked every 64 (rtws.ray requires acks: ready.limits.ack_required)
     deadline = time.monotonic() + 180 * UNIT
     try:
         while time.monotonic() < deadline:
@@ -565,6 +645,10 @@ async def _live_session(url: str, stop: asyncio.Event) -> _Outcome:
                     await _send(ws, p.Cancel(id="long"))
             try:
                 f = _decode(await asyncio.wait_for(ws.recv(), 0.5))
+                received += 1
+                if received % 64 == 0 or isinstance(f, p.Done):
+                    with contextlib.suppress(ConnectionClosed):
+                        await _send(ws, p.Ack(received=received))
             except ConnectionClosed as exc:
                 out.close_code = exc.rcvd.code if exc.rcvd is not None else None
                 break

@@ -418,3 +418,27 @@ def test_a_dropped_socket_resumes_mid_reply_with_nothing_lost_or_repeated(open_p
     assert last["messages"] == [{"role": "user", "content": "Go on."}]
     assert last["conversation"] == w.frames("generate", "sent")[0]["conversation"]
     assert w.page_errors == [] and w.bad_console(allow_ws_failures=True) == []
+
+
+def test_the_page_acks_when_the_server_requires_it(open_page: Any, server_factory: ServerFactory,
+                                                   long_llama_dir: Path) -> None:
+    """require_ack (rtws.ray's default) with resume off: no resume token, yet the page acks because
+    ready.limits.ack_required says so. A page that did not would be paused at the (small) window and closed
+    1008 after stall_timeout_s instead of finishing its reply."""
+    server = server_factory(long_llama_dir, num_slots=4, max_seq_len=4400, require_ack=True, resume_window_s=0,
+                            send_high_watermark=4096, stall_timeout_s=3.0)
+    w = open_page(server)
+    page = w.page
+    (ready,) = w.frames("ready")
+    assert ready["limits"]["ack_required"] is True and "resume_token" not in ready
+    _set_controls(page, temperature="0", stop="", max_tokens="1500")
+    _send(page, "Hold, a moment.")
+    reply = page.locator(".reply").nth(0)
+    expect(reply).to_have_attribute("data-state", "done", timeout=90 * MS)
+    expect(reply).to_have_attribute("data-reason", "length")
+    received = sum(1 for f in w.received if f.get("type") != "ready")
+    acks = w.frames("ack", "sent")
+    assert len(acks) >= 4, acks  # many windows' worth: acked every window/8 bytes and at the done
+    assert acks[-1]["received"] == received, (acks[-1], received)
+    assert page.locator("#status").get_attribute("data-state") == "connected"
+    assert w.page_errors == [] and w.bad_console() == []

@@ -6,9 +6,12 @@ import asyncio
 import random
 from typing import Any
 
-from tests.helpers.fake_engine import Wire, frame, make_session, settle
+import msgspec
+from tests.helpers.fake_engine import FakeEngine, FakeModel, FakeModels, Wire, frame, make_session, settle
 
 from rtws import protocol as p
+from rtws.session import Session, SessionLimits
+from rtws.session_store import SessionStore
 
 
 def texts(frames: list[Any]) -> dict[Any, str]:
@@ -197,3 +200,48 @@ def test_frames_sent_before_the_first_ack_cannot_be_replayed() -> None:
         await writer
 
     asyncio.run(main())
+
+
+def test_require_ack_retains_from_the_first_frame_after_ready() -> None:
+    """require_ack: acking from the start, as if ack {received: 0} followed ready. ready is not numbered, so
+    frame 1 is the first delta, retained and replayable from received=0; a late ack {received: 0} changes
+    nothing; ready.limits.ack_required says so; the window pauses a client that never acks."""
+    async def main() -> None:
+        engine = FakeEngine()
+        model = FakeModel(engine, 4096)
+        wire = Wire()
+        s = Session(wire.send, p.MSGPACK, FakeModels(model), SessionLimits(high_watermark=600, low_watermark=200),
+                    store=SessionStore(30.0), require_ack=True)
+        writer = asyncio.get_running_loop().create_task(s.run_writer())
+        s.start()
+        s.on_frame(frame(p.Generate(id="a", prompt="x", max_tokens=1000)))
+        await settle()
+        ready = wire.frames[0]
+        assert isinstance(ready, p.Ready) and ready.limits.ack_required is True
+        assert s.acking and s.frames_numbered == 0 and s.resumable
+        rid = engine.live[0]
+        engine.emit(rid, "one")
+        await settle()
+        assert s.frames_numbered == 1 and [f.n for f in s._retained] == [1]
+        assert s.resume_check(0, p.MSGPACK.name) is None  # everything after ready can be replayed
+        s.on_frame(frame(p.Ack(received=0)))  # the opt-in a resume-capable client sends anyway
+        assert s.unacked > 0 and [f.n for f in s._retained] == [1]
+        for _ in range(40):  # never acked: the retained bytes alone trip the window
+            engine.emit(rid, "y" * 20)
+            await settle()
+            if s.paused:
+                break
+        assert s.paused and rid in engine.paused and s.buffered == 0
+        s.on_frame(frame(p.Ack(received=s.frames_numbered)))
+        assert not s.paused and s.unacked == 0
+        s.close()
+        await writer
+
+    asyncio.run(main())
+
+
+def test_without_require_ack_ready_omits_the_field() -> None:
+    s, _, _, _ = make_session()
+    limits = s._limits_frame()
+    assert limits.ack_required is None and not s.acking
+    assert b"ack_required" not in msgspec.msgpack.encode(limits)

@@ -6,7 +6,9 @@
 // Frames are plain objects with a `type` field, exactly as in the protocol.
 //
 // Resume (docs/protocol.md): every server frame but `ready` is counted; the
-// connection acks (`ack {received}`) at every `done` and every window/8 bytes.
+// connection acks (`ack {received}`) at every `done` and every window/8 bytes
+// (whenever it holds a resume token, or the server requires acks:
+// `ready.limits.ack_required`, as rtws.ray does).
 // When the socket drops without a close frame it reconnects at once and sends
 // `hello {resume, received}`: the server replays what was lost, and the page
 // sees one continuous stream of frames (`onState(CONNECTED, {resumed: true})`).
@@ -114,6 +116,11 @@ export class Connection {
     this.onState(state, info);
   }
 
+  /** Ack what arrives: the session can be resumed, or the server requires acks (ready.limits.ack_required). */
+  get acking() {
+    return this.resumeToken !== null || Boolean(this.ready?.limits?.ack_required);
+  }
+
   _ack() {
     this.unacked = 0;
     this.send({ type: "ack", received: this.received });
@@ -210,7 +217,7 @@ export class Connection {
       }
       this.onFrame(frame);
       const win = this.ready?.limits?.window;
-      if (this.resumeToken !== null && (frame.type === "done" || (win && this.unacked >= win / 8))) {
+      if (this.acking && (frame.type === "done" || (win && this.unacked >= win / 8))) {
         this._ack();
       }
       if (this.replayLeft > 0) {
