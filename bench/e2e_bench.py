@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3,
                    help="paired e2e / engine-only runs (ABBA order); the median is reported")
     p.add_argument("--lag-idle-s", type=float, default=1.0, help="seconds of idle loop-lag sampling first")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="requests in one unmeasured e2e pass and one engine-only pass before the paired runs, so "
+                        "neither side pays first-use costs (KV pages touched for the first time, allocator "
+                        "growth) inside a measured run (default 2 x concurrency; 0 skips)")
     p.add_argument("--no-baseline", action="store_true", help="skip the engine-only baseline")
     return p
 
@@ -175,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         b.server.command("lag_reset")
         time.sleep(args.lag_idle_s)
         idle_lag = b.server.command("lag")
+        warm = 2 * c if args.warmup is None else args.warmup
+        if warm > 0:
+            b.e2e(c, min(warm, len(b.prompts)))
+            if not args.no_baseline:
+                b.engine_only(c, min(warm, len(b.prompts)))
+            print(f"# warm-up: {warm} requests e2e" + ("" if args.no_baseline else " and engine-only") + ", unmeasured")
         pairs: list[tuple[dict[str, Any], dict[str, Any], RunStats | None]] = []
         for k in range(args.repeat):
             # ABBA order, so a drift in the machine's load hits both sides alike.

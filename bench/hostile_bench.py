@@ -419,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
                 [[label, str(st.get("steps", 0)), ms(st.get("p50", float("nan"))), ms(st.get("p99", float("nan"))),
                   ms(st.get("max", float("nan"))), f"{st.get('rows', float('nan')):.1f}"]
                  for label, st in (("baseline", base_steps), ("under attack", attack_steps))])
+    print_table("engine steps with a prefill chunk (new prompts) and decode-only steps",
+                ["phase", "prefill steps", "prompt tokens", "prefill p50 / p99 ms", "decode-only p50 / p99 ms"],
+                [[label, str(st.get("prefill_steps", "-")), str(st.get("prefill_tokens", "-")),
+                  f"{ms(st.get('prefill_p50', float('nan')))} / {ms(st.get('prefill_p99', float('nan')))}",
+                  f"{ms(st.get('decode_p50', float('nan')))} / {ms(st.get('decode_p99', float('nan')))}"]
+                 for label, st in (("baseline", base_steps), ("under attack", attack_steps))])
     print_table("garbage collections in the server (each holds the GIL: engine and loop both wait)",
                 ["phase", "gen 0 n / total ms", "gen 1 n / total ms", "gen 2 n / total ms", "gen 2 max ms"],
                 [[label] + [f"{st['gc'][g]['n']} / {st['gc'][g]['total'] * 1e3:.0f}" for g in ("0", "1", "2")]

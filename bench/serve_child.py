@@ -65,11 +65,13 @@ class StepSampler:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.steps: list[tuple[float, int]] = []
+        self.prefill: list[int] = []  # prompt tokens prefilled in each step (0: a decode-only step)
         self.by_interval: dict[float, list[float]] = {}  # step durations by the GIL switch interval in effect
 
     def on_step(self, engine: Any, plan: Any, seconds: float, events: Any) -> None:
         if len(self.steps) < 1_000_000:
             self.steps.append((seconds, len(plan.prefill) + len(plan.decode)))
+            self.prefill.append(sum(c.end - c.start for c in plan.prefill))
             self.by_interval.setdefault(sys.getswitchinterval(), []).append(seconds)
 
         if self.inner is not None:
@@ -78,9 +80,15 @@ class StepSampler:
     def report(self) -> dict[str, Any]:
         s = list(self.steps)
         dur = [d for d, _ in s]
+        pre = list(self.prefill)[:len(s)]
+        with_prefill = [d for d, n in zip(dur, pre) if n]
+        decode_only = [d for d, n in zip(dur, pre) if not n]
         return {"steps": len(s), "p50": percentile(dur, 50), "p99": percentile(dur, 99),
                 "max": max(dur) if dur else float("nan"),
-                "rows": sum(r for _, r in s) / len(s) if s else float("nan")}
+                "rows": sum(r for _, r in s) / len(s) if s else float("nan"),
+                "prefill_steps": len(with_prefill), "prefill_tokens": sum(pre),
+                "prefill_p50": percentile(with_prefill, 50), "prefill_p99": percentile(with_prefill, 99),
+                "decode_p50": percentile(decode_only, 50), "decode_p99": percentile(decode_only, 99)}
 
 
 class GcPauses:
@@ -163,6 +171,7 @@ def main() -> int:
             return lag.report()
         if cmd == "steps_reset":
             steps.steps = []
+            steps.prefill = []
             gcp.pauses = []
             steps.by_interval = {}
             return {"ok": True}
