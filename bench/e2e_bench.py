@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -197,14 +198,15 @@ def main(argv: list[str] | None = None) -> int:
             pairs.append((res, lag, eng))
             print(f"# run {k + 1}: e2e {num(res['tok_s'])} tok/s"
                   + (f", engine-only {num(eng.tok_s)} tok/s, ratio {res['tok_s'] / eng.tok_s:.2f}" if eng else ""))
-        # Report the median run (by e2e tok/s) and the median of the per-run ratios.
+        # Report the median run (by e2e tok/s; the lower middle one for an even count) and the median of
+        # the per-run ratios.
         pairs.sort(key=lambda x: x[0]["tok_s"])
-        e, lag_main, eng_main = pairs[len(pairs) // 2]
+        e, lag_main, eng_main = pairs[(len(pairs) - 1) // 2]
         ratios = sorted(r["tok_s"] / g.tok_s for r, _, g in pairs if g is not None and g.tok_s > 0)
-        med_ratio = ratios[len(ratios) // 2] if ratios else float("nan")
+        med_ratio = statistics.median(ratios) if ratios else float("nan")  # an even count averages the middle two
         eng_runs = sorted((g for _, _, g in pairs if g is not None), key=lambda g: g.tok_s)
         if eng_runs:
-            eng_main = eng_runs[len(eng_runs) // 2]
+            eng_main = eng_runs[(len(eng_runs) - 1) // 2]
         cpu_tok_e2e = e["server_cpu_s"] / max(1, e["tokens"])
         cpu_tok_eng = eng_main.extra["cpu_s"] / max(1, eng_main.tokens) if eng_main else float("nan")
         print(f"# main (median of {args.repeat}): {e['requests']} requests over {e['layout']} (connections x "
@@ -258,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                      ["e2e / engine-only", "n/a: Poisson arrivals limit the e2e rate"]]
     elif eng_main is not None:
         summary += [["engine-only tok/s", num(eng_main.tok_s)],
-                    [f"e2e / engine-only (median of {len(ratios)} paired runs)", f"{100 * med_ratio:.0f}%"],
+                    [f"e2e / engine-only (median of {len(ratios)} paired runs: "
+                     + ", ".join(f"{100 * r:.0f}%" for r in ratios) + ")", f"{100 * med_ratio:.0f}%"],
                     ["CPU ms per token: server / engine-only", f"{cpu_tok_e2e * 1e3:.3f} / {cpu_tok_eng * 1e3:.3f}"],
                     ["CPU-normalised e2e / engine-only", f"{100 * cpu_tok_eng / cpu_tok_e2e:.0f}%"
                      if cpu_tok_e2e > 0 else "-"]]
