@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=32, help="normal streams")
     p.add_argument("--attackers", type=int, default=100, help="hostile connections")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens per normal generation")
+    p.add_argument("--no-touch-kv", dest="touch_kv", action="store_false",
+                   help="skip making the KV pool resident first (then its first-use page-ins count as RSS growth in "
+                        "both phases, and as page faults inside engine steps)")
     p.add_argument("--attacker-nice", type=int, default=5,
                    help="niceness of the attacker process (19: it gets a core only when the server and the normal "
                         "clients leave one idle, as attackers on another machine would; their traffic is the same)")
@@ -365,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{time.perf_counter() - t0:.1f} s)", lag)])
             return 0
 
+        if args.touch_kv:
+            t = server.command("touch_kv", timeout=600)
+            print(f"# KV pool made resident before the phases: {t['touched_bytes'] / 2**20:.0f} MiB in "
+                  f"{t['seconds']:.1f} s (RSS {t['rss_kib'] / 1024:.0f} MiB)")
         server.command("lag_reset")
         server.command("steps_reset")
         cpu0 = server.cpu_seconds()

@@ -15,7 +15,7 @@ process, not in the server's HTTP surface:
   Python's default every 0.5 s), ``stats``
   (connections, engine counters, RSS, bytes held per session: send buffer +
   transport write buffer), ``sessions`` (per-session send state),
-  ``touch_kv`` (write every KV slot once, so its pages are resident) and ``gc``. Closing stdin stops the server.
+  ``touch_kv`` (write the whole KV pool once, so its pages are resident) and ``gc``. Closing stdin stops the server.
 """
 
 from __future__ import annotations
@@ -213,35 +213,19 @@ def main() -> int:
         return {"error": f"unknown command {cmd!r}"}
 
     async def touch_kv() -> dict[str, Any]:
-        """Fill every KV slot of every model once (one prompt of context - 1 tokens each, 1 new token).
-
-        The slot cache is allocated zeroed and its pages become resident only
-        when written; doing this first keeps KV page-ins out of RSS deltas
-        meant to measure sessions and buffers.
-        """
-        from rtws.generation import SamplingParams
-
+        """Make every model's KV pool resident (``ModelRunner.prefault_kv``, in a worker thread) before any
+        traffic: the pool is allocated with ``torch.empty`` and its pages become resident only when first
+        written, which would otherwise show up in RSS deltas meant to measure sessions and buffers (and as page
+        faults inside engine steps)."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        futs = []
+        touched = 0
         for name in app.registry.names():
             served = app.registry.get(name)
             if served is None:
                 continue
-            n = served.engine.config.num_slots
-            ids = [1] * (served.context_len - 1)
-            for _ in range(n):
-                fut = loop.create_future()
-
-                def sink(ev: Any, fut: asyncio.Future[Any] = fut) -> None:
-                    if ev.finish is not None and not fut.done():
-                        fut.set_result(ev.finish)
-
-                served.engine.submit(ids, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), sink)
-                futs.append(fut)
-        reasons = await asyncio.gather(*futs)
-        return {"touched": len(futs), "reasons": sorted(set(reasons)), "seconds": time.perf_counter() - t0,
-                "rss_kib": rss_kib(os.getpid())}
+            touched += await loop.run_in_executor(None, served.engine.runner.prefault_kv)
+        return {"touched_bytes": touched, "seconds": time.perf_counter() - t0, "rss_kib": rss_kib(os.getpid())}
 
     def control() -> None:
         server.ready.wait()

@@ -752,6 +752,21 @@ class ModelRunner:
         return sample(logits[:, : self.vocab_size], fp[:, 0], ip[:, 0], fp[:, 1], ip[:, 1], ip[:, 2],
                       self._vocab_hash, need_filter)
 
+    @torch.inference_mode()
+    def prefault_kv(self) -> int:
+        """Write every KV pool position once (zeros), so the pool's pages are resident before traffic: first
+        use of a block then costs no page faults in a step, and RSS stops growing with use. Call before any
+        request (it overwrites every block; blocks are zeroed on allocation anyway). Returns the bytes touched."""
+        n = 0
+        for layer in self.cache.layers:
+            assert isinstance(layer, _PagedLayer)
+            for t in (layer.k_pool, layer.v_pool):
+                if t is None:
+                    continue
+                t.zero_()
+                n += t.numel() * t.element_size()
+        return n
+
     def warmup(self) -> None:
         """Run one tiny forward (into the null block) and capture the decode graphs, before any request."""
         from .generation import SamplingParams

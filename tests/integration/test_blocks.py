@@ -99,3 +99,40 @@ def test_preempted_streams_recompute_and_still_equal_generate(tiny_llama_dir: Pa
         assert c.ids == reference(model, p, n)
         assert sum(ev.tokens for ev in c.events) == n  # the client saw each token exactly once
     assert st.kv_blocks_used == 0 and st.kv_blocks == 12
+
+
+def test_prefault_kv_makes_the_whole_pool_resident_and_changes_no_output(tiny_llama_dir: Path) -> None:
+    """prefault_kv writes every pool position once before traffic: RSS grows by about the pool, a second call
+    adds nothing, the byte count is the pool's, and greedy output is unchanged."""
+    import os
+
+    def rss_mib() -> float:
+        for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    model, tok = load_model(str(tiny_llama_dir), torch.device("cpu"), torch.float32)
+    runner = ModelRunner(model, 4, 256, torch.device("cpu"), kv_cache_gb=0.125)
+    before = rss_mib()
+    touched = runner.prefault_kv()
+    grown = rss_mib() - before
+    assert touched == runner.num_blocks * runner.block_size * 2 * 2 * 2 * 16 * 4  # layers x k,v x heads x dim x 4
+    assert touched / 2**20 >= 100 and grown >= 0.8 * touched / 2**20, (touched, grown)
+    assert rss_mib() - before - grown < 8 and runner.prefault_kv() == touched
+    eng = Engine(runner, tok, EngineConfig(num_slots=4, max_len=256), eos_ids={tok.eos_token_id})
+    prompt = tok.encode("ROMEO:\nBut soft")
+
+    async def main() -> Collector:
+        loop = asyncio.get_running_loop()
+        eng.start(loop)
+        col = Collector(loop)
+        eng.submit(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), col)
+        await asyncio.wait_for(col.done, 60)
+        return col
+
+    try:
+        col = asyncio.run(main())
+    finally:
+        eng.stop()
+    assert col.ids == reference(model, prompt, 16)
