@@ -461,6 +461,14 @@ def writable(send: Any) -> bool:
     return bool(ev.is_set()) if ev is not None else True
 
 
+def write_paused(send: Any) -> bool | None:
+    """For an HTTP ``send``: whether uvicorn's flow control has paused writing (its ``send`` would wait for the
+    transport to drain). None when unknown (another host): the caller must assume it may wait."""
+    flow = getattr(send_owner(send), "flow", None)
+    paused = getattr(flow, "write_paused", None)
+    return paused if isinstance(paused, bool) else None
+
+
 def buffered(send: Any) -> int:
     """Bytes the socket's transport holds unsent (0 when unknown)."""
     transport = transport_of(send)

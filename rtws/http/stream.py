@@ -28,7 +28,7 @@ import msgspec
 
 from ..admission import HTTP_FRONT, AdmissionError, RequestLike, deadline, encoder, record_template
 from ..generation import SamplingParams, TokenEvent
-from ..transport import abort_http
+from ..transport import abort_http, write_paused
 from .asgi import (
     BodyTimeout,
     BodyTooLarge,
@@ -106,6 +106,11 @@ class HttpGeneration:
         self._paused = False
         self._wake = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        # Keepalive: one timer per generation, re-armed when it fires (not one timeout per token).
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._keepalive_s = 0.0
+        self._keepalive_due = False
+        self._last_out = 0.0  # when next() last returned (a chunk or a keepalive)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -137,6 +142,9 @@ class HttpGeneration:
     def close(self) -> None:
         """End as ``cancelled`` unless already ended, and stop the watcher. Idempotent."""
         self.end("cancelled")
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
@@ -193,20 +201,22 @@ class HttpGeneration:
         Returns None when ``keepalive`` seconds pass with nothing new. Raises
         :class:`ClientGone` once the client has disconnected.
         """
+        if keepalive is not None and self._keepalive is None:
+            self._keepalive_s = keepalive
+            self._last_out = time.monotonic()
+            self._keepalive = asyncio.get_running_loop().call_later(keepalive, self._keepalive_check)
         while not (self._text or self._tokens or self._finish is not None):
             if self.disconnected:
                 raise ClientGone()
+            if self._keepalive_due:
+                self._keepalive_due = False
+                self._last_out = time.monotonic()
+                return None
             self._wake.clear()
-            if keepalive is None:
-                await self._wake.wait()
-            else:
-                try:
-                    async with asyncio.timeout(keepalive):
-                        await self._wake.wait()
-                except TimeoutError:
-                    return None
+            await self._wake.wait()
         if self.disconnected:
             raise ClientGone()
+        self._last_out = time.monotonic()
         chunk = Chunk("".join(self._text), self._tokens, self._finish, self._error)
         self._text.clear()
         self._pending_chars = 0
@@ -219,6 +229,20 @@ class HttpGeneration:
             self.first_at = time.monotonic()
             self.app.hooks.first_token(self.model.name, self.first_at - self.started)
         return chunk
+
+    def _keepalive_check(self) -> None:
+        """The keepalive timer: past ``keepalive`` seconds with nothing returned, wake :meth:`next` to return
+        None (the writer sends a keepalive); else look again when that much time will have passed."""
+        if self.reason is not None:
+            self._keepalive = None
+            return
+        idle = time.monotonic() - self._last_out
+        loop = asyncio.get_running_loop()
+        if idle >= self._keepalive_s:
+            self._keepalive_due = True
+            self._wake.set()
+            idle = 0.0
+        self._keepalive = loop.call_later(self._keepalive_s - idle, self._keepalive_check)
 
     async def collect(self) -> Chunk:
         """Wait for the end; return all the text and the finish reason in one chunk, and :meth:`end`."""
@@ -394,9 +418,13 @@ class HttpStreams:
 
     async def write(self, gen: HttpGeneration, send: Send, body: bytes, more: bool = True) -> None:
         """One body chunk, bounded by the stall timeout. Raises :class:`ClientGone` if it cannot be written."""
+        message = {"type": "http.response.body", "body": body, "more_body": more}
         try:
-            async with asyncio.timeout(self.app.config.stall_timeout_s):
-                await send({"type": "http.response.body", "body": body, "more_body": more})
+            if write_paused(send) is False:  # uvicorn's transport takes it now: no wait to bound
+                await send(message)
+            else:
+                async with asyncio.timeout(self.app.config.stall_timeout_s):
+                    await send(message)
         except TimeoutError:
             log.warning("dropping stalled HTTP reader", extra={"event": "stalled", "client": gen.client,
                                                                "request": gen.request_id})

@@ -459,3 +459,28 @@ def test_engine_error_is_reported_not_leaked(srv: RunningServer) -> None:
     finally:
         engine.fault_injector = None
     assert post(srv.http, "/infer", {"prompt": "x", "max_tokens": 2, "stream": False}).status == 200
+
+
+def test_sse_keepalive_comments_while_a_stream_waits(srv: RunningServer, gate: Gate,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the engine produces nothing for a stream, an SSE comment goes out every KEEPALIVE_S (one timer
+    per generation, re-armed when it fires); once tokens flow none is sent between them, and the stream
+    ends normally."""
+    import rtws.http.stream as stream_mod
+
+    period = 0.2 * UNIT
+    monkeypatch.setattr(stream_mod, "KEEPALIVE_S", period)
+    held = Stream(srv.http, "/infer", {"prompt": "x", "max_tokens": 5})
+    try:
+        assert held.resp.status == 200 and gate.entered.wait(10 * UNIT)
+        time.sleep(6 * period)  # the engine is held: nothing but keepalives can arrive
+        gate.release.set()
+        body = held.rest()
+    finally:
+        gate.release.set()
+        held.close()
+    head, _, tail = body.partition(b"data:")
+    assert 3 <= head.count(b": keepalive") <= 8, head
+    assert b": keepalive" not in tail  # 5 tokens come far faster than the period
+    events = parse_sse(body)
+    assert events[-1][0] == "done" and msgspec.json.decode(events[-1][1])["reason"] in ("stop", "length")

@@ -136,6 +136,8 @@ def test_uvicorn_internals_rtws_reaches_for_exist() -> None:
 
     cycle_init = inspect.getsource(RequestResponseCycle.__init__)
     assert "self.transport = transport" in cycle_init and "self.response_started = False" in cycle_init
+    assert "self.flow = flow" in cycle_init  # transport.write_paused
+    assert "if self.flow.write_paused and not self.disconnected:" in inspect.getsource(RequestResponseCycle.send)
     assert inspect.iscoroutinefunction(RequestResponseCycle.send)
     ws_source = inspect.getsource(WebSocketsSansIOProtocol)
     for attr in ("self.transport = transport", "self.conn = ServerProtocol(", "self.close_sent = ",
