@@ -87,8 +87,8 @@ def test_frames_ready_together_are_written_together_but_stay_separate_messages(
         async with connect(server.url, subprotocols=[sub]) as ws:  # type: ignore[list-item]
             await ws.recv()  # ready
             for i in range(8):
-                data = codec.encode(p.Generate(id=i, prompt=PROMPTS[i], max_tokens=24, temperature=0.0))
-                await ws.send(data if codec.binary else data.decode())  # the server decodes by frame kind
+                out = codec.encode(p.Generate(id=i, prompt=PROMPTS[i], max_tokens=24, temperature=0.0))
+                await ws.send(out if codec.binary else out.decode())  # the server decodes by frame kind
             dones = 0
             while dones < 8:
                 data = await asyncio.wait_for(ws.recv(), 60)
