@@ -224,7 +224,8 @@ def main() -> int:
             served = app.registry.get(name)
             if served is None:
                 continue
-            touched += await loop.run_in_executor(None, served.engine.runner.prefault_kv)
+            runner: Any = served.engine.runner  # rtws.runner.ModelRunner (the Engine's Runner protocol is smaller)
+            touched += await loop.run_in_executor(None, runner.prefault_kv)
         return {"touched_bytes": touched, "seconds": time.perf_counter() - t0, "rss_kib": rss_kib(os.getpid())}
 
     def control() -> None:

@@ -93,7 +93,7 @@ def test_frames_ready_together_are_written_together_but_stay_separate_messages(
             while dones < 8:
                 data = await asyncio.wait_for(ws.recv(), 60)
                 assert isinstance(data, bytes if codec.binary else str)
-                raw = msgspec.msgpack.decode(data) if codec.binary else msgspec.json.decode(data)
+                raw = msgspec.msgpack.decode(data) if isinstance(data, bytes) else msgspec.json.decode(data)
                 assert isinstance(raw, dict)  # one frame per message, never an array
                 frame = codec.decode_message(data)[0]
                 frames.append(frame)
