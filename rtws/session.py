@@ -32,7 +32,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -873,25 +873,24 @@ class Session:
     async def _write(self, data: bytes, tokens: int = 0) -> None:
         t0 = self.send_started = time.monotonic()
         await self._send(data)
-        self.send_started = None
-        self.blocked_s += time.monotonic() - t0
-        self.bytes_sent += len(data)
-        self.frames_sent += 1
-        self.writes += 1
-        self.hooks.frame_sent(len(data), tokens)
+        self._written(t0, (data,), tokens)
 
     async def _write_many(self, frames: list[bytes], tokens: int) -> None:
         assert self._send_many is not None
         t0 = self.send_started = time.monotonic()
         await self._send_many(frames)
+        self._written(t0, frames, tokens)
+
+    def _written(self, t0: float, frames: Sequence[bytes], tokens: int) -> None:
+        """Account one transport write of ``frames`` (each its own message) that started at ``t0``."""
         self.send_started = None
         self.blocked_s += time.monotonic() - t0
-        self.frames_sent += len(frames)
         self.writes += 1
+        self.frames_sent += len(frames)
         for data in frames:
             self.bytes_sent += len(data)
             self.hooks.frame_sent(len(data), tokens)
-            tokens = 0  # the batch's tokens, counted once
+            tokens = 0  # the write's tokens, counted once
 
     def _record(self, gen: Generation, reason: str) -> None:
         rec = record_template(gen.model, gen.id, client=self.client, session=self.id, transport=self.transport)

@@ -444,6 +444,26 @@ def _scrape(cluster: Cluster, replica: str) -> dict[str, float]:
     return out
 
 
+async def _paused_and_quiet(cluster: Cluster, replica: str, n: int, window: int, quiet_s: float) -> float:
+    """Wait (reading and acking nothing) until ``n`` generations of ``replica`` are paused, then check that the
+    replica sends less than a quarter window more over ``quiet_s`` seconds: the window stopped it. Returns when
+    (``time.monotonic()``) the pause was seen."""
+    deadline = time.monotonic() + 90 * UNIT
+    paused = 0.0
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        paused = (await asyncio.to_thread(_scrape, cluster, replica)).get("rtws_requests_paused", 0.0)
+        if paused >= n:
+            break
+    assert paused >= n, f"only {paused} of {n} generations paused"
+    paused_at = time.monotonic()
+    first = (await asyncio.to_thread(_scrape, cluster, replica))["rtws_sent_bytes_total"]
+    await asyncio.sleep(quiet_s)
+    second = (await asyncio.to_thread(_scrape, cluster, replica))["rtws_sent_bytes_total"]
+    assert second - first < window // 4, (first, second, window)  # the replica stopped writing
+    return paused_at
+
+
 def test_slow_reader_pauses_at_the_window_through_the_proxy(cluster: Cluster) -> None:
     """Serve's send never blocks, so socket backpressure cannot reach the session behind the proxy; the
     acknowledgement window does (rtws.ray turns require_ack on). A client that reads and acks nothing has its
@@ -454,19 +474,7 @@ def test_slow_reader_pauses_at_the_window_through_the_proxy(cluster: Cluster) ->
         assert window and ready.replica and ready.limits.ack_required  # no opt-in ack needed
         for j in range(16):
             await _send(ws, p.Generate(id=f"s{j}", prompt="x", max_tokens=4000))
-        deadline = time.monotonic() + 90 * UNIT
-        paused = 0.0
-        while time.monotonic() < deadline:  # read nothing, ack nothing
-            await asyncio.sleep(0.5)
-            m = await asyncio.to_thread(_scrape, cluster, ready.replica)
-            paused = m.get("rtws_requests_paused", 0.0)
-            if paused >= 16:
-                break
-        assert paused >= 16, f"only {paused} of 16 generations paused"
-        first = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
-        await asyncio.sleep(1.5 * UNIT)
-        second = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
-        assert second - first < window // 4, (first, second, window)  # the replica stopped writing
+        await _paused_and_quiet(cluster, ready.replica, 16, window, 1.5 * UNIT)  # read nothing, ack nothing
         # Reading and acking resumes them: the client takes what was sent and acks it.
         received = 0
         with contextlib.suppress(asyncio.TimeoutError):
@@ -512,19 +520,7 @@ def test_a_reader_that_never_acks_is_paused_and_closed_1008_through_the_proxy(cl
         assert window and ready.replica and ready.limits.ack_required
         for j in range(8):
             await _send(ws, p.Generate(id=f"n{j}", prompt="x", max_tokens=4000))
-        deadline = time.monotonic() + 90 * UNIT
-        paused = 0.0
-        while time.monotonic() < deadline:  # read nothing, ack nothing
-            await asyncio.sleep(0.25)
-            paused = (await asyncio.to_thread(_scrape, cluster, ready.replica)).get("rtws_requests_paused", 0.0)
-            if paused >= 8:
-                break
-        paused_at = time.monotonic()
-        assert paused >= 8, f"only {paused} of 8 generations paused"
-        first = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
-        await asyncio.sleep(1.0 * UNIT)
-        second = (await asyncio.to_thread(_scrape, cluster, ready.replica))["rtws_sent_bytes_total"]
-        assert second - first < window // 4, (first, second, window)  # the replica stopped writing
+        paused_at = await _paused_and_quiet(cluster, ready.replica, 8, window, 1.0 * UNIT)  # read, ack nothing
         # Everything the replica wrote is what reaches us; the close frame follows once the stall rule fires.
         got = 0
         close: tuple[int, str] | None = None
