@@ -925,10 +925,13 @@ class _StaticDecoder:
 
 COMPILE_MODES = ("auto", "on", "off")
 COMPILE_AUTO_MIN_PARAMS = 1_000_000  # auto leaves smaller (test-sized) models eager
-# Batch buckets compiled: 1, 2, 4. With 2 length buckets that is 6 specialisations of one code object, under
-# torch._dynamo's recompile limit (8). bench/compile_step_bench.py: compiled/eager 0.50x at batch 1, 0.54x at 4,
-# 0.60-0.71x at 8, 0.77x at 16, 0.98x at 24, 1.11x at 32 (batch 8 and 16 would pay too; not enabled: over the limit).
-COMPILE_MAX_BATCH = 4
+# Batch buckets compiled: 1, 2, 4, 8. With 2 length buckets that is 8 specialisations of one code object
+# (compile_all raises torch._dynamo's recompile limit to cover them). bench/compile_step_bench.py: compiled/eager
+# static step 0.50x at batch 1, 0.54x at 4, 0.60-0.71x at 8, 0.77x at 16, 0.98x at 24, 1.11x at 32. Measured
+# against the eager path a row really takes (decode lanes), end to end (bench/RESULTS.md, round 3): buckets up
+# to 8 gave 1.00 to 1.31x the tok/s of up to 4 at 8 streams, and up to 4 gave 1.27 to 1.37x up to 2 at 4
+# streams; adding 16 made a 32-request burst slower (0.84x of eager against 0.92x), so 16 stays eager.
+COMPILE_MAX_BATCH = 8
 COMPILE_LEN_BUCKETS = 2  # KV-length buckets compiled: the first two (128 and 256 positions)
 COMPILE_MIN_GAIN = 0.9  # auto keeps a compiled shape only when its step takes at most this fraction of eager's
 
@@ -960,7 +963,7 @@ class _CompiledDecoder:
     It runs the static decode body (:class:`_StaticDecoder`: gathers and masks built from the block
     tables inside it, so shapes are fixed per (batch bucket, KV-length bucket)) through
     ``torch.compile(dynamic=False)``, one specialisation per shape, all built at warm-up:
-    at most 3 batch buckets x :data:`COMPILE_LEN_BUCKETS` length buckets, greedy only. Prefill, sampling
+    at most 4 batch buckets x :data:`COMPILE_LEN_BUCKETS` length buckets, greedy only. Prefill, sampling
     rows, larger batches and longer rows keep the eager paths. Compiled and eager steps write the same
     pool, so a row moves between them freely (decode lanes refill when a row comes back to them).
     """
@@ -994,12 +997,16 @@ class _CompiledDecoder:
         sd = self.sd
         # cpp_wrapper: the compiled graph is called from C++, not through a Python wrapper (less per-step overhead;
         # a longer compile once, then inductor's on-disk cache has it).
+        shapes = self.shapes()
+        import torch._dynamo.config as dynamo_config
+
+        # one specialisation per shape of one code object: dynamo's limit (8 by default) must cover them all
+        dynamo_config.recompile_limit = max(int(dynamo_config.recompile_limit), len(shapes) + 2)
         fn = torch.compile(sd._body, dynamic=False, options={"cpp_wrapper": True})
         sd.tables.zero_()
         sd.pos.zero_()
         sd.ids.zero_()
         report: list[dict[str, Any]] = []
-        shapes = self.shapes()
 
         def timed(b: int, n: int, pairs: int = 7) -> tuple[float, float]:
             """Fastest of ``pairs`` interleaved eager/compiled steps, in ms (the minimum: a busy box only adds)."""
