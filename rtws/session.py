@@ -778,7 +778,8 @@ class Session:
                     # Several frames ready (a step's deltas for this socket's streams): the same messages,
                     # written together.
                     frames, tokens = self._take_batch(encode)
-                    await self._write_many(frames, tokens)
+                    if frames:
+                        await self._write_many(frames, tokens)
                     self._after_write()
                     continue
                 if self._control:
