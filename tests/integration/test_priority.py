@@ -182,7 +182,13 @@ def test_priorities_order_admission_over_a_server(server_factory: ServerFactory,
                 tasks.append(asyncio.create_task(one(gid, prio)))
                 await asyncio.sleep(0)  # let it send its frame, in this order
             await asyncio.sleep(0)
-            await blocker.cancel()  # frames are handled in order: all three are queued before this
+            # Prompts are tokenized off the loop before they reach the engine: wait until all three wait
+            # there (behind the blocker), then free the slot.
+            deadline = time.monotonic() + 20 * UNIT
+            while srv.engine().stats().waiting < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert srv.engine().stats().waiting == 3
+            await blocker.cancel()
             await asyncio.wait_for(asyncio.gather(*tasks), 20 * UNIT)
             r = await blocker.result()
             return r.reason, order
