@@ -164,6 +164,20 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a server and its engine processes), from /proc/<pid>/task/*/children."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                pass
+    return out
+
+
 # --------------------------------------------------------------------------- workloads
 
 
@@ -219,6 +233,9 @@ def add_model_args(p: Any, *, default_concurrency: int = 32) -> None:
     p.add_argument("--compile", default="off", choices=("auto", "on", "off"),
                    help="torch.compile the small-batch greedy decode step, in-process engines and server children "
                         "alike (rtws serve's own default: auto)")
+    p.add_argument("--engine-process", default="auto", choices=("auto", "on", "off"),
+                   help="server children run each engine in a process of its own (rtws serve's default: auto, "
+                        "on for the bundled model on a CPU with 2+ cores)")
 
 
 def slots_for(args: Any, concurrency: int | None = None) -> int:
@@ -440,10 +457,15 @@ class ServerProcess:
             return self._read_line(timeout)
 
     def rss_kib(self) -> int:
-        return rss_kib(self.pid)
+        """The server's resident memory, its engine processes included."""
+        return sum(rss_kib(p) for p in process_tree(self.pid))
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU seconds of the server and its live engine processes (both sides of ``--engine-process``)."""
+        return sum(cpu_seconds(p) for p in process_tree(self.pid))
+
+    def engine_pids(self) -> list[int]:
+        return process_tree(self.pid)[1:]
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -504,7 +526,8 @@ def thread_env(args: Any) -> dict[str, str]:
 def server_config(args: Any, **overrides: Any) -> dict[str, Any]:
     """ServerConfig overrides for a bench server from the common model arguments."""
     cfg: dict[str, Any] = {"model": str(args.model), "device": args.device, "dtype": args.dtype,
-                           "prefill_budget": args.prefill_budget, "compile": getattr(args, "compile", "off")}
+                           "prefill_budget": args.prefill_budget, "compile": getattr(args, "compile", "off"),
+                           "engine_process": getattr(args, "engine_process", "auto")}
     cfg.update(overrides)
     return cfg
 

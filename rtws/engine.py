@@ -301,6 +301,7 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self._intake()
                 if self._commands:
                     self._apply_commands()
                     self._snapshot()  # cancels and frees are visible at this boundary, not after the next step
@@ -320,18 +321,29 @@ class Engine:
                 self._deliver(events)
                 if self.observer is not None:
                     self.observer.on_step(self, plan, time.perf_counter() - t0, events)
+                self._flush()
         except BaseException:  # pragma: no cover - a bug in the loop itself
             log.exception("engine loop crashed", extra={"event": "engine_crash", "model": self.name})
             raise
 
-    def _wait(self, now: float) -> None:
+    def _intake(self) -> None:
+        """Top of every loop turn: commands that arrive other than through the front door (a subclass's pipe)."""
+
+    def _flush(self) -> None:
+        """End of every step: a subclass that buffers what ``_deliver`` and the observer produced sends it."""
+
+    def _wait_timeout(self, now: float) -> float | None:
+        """How long an idle engine may sleep: until a batching wait ends, or a deadline poll (None: forever)."""
         timeout: float | None = None
         deadline = self.scheduler.admission_deadline()
         if deadline is not None:
             timeout = max(0.0, deadline - now)
         if any(s.deadline is not None for s in self.scheduler.all_sequences()):
             timeout = 0.05 if timeout is None else min(timeout, 0.05)
-        self._wake.wait(timeout)
+        return timeout
+
+    def _wait(self, now: float) -> None:
+        self._wake.wait(self._wait_timeout(now))
         self._wake.clear()
 
     def _expire(self, now: float, events: list[TokenEvent]) -> None:

@@ -43,6 +43,7 @@ class ModelSpec:
     prefix_cache: bool = True
     block_size: int = 16
     compile: str = "off"  # auto | on | off (ModelRunner; ServerConfig's default is auto)
+    engine_process: str = "off"  # auto | on | off (rtws.engine_process; ServerConfig's default is auto)
 
     @classmethod
     def from_config(cls, config: ServerConfig, *, name: str, path: str, version: str = "1",
@@ -55,6 +56,7 @@ class ModelSpec:
             aging_s=config.priority_aging_s, max_prompt_tokens=config.max_prompt_tokens,
             cuda_graphs=config.cuda_graphs, kv_cache_gb=config.kv_cache_gb, prefix_cache=config.prefix_cache,
             block_size=config.block_size, quantization=config.quantization, compile=config.compile,
+            engine_process=config.engine_process,
         )
 
 
@@ -153,10 +155,24 @@ def cache_salt(spec: ModelSpec) -> str:
     return "\0".join((spec.name, spec.version, spec.quantization, spec.path))
 
 
-def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
-    """Load weights and tokenizer and build the engine (blocking: call from a worker thread)."""
+def load(spec: ModelSpec, observer: StepObserver | None = None, *, engine_cls: type[Engine] = Engine) -> ServedModel:
+    """Load weights and tokenizer and build the engine (blocking: call from a worker thread).
+
+    Where :func:`rtws.engine_process.engine_process_choice` says so, the model and its engine load in a
+    process of their own instead, and the ServedModel holds a :class:`~rtws.engine_process.RemoteEngine`.
+    """
     from . import runner as rn
 
+    if engine_cls is Engine and spec.engine_process != "off":
+        from .engine_process import engine_process_choice, load_in_process, weight_bytes
+        from .threads import usable_cores
+
+        use, reason = engine_process_choice(spec.engine_process, rn.resolve_device(spec.device).type,
+                                            usable_cores(), weight_bytes(spec.path))
+        log.info("engine process: %s", reason, extra={"event": "engine_process_choice", "model": spec.name,
+                                                     "engine_process": use, "reason": reason})
+        if use:
+            return load_in_process(spec, observer)
     device = rn.resolve_device(spec.device)
     dtype = rn.resolve_dtype(spec.dtype, device)
     t0 = time.perf_counter()
@@ -172,7 +188,7 @@ def load(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
              extra={"event": "compile_choice", "model": spec.name, "compile": runner.compile_choice,
                     "reason": runner.compile_reason})
     runner.warmup()
-    engine = Engine(
+    engine = engine_cls(
         runner,
         tokenizer,
         EngineConfig(

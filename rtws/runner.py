@@ -72,6 +72,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 RANDOM_MODELS = ("gpt2-random", "llama-random")
 
 
+def load_tokenizer(path: str | os.PathLike[str], tokenizer_path: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`load_model` pairs with ``path`` (the bundled one for the random benchmark aids)."""
+    name = str(path)
+    if name in RANDOM_MODELS:
+        from .default_model import DEFAULT_MODEL_PATH
+
+        return AutoTokenizer.from_pretrained(tokenizer_path or DEFAULT_MODEL_PATH)
+    return AutoTokenizer.from_pretrained(tokenizer_path or name, trust_remote_code=False)
+
+
 def load_model(
     path: str | os.PathLike[str], device: torch.device, dtype: torch.dtype, tokenizer_path: str | None = None
 ) -> tuple[Any, PreTrainedTokenizerBase]:
@@ -82,9 +92,7 @@ def load_model(
     """
     name = str(path)
     if name in RANDOM_MODELS:
-        from .default_model import DEFAULT_MODEL_PATH
-
-        tok = AutoTokenizer.from_pretrained(tokenizer_path or DEFAULT_MODEL_PATH)
+        tok = load_tokenizer(name, tokenizer_path)
         if name == "gpt2-random":
             from transformers import GPT2Config
 
@@ -101,7 +109,7 @@ def load_model(
     else:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
         check_supported(config)  # refuse before reading any weights
-        tok = AutoTokenizer.from_pretrained(tokenizer_path or name, trust_remote_code=False)
+        tok = load_tokenizer(name, tokenizer_path)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False)
         model = model.to(device)  # type: ignore[arg-type]
     model.eval()

@@ -72,3 +72,10 @@ def apply_threads(choice: ThreadChoice) -> tuple[int, int]:
         except RuntimeError:  # parallel work already started in this process
             pass
     return torch.get_num_threads(), torch.get_num_interop_threads()
+
+
+def current_threads() -> tuple[int, int]:
+    """Torch's intra-op and inter-op thread counts in this process (what an engine process is given)."""
+    import torch
+
+    return torch.get_num_threads(), torch.get_num_interop_threads()
