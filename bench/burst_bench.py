@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hi", type=int, default=128, help="largest max_tokens")
     p.add_argument("--repeat", type=int, default=3, help="rounds of (rtws, generate), ABBA order")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="torch threads for the server's forward (default: rtws serve's choice)")
+    p.add_argument("--engine-process", default=None, choices=("auto", "on", "off"),
+                   help="the server's engine in a process of its own (default: rtws serve's, auto)")
     p.add_argument("--gen-threads", default=None,
                    help="comma-separated torch thread counts for generate (default: 1 and rtws serve's choice)")
     return p
@@ -117,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[list[str]] = []
     rt: list[float] = []
     gen: list[float] = []
-    with ServerProcess({"model": args.model}) as srv:
+    server_cfg: dict[str, object] = {"model": args.model}
+    if args.server_threads:
+        server_cfg["torch_threads"] = args.server_threads
+    if args.engine_process:
+        server_cfg["engine_process"] = args.engine_process
+    with ServerProcess(server_cfg) as srv:
         asyncio.run(burst(srv.port, prompts[:1], [8]))  # warm-up
         generate_burst(model, tok, prompts[:2], [8, 8])
         for r in range(args.repeat):

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-client", type=int, default=None,
                    help="max_generations_per_client (default: num_slots // 2; 0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    p.add_argument("--engine-process", default="auto", choices=("auto", "on", "off"),
+                   help="the server's engine in a process of its own (rtws serve's default: auto)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of: " + ", ".join(ATTACKS))
     p.add_argument("--switch-ab", type=float, default=None, metavar="SECONDS",
                    help="probe: the server alternates sys.setswitchinterval between Python's default and this "
@@ -351,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["model"] = args.model
     if args.threads:
         cfg["torch_threads"] = args.threads
+    cfg["engine_process"] = args.engine_process
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     if args.switch_ab:
         env = {**(env or {}), "RTWS_BENCH_SWITCH_AB": str(args.switch_ab)}
