@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     percentile,
     print_header,
     print_table,
+    process_tree,
     server_config,
     text_prompts,
     thread_env,
@@ -154,7 +155,7 @@ class Setup:
     def cpu(self) -> dict[str, float]:
         out = {}
         for role, pids in self.pids.items():
-            out[role] = sum(cpu_seconds(pid) for pid in pids)
+            out[role] = sum(cpu_seconds(p) for pid in pids for p in process_tree(pid))  # engine processes too
         return out
 
 

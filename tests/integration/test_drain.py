@@ -37,6 +37,8 @@ def start_serve(model: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
             rec = json.loads(line)
         except ValueError:
             continue
+        if rec.get("event") == "engine_process_ready":
+            proc.engine_pid = int(rec["pid"])  # type: ignore[attr-defined]
         if rec.get("event") == "listening":
             # keep reading so a chatty server never blocks on a full pipe
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
@@ -45,9 +47,12 @@ def start_serve(model: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     raise AssertionError("server did not start")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_drain_finishes_short_cancels_long_closes_1001_exits_0(tiny_llama_long_dir: Path, sig: int) -> None:
-    proc, port = start_serve(tiny_llama_long_dir, "--drain-timeout-s", str(3 * UNIT))
+@pytest.mark.parametrize(("sig", "engine"), [(signal.SIGTERM, "off"), (signal.SIGINT, "off"), (signal.SIGINT, "on")])
+def test_drain_finishes_short_cancels_long_closes_1001_exits_0(tiny_llama_long_dir: Path, sig: int,
+                                                               engine: str) -> None:
+    proc, port = start_serve(tiny_llama_long_dir, "--drain-timeout-s", str(3 * UNIT), "--engine-process", engine)
+    engine_pid = getattr(proc, "engine_pid", None)
+    assert (engine_pid is not None) == (engine == "on")
     url = f"ws://127.0.0.1:{port}/ws"
 
     async def main() -> dict[str, Any]:
@@ -96,3 +101,8 @@ def test_drain_finishes_short_cancels_long_closes_1001_exits_0(tiny_llama_long_d
     assert 2.5 * UNIT <= out["long_after"] <= 10 * UNIT  # held for the drain timeout, then cancelled
     assert out["close_code"] == 1001
     assert rc == 0
+    if engine_pid is not None:  # the engine process ignored the signal, served the drain, and went with the server
+        deadline = time.monotonic() + 10 * UNIT
+        while Path(f"/proc/{engine_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{engine_pid}").exists()

@@ -177,3 +177,25 @@ def test_a_killed_server_takes_its_engine_process_with_it(tiny_llama_long_dir: P
         proc.stderr.close()
         if child is not None and _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_hot_swap_starts_a_new_engine_process_and_reaps_the_old(server_factory: ServerFactory,
+                                                                   tiny_llama_long_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    from tests.helpers.models import build_model
+    from tests.integration.test_registry import ADMIN, http, wait_status
+
+    v2_dir = build_model(tmp_path / "v2", "llama", context=8192, eos=False, seed=1)
+    srv = server_factory(tiny_llama_long_dir, model_name="tiny", engine_process="on", admin_api_keys=(ADMIN,))
+    v1 = srv.engine("tiny")
+    before = run(_texts(srv.url, max_tokens=8))
+    code, accepted, _ = http(srv.http, "POST", "/admin/models/tiny/versions",
+                             {"version": "2", "model_path": str(v2_dir)})
+    assert code == 202, accepted
+    assert wait_status(srv, "tiny", "2", lambda s: s != "loading")["status"] == "warm"
+    wait_status(srv, "tiny", "1", lambda s: s == "unloaded")
+    v2 = srv.engine("tiny")
+    assert isinstance(v2, RemoteEngine) and v2.pid != v1.pid
+    assert _wait_gone(v1.pid, 15 * UNIT) and _alive(v2.pid)
+    after = run(_texts(srv.url, max_tokens=8))
+    assert all(after) and after != before  # other weights, other greedy text
