@@ -68,6 +68,7 @@ class Request:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     priority: str = "normal"
+    ignore_eos: bool = False  # OpenAI extension; the WebSocket frame and /infer have no such field
 
 
 class RequestLike(Protocol):
@@ -107,7 +108,8 @@ def sampling(req: RequestLike) -> SamplingParams:
     stop = req.stop
     return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           seed=req.seed if req.seed is not None else secrets.randbits(63),
-                          stop=(stop,) if isinstance(stop, str) else tuple(stop))
+                          stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                          ignore_eos=bool(getattr(req, "ignore_eos", False)))
 
 
 def deadline(started: float, request_timeout: float | None) -> float | None:

@@ -8,7 +8,7 @@ throughput (end to end against engine-only) and tail latency under load
 (docs/engine.md, "Engine process").
 
 Here the model, its runner, the scheduler and the detokenizers run in a child
-started with ``spawn``; the server process keeps sockets, sessions and the
+started as ``python -m rtws.engine_child``; the server process keeps sockets, sessions and the
 tokenizer for prompts. :class:`RemoteEngine` has :class:`~rtws.engine.Engine`'s
 front door (``submit``, ``cancel``, ``pause``, ``resume``, ``stats``,
 ``wait_idle``, ``start``, ``stop``), so nothing above the engine changes.
@@ -34,13 +34,11 @@ takes its engine with it. If the child dies, every live generation ends with
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
 import pickle
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -49,14 +47,11 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .engine import Cancel, Engine, EngineStats, SetPaused, Sink, StepObserver, Submit
+from .engine import Cancel, Engine, EngineStats, SetPaused, Sink, StepObserver, Submit, _dispatch
 from .generation import SamplingParams, TokenEvent
 from .scheduler import PRIORITY_LEVELS, PrefillChunk, Sequence, StepPlan
-
-if TYPE_CHECKING:
-    from .model import ModelSpec, ServedModel
 
 log = logging.getLogger("rtws.engine")
 
@@ -233,62 +228,6 @@ class PipedEngine(Engine):
             pass
 
 
-def _picklable(exc: BaseException) -> BaseException:
-    try:
-        out = pickle.loads(pickle.dumps(exc))
-        return out if isinstance(out, BaseException) else RuntimeError(repr(exc))
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-
-
-def _child_main(rfd: int, wfd: int) -> None:
-    """The child process: read the init message, load the spec (in-process engine), report ``ready``, run the loop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server drains, then stops us
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .logs import setup_logging
-
-    init = None
-    reader = _FrameReader(rfd)
-    while init is None:
-        msgs = reader.read()
-        if msgs is None:  # the server went away before sending the spec
-            os._exit(0)
-        init = msgs[0] if msgs else None
-    _, spec, threads, log_level, log_format, steps = init
-    setup_logging(log_level, fmt=log_format)
-    try:
-        from .threads import ThreadChoice, apply_threads
-
-        apply_threads(ThreadChoice(threads[0], threads[1], "the server's choice"))
-        from .model import load
-
-        served = load(dataclasses.replace(spec, engine_process="off"), engine_cls=PipedEngine)
-    except BaseException as exc:
-        _write_all(wfd, _frame(("error", _picklable(exc))))
-        os._exit(0)
-    engine = served.engine
-    assert isinstance(engine, PipedEngine)
-    engine.attach(rfd, wfd, steps)
-    runner: Any = engine.runner
-    model: Any = served.model
-    engine.send(("ready", {
-        "pid": os.getpid(), "context_len": served.context_len, "device": served.device,
-        "dtype": str(getattr(model, "dtype", spec.dtype)), "config": getattr(model, "config", None),
-        "kv_capacity_tokens": engine.kv_capacity_tokens, "stats": engine.stats(),
-        "runner": {k: getattr(runner, k, None) for k in (
-            "num_blocks", "block_size", "kv_cache_bytes", "compile_choice", "compile_reason")},
-    }))
-    code = 0
-    try:
-        engine._run()
-    except BaseException:  # logged by the loop ("engine loop crashed"); the server fails the live generations
-        code = 1
-    finally:
-        logging.shutdown()
-        os._exit(code)
-
-
 # --------------------------------------------------------------------------- server side
 
 
@@ -315,7 +254,7 @@ class RemoteEngine:
     the loop (from another thread they are handed to it); events reach their sinks on the loop.
     """
 
-    def __init__(self, spec: ModelSpec, observer: StepObserver | None = None) -> None:
+    def __init__(self, spec: Any, observer: StepObserver | None = None) -> None:  # spec: rtws.model.ModelSpec
         from .logs import TextFormatter
         from .threads import current_threads
 
@@ -335,7 +274,7 @@ class RemoteEngine:
         self.info: dict[str, Any] = {}
         self.runner: Any = SimpleNamespace(prefault_kv=self.prefault_kv)
         self.kv_capacity_tokens = 0
-        # A fresh interpreter (``python -m rtws.engine_process``), not multiprocessing's spawn: that re-imports
+        # A fresh interpreter (``python -m rtws.engine_child``), not multiprocessing's spawn: that re-imports
         # the caller's __main__, which a script without a main guard, a notebook or a Ray worker may not allow.
         p2c_r, p2c_w = os.pipe()
         c2p_r, c2p_w = os.pipe()
@@ -343,7 +282,7 @@ class RemoteEngine:
         fmt = "text" if any(isinstance(h.formatter, TextFormatter) for h in lg.handlers) else "json"
         level = logging.getLevelName(lg.getEffectiveLevel())
         try:
-            self._proc = subprocess.Popen([sys.executable, "-m", "rtws.engine_process", str(p2c_r), str(c2p_w)],
+            self._proc = subprocess.Popen([sys.executable, "-m", "rtws.engine_child", str(p2c_r), str(c2p_w)],
                                           pass_fds=(p2c_r, c2p_w), stdin=subprocess.DEVNULL)
         finally:
             os.close(p2c_r)
@@ -353,7 +292,7 @@ class RemoteEngine:
         _write_all(self._wfd, _frame(("init", spec, current_threads(), level, fmt, observer is not None)))
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> int:
         return self._proc.pid
 
     # ------------------------------------------------------------------ lifecycle
@@ -552,14 +491,7 @@ class RemoteEngine:
             self._stats = stats
         sinks = self._sinks
         events = [TokenEvent(*t) for t in rows]
-        for ev in events:
-            sink = sinks.pop(ev.rid, None) if ev.finish is not None else sinks.get(ev.rid)
-            if sink is None:
-                continue
-            try:
-                sink(ev)
-            except Exception:
-                log.exception("event sink failed", extra={"event": "sink_error"})
+        _dispatch([(sinks.pop(ev.rid, None) if ev.finish is not None else sinks.get(ev.rid), ev) for ev in events])
         if steps and self.observer is not None:
             for seconds, decode, prefill in steps:
                 self.observer.on_step(self, _plan_view(decode, prefill), seconds, events)  # type: ignore[arg-type]
@@ -576,32 +508,6 @@ class RemoteEngine:
                          "exit_code": code})
         self._close_pipes()
         sinks, self._sinks = self._sinks, {}
-        for rid, sink in sinks.items():
-            try:
-                sink(TokenEvent(rid=rid, text="", tokens=0, finish="error", error="engine process exited"))
-            except Exception:
-                log.exception("event sink failed", extra={"event": "sink_error"})
+        _dispatch([(sink, TokenEvent(rid=rid, text="", tokens=0, finish="error", error="engine process exited"))
+                   for rid, sink in sinks.items()])
         self._idle.set()
-
-
-def load_in_process(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
-    """Spawn the engine process for ``spec``, load the tokenizer here meanwhile, and wait for the child's ready."""
-    from .model import ServedModel
-    from .runner import load_tokenizer
-
-    t0 = time.perf_counter()
-    engine = RemoteEngine(spec, observer)
-    try:
-        tokenizer = load_tokenizer(spec.path)
-        info = engine.wait_ready()
-    except BaseException:
-        engine.stop(timeout=5.0)
-        raise
-    model = SimpleNamespace(config=info["config"], dtype=info["dtype"])
-    log.info("engine process ready", extra={"event": "engine_process_ready", "model": spec.name,
-                                            "pid": info["pid"], "seconds": round(time.perf_counter() - t0, 3)})
-    return ServedModel(spec, model, tokenizer, engine, int(info["context_len"]), str(info["device"]))  # type: ignore[arg-type]
-
-
-if __name__ == "__main__":
-    _child_main(int(sys.argv[1]), int(sys.argv[2]))

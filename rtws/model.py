@@ -164,7 +164,7 @@ def load(spec: ModelSpec, observer: StepObserver | None = None, *, engine_cls: t
     from . import runner as rn
 
     if engine_cls is Engine and spec.engine_process != "off":
-        from .engine_process import engine_process_choice, load_in_process, weight_bytes
+        from .engine_process import engine_process_choice, weight_bytes
         from .threads import usable_cores
 
         use, reason = engine_process_choice(spec.engine_process, rn.resolve_device(spec.device).type,
@@ -211,3 +211,25 @@ def load(spec: ModelSpec, observer: StepObserver | None = None, *, engine_cls: t
                                     "kv_cache_bytes": runner.kv_cache_bytes,
                                     "seconds": round(time.perf_counter() - t0, 3)})
     return ServedModel(spec, model, tokenizer, engine, max_len, str(device))
+
+
+def load_in_process(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
+    """Start the engine process for ``spec`` (:class:`rtws.engine_process.RemoteEngine`), load the tokenizer here
+    meanwhile, and wait for the child's ``ready``."""
+    from types import SimpleNamespace
+
+    from .engine_process import RemoteEngine
+    from .runner import load_tokenizer
+
+    t0 = time.perf_counter()
+    engine = RemoteEngine(spec, observer)
+    try:
+        tokenizer = load_tokenizer(spec.path)
+        info = engine.wait_ready()
+    except BaseException:
+        engine.stop(timeout=5.0)
+        raise
+    facts = SimpleNamespace(config=info["config"], dtype=info["dtype"])  # what the banner and /v1/models read
+    log.info("engine process ready", extra={"event": "engine_process_ready", "model": spec.name,
+                                            "pid": info["pid"], "seconds": round(time.perf_counter() - t0, 3)})
+    return ServedModel(spec, facts, tokenizer, engine, int(info["context_len"]), str(info["device"]))  # type: ignore[arg-type]

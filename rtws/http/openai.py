@@ -154,7 +154,7 @@ def _request(req: OpenAIRequest, prompt: str | None, messages: list[dict[str, An
     stop: tuple[str, ...] = () if req.stop is None else (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
     return Request(model=req.model, prompt=prompt, messages=messages,
                    max_tokens=max_tokens if max_tokens is not None else 16, temperature=temperature, top_p=top_p,
-                   top_k=req.top_k or 0, seed=req.seed, stop=stop, priority=req.priority)
+                   top_k=req.top_k or 0, seed=req.seed, stop=stop, priority=req.priority, ignore_eos=req.ignore_eos)
 
 
 def _completion_prompt(req: CompletionRequest) -> str:

@@ -58,6 +58,7 @@ class OpenAIRequest(msgspec.Struct, frozen=True, kw_only=True):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     priority: protocol.Priority = "normal"  # extension: the rtws priority class
+    ignore_eos: bool = False  # extension (as in vLLM; benchmark clients such as guidellm send it)
 
 
 class CompletionRequest(OpenAIRequest, frozen=True, kw_only=True):

@@ -1,14 +1,11 @@
 """The engine in its own process (``--engine-process``): same tokens, same front door, and a child that dies or
-outlives nobody. Real servers on port 0, real child interpreters (``python -m rtws.engine_process``)."""
+outlives nobody. Real servers on port 0, real child interpreters (``python -m rtws.engine_child``)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -147,26 +144,11 @@ def test_stopping_the_server_reaps_the_engine_process(server_factory: ServerFact
 
 
 def test_a_killed_server_takes_its_engine_process_with_it(tiny_llama_long_dir: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rtws", "serve", "--model", str(tiny_llama_long_dir), "--port",
-                             "0", "--engine-process", "on", "--log-format", "json"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stderr is not None
-    child = None
+    from tests.integration.test_drain import start_serve
+
+    proc, _ = start_serve(tiny_llama_long_dir, "--engine-process", "on")
+    child: int | None = getattr(proc, "engine_pid", None)
     try:
-        deadline = time.monotonic() + 120 * UNIT
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") == "engine_process_ready":
-                child = int(rec["pid"])
-            if rec.get("event") == "listening":
-                break
         assert child is not None and _alive(child)
         proc.send_signal(signal.SIGKILL)  # no drain, no cleanup: only the pipe's end of file tells the child
         proc.wait(10 * UNIT)
@@ -174,7 +156,8 @@ def test_a_killed_server_takes_its_engine_process_with_it(tiny_llama_long_dir: P
     finally:
         proc.kill()
         proc.wait()
-        proc.stderr.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
         if child is not None and _alive(child):
             os.kill(child, signal.SIGKILL)
 

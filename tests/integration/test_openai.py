@@ -234,6 +234,22 @@ def test_seed_and_stop(srv: RunningServer, client: Any) -> None:
     assert chat.usage is not None and chat.usage.completion_tokens <= 4
 
 
+def test_ignore_eos_runs_to_max_tokens(srv: RunningServer, client: Any) -> None:
+    c = client(srv)
+
+    def tokens(seed: int, **extra: Any) -> int:
+        out = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=64, temperature=1.0, seed=seed, **extra)
+        assert out.usage is not None
+        return int(out.usage.completion_tokens)
+
+    early = next((s for s in range(40) if tokens(s) < 64), None)  # a sample that ends on the EOS token
+    assert early is not None, "no seed in 0..39 sampled EOS within 64 tokens"
+    assert tokens(early, extra_body={"ignore_eos": True}) == 64  # the same sample, EOS ignored (vLLM's extension)
+    chat = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=64, temperature=1.0, seed=early,
+                                     extra_body={"ignore_eos": True})
+    assert chat.usage is not None and chat.usage.completion_tokens == 64
+
+
 def test_stream_without_usage_has_no_usage_chunk(srv: RunningServer, client: Any) -> None:
     chunks = list(client(srv).chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, stream=True))
     assert all(ch.usage is None and len(ch.choices) == 1 for ch in chunks)
