@@ -139,7 +139,10 @@ def test_oversized_frame_closes_1009_and_others_are_unaffected(server_factory: S
         await other.close()
         return ws.close_code, r.reason
 
-    assert run(main()) == (1009, "length")
+    code, reason = run(main())
+    # The other socket's generation ends normally: at max_tokens, or on EOS (it samples: a random tiny model
+    # can end early), never cancelled or failed by its neighbour's close.
+    assert code == 1009 and reason in ("length", "stop")
 
 
 def test_request_timeout_ends_with_reason_timeout(server_factory: ServerFactory, tiny_llama_long_dir: Path) -> None:
