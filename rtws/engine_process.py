@@ -231,6 +231,11 @@ class PipedEngine(Engine):
 # --------------------------------------------------------------------------- server side
 
 
+def _exited(rid: int) -> TokenEvent:
+    """The last event of a generation whose engine process is gone."""
+    return TokenEvent(rid=rid, text="", tokens=0, finish="error", error="engine process exited")
+
+
 class _Row:
     """What the step observer reads of a sequence in a child's step: its rid and prompt length."""
 
@@ -394,15 +399,13 @@ class RemoteEngine:
         """Queue a generation; return its request id. ``sink`` receives its events on the loop."""
         PRIORITY_LEVELS[priority]  # an unknown priority raises here, as Engine.submit does
         rid = next(self._ids)
+        if self._gone or self._closed:  # no child to run it: its one event is the error, and the engine stays idle
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(sink, _exited(rid))
+            return rid
         self._sinks[rid] = sink
         self._idle.clear()
-        if self._gone or self._closed:
-            loop = self._loop
-            ev = TokenEvent(rid=rid, text="", tokens=0, finish="error", error="engine process exited")
-            self._sinks.pop(rid, None)
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(sink, ev)
-            return rid
         self._send(("submit", rid, list(prompt_ids), params, priority, deadline, time.monotonic()))
         return rid
 
@@ -508,6 +511,5 @@ class RemoteEngine:
                          "exit_code": code})
         self._close_pipes()
         sinks, self._sinks = self._sinks, {}
-        _dispatch([(sink, TokenEvent(rid=rid, text="", tokens=0, finish="error", error="engine process exited"))
-                   for rid, sink in sinks.items()])
+        _dispatch([(sink, _exited(rid)) for rid, sink in sinks.items()])
         self._idle.set()

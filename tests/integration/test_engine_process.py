@@ -132,6 +132,7 @@ def test_a_dead_engine_process_fails_its_generations_and_the_server_keeps_answer
             return (await asyncio.wait_for((await c.generate("y", max_tokens=4)).result(), 10 * UNIT)).reason
 
     assert run(after()) == "error"
+    assert eng.wait_idle(1.0)  # a submit refused for want of a child leaves nothing running
 
 
 def test_stopping_the_server_reaps_the_engine_process(server_factory: ServerFactory,
