@@ -172,7 +172,7 @@ def load(spec: ModelSpec, observer: StepObserver | None = None, *, engine_cls: t
         log.info("engine process: %s", reason, extra={"event": "engine_process_choice", "model": spec.name,
                                                      "engine_process": use, "reason": reason})
         if use:
-            return load_in_process(spec, observer)
+            return load_in_engine_process(spec, observer)
     device = rn.resolve_device(spec.device)
     dtype = rn.resolve_dtype(spec.dtype, device)
     t0 = time.perf_counter()
@@ -213,7 +213,7 @@ def load(spec: ModelSpec, observer: StepObserver | None = None, *, engine_cls: t
     return ServedModel(spec, model, tokenizer, engine, max_len, str(device))
 
 
-def load_in_process(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
+def load_in_engine_process(spec: ModelSpec, observer: StepObserver | None = None) -> ServedModel:
     """Start the engine process for ``spec`` (:class:`rtws.engine_process.RemoteEngine`), load the tokenizer here
     meanwhile, and wait for the child's ``ready``."""
     from types import SimpleNamespace
