@@ -80,9 +80,10 @@ def test_a_reader_that_never_acks_pauses_at_the_window_and_is_closed_1008(server
     out = run(main())
     assert out["limits"]["ack_required"] is True and out["limits"]["window"] == HIGH
     assert out["paused"] == 4, out  # all four kept their slots but left the batch
-    # unacknowledged bytes tripped the window (held = unacked + frames queued but not yet written; at the
-    # moment of the pause a step's frames may still be queued)...
-    assert out["acking"] and out["unacked"] + out["buffered"] > HIGH and out["unacked"] > HIGH // 2, out
+    # unacknowledged bytes tripped the window: held (unacked + queued, counted when the pause was decided)
+    # went over it. A later snapshot can read a little under it: queued text is counted by characters when
+    # it arrives, written frames by encoded bytes (two CI runs read 4,076 unacked + 0 queued)...
+    assert out["acking"] and out["max_held"] > HIGH and out["unacked"] > HIGH // 2, out
     assert not out["send_blocked"], out  # ...not a blocked send: the socket was never full
     # bounded: the window plus at most one engine step's worth of frames for 4 streams
     assert out["max_held"] <= HIGH + 4 * 200, out
