@@ -37,6 +37,7 @@ from .transport import (
     frame_writer,
     stop_reading,
     tune_socket,
+    unread,
     writable,
 )
 from .wslimits import CLOSE_TOO_BIG, frame_too_big
@@ -62,6 +63,10 @@ class Connection:
     win_start: float = 0.0
     win_bytes: int = 0
     win_blocked: float = 0.0
+    # the reader-lead rule: the last tick's time and bytes taken by the peer, and its reading rate (bytes/s)
+    lead_at: float = 0.0
+    lead_taken: int = 0
+    lead_rate: float = 0.0
     moved: bool = False  # its session was resumed on another socket: leave the session alone at the end
 
 
@@ -700,6 +705,31 @@ class App:
             except Exception:  # a bug here must not end the watchdog for every connection
                 log.exception("watchdog tick failed", extra={"event": "watchdog_error"})
 
+    def _reader_lead(self, conn: Connection, now: float) -> None:
+        """Pause a socket's generations while its reader lags what the socket already holds for it.
+
+        A reader that takes little (a trickle, a stalled tab) can leave everything the kernel's autotuned send
+        buffer holds unread without ever making the socket unwritable, so the send-buffer watermark never
+        trips and its generations decode at full speed for nobody. Here the unread bytes (transport buffer +
+        ``SIOCOUTQ``) are held to ``reader_lead_bytes``, or to :data:`READER_LEAD_S` of the reader's own
+        rate when that is more (a fast reader far away keeps its bandwidth-delay product in flight).
+        """
+        s = conn.session
+        pending = unread(conn.send)
+        if pending is None:
+            return
+        taken = s.bytes_sent - pending
+        dt = now - conn.lead_at
+        if conn.lead_at and dt > 0:
+            rate = max(0, taken - conn.lead_taken) / dt
+            conn.lead_rate = rate if rate > conn.lead_rate else 0.8 * conn.lead_rate + 0.2 * rate
+        conn.lead_at, conn.lead_taken = now, taken
+        allowed = max(self.config.reader_lead_bytes, conn.lead_rate * READER_LEAD_S)
+        if not s.reader_behind and pending > allowed:
+            s.set_reader_behind(True)
+        elif s.reader_behind and pending <= allowed / 2:
+            s.set_reader_behind(False)
+
     def _watch_once(self, now: float) -> None:
         cfg = self.config
         self.sessions.expire(now)
@@ -742,11 +772,16 @@ class App:
                     self.hooks.rejected("stalled")
                     self._close_soon(conn, 1008, "reader too slow")
                     continue
+            if cfg.reader_lead_bytes and (s.live or s.reader_behind) and not s.acking:
+                self._reader_lead(conn, now)
             if not s.authenticated and now - conn.opened > cfg.auth_timeout_s:
                 self._close_soon(conn, 1008, "authentication timeout")
             elif (cfg.idle_timeout_s is not None and s.idle
                   and now - s.last_activity > cfg.idle_timeout_s):
                 self._close_soon(conn, 1000, "idle timeout")
+
+
+READER_LEAD_S = 1.0  # the lead rule allows a reader this many seconds of its own measured rate
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,10 @@ class ServerConfig:
         "help": "queued + running generations per client across its sockets and HTTP; default: no cap"})
     max_control_bytes: int = field(default=256 * 1024, metadata={
         "help": "unsent control/error frame bytes per socket; past it the socket is closed 1008"})
+    reader_lead_bytes: int = field(default=32 * 1024, metadata={
+        "help": "a socket's generations pause while its reader has not taken this many bytes already written to "
+                "the socket (transport buffer + the kernel's send queue), or one second of its own reading rate "
+                "if that is more; directly served, non-acking sockets (0: off)"})
     max_transport_buffer: int = field(default=1 << 20, metadata={
         "help": "bytes a socket's transport may hold unsent (pongs, frames); past it the socket is closed 1008"})
     ping_rate_per_s: float = field(default=10.0, metadata={
@@ -262,6 +266,7 @@ def _validate(c: ServerConfig) -> None:
     for name in ("torch_threads", "torch_interop_threads", "socket_send_buffer", "max_seq_len", "max_batch_size", "max_prompt_tokens", "rate_limit_per_minute", "rate_limit_burst"):
         v = getattr(c, name)
         need(v is None or v >= 1, name, "must be >= 1")
+    need(c.reader_lead_bytes >= 0, "reader_lead_bytes", "must be >= 0")
     for name in ("max_preauth_connections", "max_control_bytes", "max_transport_buffer", "ping_burst",
                  "stall_min_bytes_per_s", "prompt_chars_per_token", "ws_frame_burst"):
         need(getattr(c, name) >= 1, name, "must be >= 1")

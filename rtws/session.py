@@ -245,6 +245,7 @@ class Session:
         self.bytes_sent = 0  # written to the socket (for the watchdog's throughput window)
         self.blocked_s = 0.0  # total time spent inside completed sends
         self.batch = False  # hello {batch: true}: frames ready together leave as one batch message
+        self.reader_behind = False  # the watchdog's lead rule holds the generations (App._watch_once)
         self.paused_at = 0.0  # when the session last paused (the watchdog's acknowledgement-stall rule)
         self.acked_at = 0.0  # when an ack last advanced the window
 
@@ -587,7 +588,7 @@ class Session:
         retained = self._retained
         while retained and retained[0].n <= received:
             self.unacked -= len(retained.popleft().data)
-        if self.paused and self.held <= self._resume_below:
+        if self.paused and not self.reader_behind and self.held <= self._resume_below:
             self._set_paused(False)
 
     @property
@@ -678,7 +679,18 @@ class Session:
             self._set_paused(True)
         self._wakeup()
 
-    def _set_paused(self, paused: bool) -> None:
+    def set_reader_behind(self, behind: bool) -> None:
+        """The watchdog's lead rule: pause the generations while the reader has not taken what the socket already
+        holds for it (beyond the rule's allowance), resume when it has caught up (and the send buffer allows)."""
+        if behind == self.reader_behind:
+            return
+        self.reader_behind = behind
+        if behind and not self.paused:
+            self._set_paused(True, "reader_behind")
+        elif not behind and self.paused and self.held <= self._resume_below:
+            self._set_paused(False)
+
+    def _set_paused(self, paused: bool, reason: str = "send_buffer") -> None:
         self.paused = paused
         by_engine: dict[int, tuple[Any, list[int]]] = {}
         for gen in self.live.values():
@@ -689,7 +701,7 @@ class Session:
         if paused:
             self.paused_at = time.monotonic()
             self.num_pauses += 1
-            self.hooks.paused("send_buffer")
+            self.hooks.paused(reason)
 
     # ------------------------------------------------------------------ outbound
 
@@ -866,7 +878,7 @@ class Session:
         return max(lim.low_watermark, lim.high_watermark // 4) if self.acking else lim.low_watermark
 
     def _after_write(self) -> None:
-        if self.paused and self.held <= self._resume_below:
+        if self.paused and not self.reader_behind and self.held <= self._resume_below:
             self._set_paused(False)
         if self.acking and self.unacked > self.limits.retained_cap:
             self._policy_close(1008, "acknowledgement window exceeded")

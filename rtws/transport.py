@@ -36,7 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
+import struct
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -476,6 +479,24 @@ def buffered(send: Any) -> int:
         return int(transport.get_write_buffer_size()) if transport is not None else 0
     except (AttributeError, RuntimeError, ValueError):
         return 0
+
+
+def unread(send: Any) -> int | None:
+    """Bytes written to the socket that its peer has not taken yet: the transport's buffer plus the kernel's
+    send queue (``SIOCOUTQ``: not yet sent, or sent and not acknowledged). None when there is no socket to ask
+    (a proxy's ``send``, a closed transport)."""
+    transport = transport_of(send)
+    if transport is None:
+        return None
+    try:
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return None
+        queued = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return int(queued) + int(transport.get_write_buffer_size())
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        return None
 
 
 def frame_writer(send: Any, binary: bool) -> Callable[[list[bytes]], Awaitable[None]] | None:

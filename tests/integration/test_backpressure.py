@@ -161,3 +161,62 @@ def test_generations_pause_above_the_high_watermark_and_resume_below_the_low(ser
     assert pauses >= 1
     assert tokens == 4 * 1500  # every generation resumed and ran to its end
     assert max_buffered <= 512 + 4 * 200
+
+
+def test_a_reader_that_falls_behind_pauses_before_any_buffer_fills(server_factory: ServerFactory,
+                                                                   tiny_llama_long_dir: Path) -> None:
+    """The lead rule: a trickle reader whose output all fits in the kernel's send buffer never makes the socket
+    unwritable, so the send-buffer watermark never trips; its generations must still pause once it is
+    ``reader_lead_bytes`` behind, and resume (losing nothing) when it catches up."""
+    lead = 16 * 1024
+    server = server_factory(tiny_llama_long_dir, reader_lead_bytes=lead)  # default watermarks, OS-tuned buffers
+    engine = server.engine()
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.setblocking(False)
+        ws = await connect(server.url, sock=sock, max_queue=1)
+        p.MSGPACK.decode_any(await ws.recv())
+        for i in range(4):
+            await ws.send(p.MSGPACK.encode(p.Generate(id=i, prompt="a", max_tokens=3000, temperature=0.0)))
+        ws.transport.pause_reading()
+        deadline = time.monotonic() + 60 * UNIT
+        session = None
+        while session is None and time.monotonic() < deadline:
+            found = [c.session for c in server.app.connections if len(c.session.live) == 4]
+            session = found[0] if found else None
+            await asyncio.sleep(0.005)
+        assert session is not None
+        while not session.reader_behind and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        out["behind"] = session.reader_behind
+        out["buffered"] = session.buffered  # the send buffer never filled: the socket stayed writable
+        while engine.stats().paused < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        out["paused"] = engine.stats().paused
+        tokens = engine.stats().tokens_generated
+        await asyncio.sleep(1.0 * UNIT)
+        out["tokens_while_paused"] = engine.stats().tokens_generated - tokens
+        ws.transport.resume_reading()
+        done: dict[int, int] = {}
+        counted: dict[int, int] = {}
+        while len(done) < 4:
+            f = p.MSGPACK.decode_any(await asyncio.wait_for(ws.recv(), 60 * UNIT))
+            if isinstance(f, p.Delta):
+                counted[f.id] = counted.get(f.id, 0) + f.tokens
+            elif isinstance(f, p.Done):
+                done[f.id] = f.usage.completion_tokens
+        out["done"], out["counted"] = done, counted
+        out["resumed"] = not session.reader_behind
+        await ws.close()
+        return out
+
+    out = run(main())
+    assert out["behind"] and out["paused"] == 4, out
+    assert out["buffered"] < 256 * 1024  # paused well before the send-buffer watermark
+    assert out["tokens_while_paused"] == 0  # paused generations cost the engine nothing
+    assert out["done"] == {i: 3000 for i in range(4)} and out["counted"] == out["done"]  # nothing lost
+    assert out["resumed"]
