@@ -201,8 +201,8 @@ def test_a_reader_that_falls_behind_pauses_before_any_buffer_fills(server_factor
         await asyncio.sleep(1.0 * UNIT)
         out["tokens_while_paused"] = engine.stats().tokens_generated - tokens
         ws.transport.resume_reading()
-        done: dict[int, int] = {}
-        counted: dict[int, int] = {}
+        done: dict[int | str, int] = {}
+        counted: dict[int | str, int] = {}
         while len(done) < 4:
             f = p.MSGPACK.decode_any(await asyncio.wait_for(ws.recv(), 60 * UNIT))
             if isinstance(f, p.Delta):
