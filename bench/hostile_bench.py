@@ -48,6 +48,11 @@ KEY = "hostile-bench-key"  # the normal streams' client
 ATTACK_KEY = "attacker-key"  # authenticated attackers are another client (keyless ones hold the pre-auth budget)
 ATTACKS = ["ping_flood", "cancel_flood", "trickle", "silent", "slowloris", "preauth", "huge_prompt",
            "bad_numbers", "text_garbage", "body_trickle"]
+# Not in the default mix: the trickle attack as it was before 2026-12-01 20:40 UTC. It read through asyncio's
+# StreamReader, whose transport takes everything the server sends into a 64 to 128 KiB user-space buffer at once,
+# whatever the attacker's own read() calls take; to TCP (and so to the server) it is a fast reader of its whole
+# output (8 x 512 tokens), that is, a heavy client using its per-client share, not a slow reader.
+EXTRA_ATTACKS = ["buffered_trickle"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     p.add_argument("--engine-process", default="auto", choices=("auto", "on", "off"),
                    help="the server's engine in a process of its own (rtws serve's default: auto)")
-    p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset of: " + ", ".join(ATTACKS))
+    p.add_argument("--reader-lead-bytes", type=int, default=None,
+                   help="the server's reader_lead_bytes (default: rtws serve's; 0: the lead rule off)")
+    p.add_argument("--attacks", default=",".join(ATTACKS),
+                   help="comma-separated subset of: " + ", ".join(ATTACKS + EXTRA_ATTACKS))
     p.add_argument("--switch-ab", type=float, default=None, metavar="SECONDS",
                    help="probe: the server alternates sys.setswitchinterval between Python's default and this "
                         "every 0.5 s; engine step p50/p99 are printed per interval (interleaved A/B)")
@@ -104,6 +112,31 @@ def upgrade_request(port: int, key: str | None) -> bytes:
     if key:
         lines.append(f"Authorization: Bearer {key}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def ws_open_raw(port: int, key: str | None, rcvbuf: int = 4096) -> Any:
+    """A WebSocket upgraded on a bare non-blocking socket, read only by explicit ``sock_recv`` calls: unlike a
+    StreamReader's transport, nothing reads ahead, so the kernel's small receive buffer is the only slack and
+    TCP holds the server back to the attacker's own reading rate."""
+    import socket
+
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, upgrade_request(port, key))
+        head = b""
+        while b"\r\n\r\n" not in head:  # the 101 response; what follows it stays in the kernel until read
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
+            if not chunk:
+                raise ConnectionResetError
+            head += chunk
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def ws_open(port: int, key: str | None, rcvbuf: int | None = 4096) -> tuple[Any, Any]:
@@ -150,6 +183,19 @@ async def attacker(kind: str, port: int, end: float, counts: dict[str, int]) -> 
                             break
                     except asyncio.TimeoutError:
                         pass
+            elif kind == "trickle":
+                loop = asyncio.get_running_loop()
+                sock = await ws_open_raw(port, ATTACK_KEY)
+                try:
+                    await loop.sock_sendall(sock, b"".join(
+                        mp_frame({"type": "generate", "id": f"t{i}", "prompt": "a", "max_tokens": 512})
+                        for i in range(8)))
+                    while time.monotonic() < end:  # 1 KiB a second, taken from the kernel: a real trickle
+                        if await loop.sock_recv(sock, 1024) == b"":
+                            break
+                        await asyncio.sleep(1.0)
+                finally:
+                    sock.close()
             else:
                 reader, writer = await ws_open(port, None if kind == "preauth" else ATTACK_KEY)
                 if kind == "ping_flood":
@@ -164,7 +210,7 @@ async def attacker(kind: str, port: int, end: float, counts: dict[str, int]) -> 
                         writer.write(batch)
                         await asyncio.wait_for(writer.drain(), 5.0)
                         await asyncio.sleep(0.01)
-                elif kind == "trickle":
+                elif kind == "buffered_trickle":
                     for i in range(8):
                         writer.write(mp_frame({"type": "generate", "id": f"t{i}", "prompt": "a",
                                                "max_tokens": 512}))
@@ -354,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         cfg["torch_threads"] = args.threads
     cfg["engine_process"] = args.engine_process
+    if args.reader_lead_bytes is not None:
+        cfg["reader_lead_bytes"] = args.reader_lead_bytes
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     if args.switch_ab:
         env = {**(env or {}), "RTWS_BENCH_SWITCH_AB": str(args.switch_ab)}

@@ -8,12 +8,13 @@ Serve deployment, a test).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import mimetypes
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,10 +64,10 @@ class Connection:
     win_start: float = 0.0
     win_bytes: int = 0
     win_blocked: float = 0.0
-    # the reader-lead rule: the last tick's time and bytes taken by the peer, and its reading rate (bytes/s)
-    lead_at: float = 0.0
+    # the reader-lead rule: (time, bytes taken by the peer) at each tick of the last READER_LEAD_S seconds
+    lead_hist: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
     lead_taken: int = 0
-    lead_rate: float = 0.0
+    lead_moved_at: float = 0.0  # when the peer last took bytes (the lead rule's stall clock)
     moved: bool = False  # its session was resumed on another socket: leave the session alone at the end
 
 
@@ -705,35 +706,44 @@ class App:
             except Exception:  # a bug here must not end the watchdog for every connection
                 log.exception("watchdog tick failed", extra={"event": "watchdog_error"})
 
-    def _reader_lead(self, conn: Connection, now: float) -> None:
-        """Pause a socket's generations while its reader lags what the socket already holds for it.
+    def _reader_lead(self, conn: Connection, now: float) -> int | None:
+        """Hold a socket's generations while its reader lags what the socket already holds for it.
 
         A reader that takes little (a trickle, a stalled tab) can leave everything the kernel's autotuned send
         buffer holds unread without ever making the socket unwritable, so the send-buffer watermark never
         trips and its generations decode at full speed for nobody. Here the unread bytes (transport buffer +
         ``SIOCOUTQ``) are held to ``reader_lead_bytes``, or to :data:`READER_LEAD_S` of the reader's own
         rate when that is more (a fast reader far away keeps its bandwidth-delay product in flight).
+
+        Returns the credit in bytes a held session may resume with (its reader is back under half the
+        allowance), else None; the caller decides which held sessions resume this tick.
         """
         s = conn.session
         pending = unread(conn.send)
         if pending is None:
-            return
+            return None
         taken = s.bytes_sent - pending
-        dt = now - conn.lead_at
-        if conn.lead_at and dt > 0:
-            rate = max(0, taken - conn.lead_taken) / dt
-            conn.lead_rate = rate if rate > conn.lead_rate else 0.8 * conn.lead_rate + 0.2 * rate
-        conn.lead_at, conn.lead_taken = now, taken
-        allowed = max(self.config.reader_lead_bytes, conn.lead_rate * READER_LEAD_S)
+        hist = conn.lead_hist
+        if taken > conn.lead_taken or not hist:
+            conn.lead_moved_at = now
+        conn.lead_taken = taken
+        hist.append((now, taken))
+        while len(hist) > 1 and now - hist[1][0] >= READER_LEAD_S:
+            hist.popleft()
+        # What it took over the last second, not over one tick: a burst into the kernel's receive buffer at the
+        # start is not a reading rate.
+        allowed = max(self.config.reader_lead_bytes, taken - hist[0][1])
         if not s.reader_behind and pending > allowed:
             s.set_reader_behind(True)
-        elif s.reader_behind and pending <= allowed / 2:
-            s.set_reader_behind(False)
+        elif s.reader_behind and pending <= allowed // 2:
+            return allowed - pending
+        return None
 
     def _watch_once(self, now: float) -> None:
         cfg = self.config
         self.sessions.expire(now)
         window = cfg.stall_timeout_s
+        lead_ready: list[tuple[float, Session, int]] = []
         for conn in list(self.connections):
             s = conn.session
             if conn.closing:
@@ -752,6 +762,13 @@ class App:
                 self.hooks.rejected("stalled")
                 self._close_soon(conn, 1008, "reader stalled")
                 continue
+            if s.reader_behind and now - max(conn.lead_moved_at, s.behind_since or now) > cfg.stall_timeout_s:
+                # Held by the lead rule and nothing taken since: the reader stalled without a send ever blocking.
+                log.warning("closing stalled reader", extra={"event": "stalled", "session": s.id,
+                                                             "client": s.client, "buffered": s.buffered})
+                self.hooks.rejected("stalled")
+                self._close_soon(conn, 1008, "reader stalled")
+                continue
             if s.ack_stalled(now, cfg.stall_timeout_s):
                 log.warning("closing socket: acknowledgements stalled", extra={
                     "event": "stalled", "session": s.id, "client": s.client, "unacked": s.unacked})
@@ -763,6 +780,9 @@ class App:
                 blocked = s.blocked_s - conn.win_blocked
                 if s.send_started is not None:
                     blocked += now - max(s.send_started, conn.win_start)
+                if s.behind_since is not None:  # held by the lead rule: blocked on the reader too
+                    blocked += now - max(s.behind_since, conn.win_start)
+                blocked = min(blocked, now - conn.win_start)
                 sent = s.bytes_sent - conn.win_bytes
                 conn.win_start, conn.win_bytes, conn.win_blocked = now, s.bytes_sent, s.blocked_s
                 if blocked >= window / 2 and sent < cfg.stall_min_bytes_per_s * window:
@@ -773,15 +793,36 @@ class App:
                     self._close_soon(conn, 1008, "reader too slow")
                     continue
             if cfg.reader_lead_bytes and (s.live or s.reader_behind) and not s.acking:
-                self._reader_lead(conn, now)
+                credit = self._reader_lead(conn, now)
+                if credit is not None:
+                    lead_ready.append((s.behind_since or now, s, credit))
             if not s.authenticated and now - conn.opened > cfg.auth_timeout_s:
                 self._close_soon(conn, 1008, "authentication timeout")
             elif (cfg.idle_timeout_s is not None and s.idle
                   and now - s.last_activity > cfg.idle_timeout_s):
                 self._close_soon(conn, 1000, "idle timeout")
+        if lead_ready:
+            resume_lead_held(lead_ready, READER_LEAD_RESUME_ROWS)
 
 
 READER_LEAD_S = 1.0  # the lead rule allows a reader this many seconds of its own measured rate
+READER_LEAD_RESUME_ROWS = 8  # generations the lead rule resumes per watchdog tick (10 ticks a second)
+
+
+def resume_lead_held(ready: list[tuple[float, Session, int]], max_rows: int) -> list[Session]:
+    """Resume sessions the lead rule holds whose readers caught up: ``(held since, session, credit bytes)``,
+    longest held first, up to ``max_rows`` generations in all (always at least one session). Slow readers that
+    catch up together (they read on the same clock) then re-enter the batch a few at a time instead of all in
+    one step, which would make that step slower for every stream that reads. Returns the sessions resumed."""
+    rows = 0
+    resumed: list[Session] = []
+    for _, s, credit in sorted(ready, key=lambda r: r[0]):
+        if resumed and rows + len(s.live) > max_rows:
+            break
+        rows += len(s.live)
+        s.set_reader_behind(False, credit)
+        resumed.append(s)
+    return resumed
 
 
 @dataclass(frozen=True, slots=True)

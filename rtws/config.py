@@ -118,10 +118,10 @@ class ServerConfig:
         "help": "queued + running generations per client across its sockets and HTTP; default: no cap"})
     max_control_bytes: int = field(default=256 * 1024, metadata={
         "help": "unsent control/error frame bytes per socket; past it the socket is closed 1008"})
-    reader_lead_bytes: int = field(default=32 * 1024, metadata={
+    reader_lead_bytes: int = field(default=8 * 1024, metadata={
         "help": "a socket's generations pause while its reader has not taken this many bytes already written to "
-                "the socket (transport buffer + the kernel's send queue), or one second of its own reading rate "
-                "if that is more; directly served, non-acking sockets (0: off)"})
+                "the socket (transport buffer + the kernel's send queue), or what it took in the last second if "
+                "that is more; directly served, non-acking sockets (0: off)"})
     max_transport_buffer: int = field(default=1 << 20, metadata={
         "help": "bytes a socket's transport may hold unsent (pongs, frames); past it the socket is closed 1008"})
     ping_rate_per_s: float = field(default=10.0, metadata={

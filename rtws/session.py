@@ -246,6 +246,8 @@ class Session:
         self.blocked_s = 0.0  # total time spent inside completed sends
         self.batch = False  # hello {batch: true}: frames ready together leave as one batch message
         self.reader_behind = False  # the watchdog's lead rule holds the generations (App._watch_once)
+        self.behind_since: float | None = None  # when the lead rule last held them; counts as blocked time
+        self.lead_until: int | None = None  # resumed by the lead rule: held again once bytes_sent reaches this
         self.paused_at = 0.0  # when the session last paused (the watchdog's acknowledgement-stall rule)
         self.acked_at = 0.0  # when an ack last advanced the window
 
@@ -679,12 +681,20 @@ class Session:
             self._set_paused(True)
         self._wakeup()
 
-    def set_reader_behind(self, behind: bool) -> None:
+    def set_reader_behind(self, behind: bool, credit: int | None = None) -> None:
         """The watchdog's lead rule: pause the generations while the reader has not taken what the socket already
-        holds for it (beyond the rule's allowance), resume when it has caught up (and the send buffer allows)."""
+        holds for it (beyond the rule's allowance); resume them for ``credit`` more bytes once it has caught up
+        (and the send buffer allows)."""
         if behind == self.reader_behind:
             return
+        self.lead_until = None if behind or credit is None else self.bytes_sent + credit
         self.reader_behind = behind
+        now = time.monotonic()
+        if behind:
+            self.behind_since = now
+        elif self.behind_since is not None:
+            self.blocked_s += now - self.behind_since  # held on the reader, as if inside a send
+            self.behind_since = None
         if behind and not self.paused:
             self._set_paused(True, "reader_behind")
         elif not behind and self.paused and self.held <= self._resume_below:
@@ -878,6 +888,9 @@ class Session:
         return max(lim.low_watermark, lim.high_watermark // 4) if self.acking else lim.low_watermark
 
     def _after_write(self) -> None:
+        if self.lead_until is not None and self.bytes_sent >= self.lead_until:
+            self.lead_until = None  # the credit the reader's progress bought is spent: held until it reads more
+            self.set_reader_behind(True)
         if self.paused and not self.reader_behind and self.held <= self._resume_below:
             self._set_paused(False)
         if self.acking and self.unacked > self.limits.retained_cap:

@@ -220,3 +220,56 @@ def test_a_reader_that_falls_behind_pauses_before_any_buffer_fills(server_factor
     assert out["tokens_while_paused"] == 0  # paused generations cost the engine nothing
     assert out["done"] == {i: 3000 for i in range(4)} and out["counted"] == out["done"]  # nothing lost
     assert out["resumed"]
+
+
+def test_a_reader_held_by_the_lead_rule_that_stops_reading_is_closed_as_stalled(
+        server_factory: ServerFactory, tiny_llama_long_dir: Path) -> None:
+    """No send ever blocks for a reader the lead rule holds (its output fits in the kernel's buffers), so the
+    stall rule must run on the lead rule's own clock: held, and nothing taken for ``stall_timeout_s``, it is
+    closed (1008) and its generations are cancelled, freeing their slots."""
+    server = server_factory(tiny_llama_long_dir, reader_lead_bytes=4096, stall_timeout_s=1.0 * UNIT)
+    engine = server.engine()
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.setblocking(False)
+        ws = await connect(server.url, sock=sock, max_queue=1)
+        p.MSGPACK.decode_any(await ws.recv())
+        for i in range(4):
+            await ws.send(p.MSGPACK.encode(p.Generate(id=i, prompt="a", max_tokens=3000, temperature=0.0)))
+        ws.transport.pause_reading()  # and never read again
+        deadline = time.monotonic() + 60 * UNIT
+        session = None
+        while session is None and time.monotonic() < deadline:
+            found = [c.session for c in server.app.connections if len(c.session.live) == 4]
+            session = found[0] if found else None
+            await asyncio.sleep(0.005)
+        assert session is not None
+        while not session.reader_behind and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        out["behind"] = session.reader_behind
+        out["send_blocked"] = session.send_started is not None
+        t0 = time.monotonic()
+        while any(c.session is session for c in server.app.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        out["closed_after_s"] = time.monotonic() - t0
+        out["open"] = any(c.session is session for c in server.app.connections)
+        while engine.stats().running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        out["running"] = engine.stats().running
+        ws.transport.resume_reading()
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 30 * UNIT)
+        except ConnectionClosed as exc:
+            out["code"] = exc.rcvd.code if exc.rcvd else None
+        return out
+
+    out = run(main())
+    assert out["behind"] and not out["send_blocked"], out  # held by the lead rule, not by a blocked send
+    assert not out["open"] and out["closed_after_s"] < 20 * UNIT, out
+    assert out["running"] == 0, out  # its generations were cancelled
+    assert out["code"] in (1008, None), out  # 1008, or no close frame at all if it had to be forced

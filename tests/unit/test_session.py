@@ -195,3 +195,51 @@ def test_bad_frames_get_error_frames_and_other_generations_keep_streaming() -> N
         assert [d.text for d in deltas(wire, "ok")] == ["fine"] and dones(wire, "ok")[0].reason == "stop"
 
     run_session(body, max_tokens=4096)
+
+
+def test_the_lead_rule_holds_and_resumes_for_a_credit_of_bytes_only() -> None:
+    """set_reader_behind: held generations pause in the engine; resumed with a credit, they are held again once
+    the socket has written that many more bytes, with no watchdog tick needed."""
+    async def body(s: Session, engine: FakeEngine, wire: Wire) -> None:
+        s.on_frame(frame(p.Generate(id="a", prompt="x", max_tokens=1000)))
+        await settle()
+        (ra,) = engine.live
+        s.set_reader_behind(True)
+        assert s.paused and engine.paused == {ra} and s.behind_since is not None
+        blocked = s.blocked_s
+        s.set_reader_behind(False, credit=100)
+        assert not s.paused and engine.paused == set()
+        assert s.blocked_s > blocked, "time held by the lead rule counts as time blocked on the reader"
+        start = s.bytes_sent
+        engine.emit(ra, "a" * 40)
+        await settle()
+        assert not s.reader_behind and s.bytes_sent - start < 100  # within the credit: still streaming
+        engine.emit(ra, "b" * 80)
+        await settle()
+        assert s.bytes_sent - start >= 100
+        assert s.reader_behind and engine.paused == {ra}, "the credit is spent: held until the reader takes more"
+
+    run_session(body)
+
+
+def test_lead_resumes_take_a_few_generations_per_tick_longest_held_first() -> None:
+    from rtws.app import resume_lead_held
+
+    class Held:
+        def __init__(self, live: int) -> None:
+            self.live = dict.fromkeys(range(live))
+            self.credits: list[int] = []
+
+        def set_reader_behind(self, behind: bool, credit: int | None = None) -> None:
+            assert not behind and credit is not None
+            self.credits.append(credit)
+
+    a, b, c = Held(8), Held(8), Held(20)
+    ready: list[Any] = [(3.0, b, 512), (1.0, a, 256), (2.0, c, 128)]
+    def ids(ready: list[Any], max_rows: int) -> list[int]:
+        return [id(x) for x in resume_lead_held(ready, max_rows)]
+
+    assert ids(ready, 8) == [id(a)]  # 8 rows: the longest held only; b and c wait for the next tick
+    assert ids(ready, 16) == [id(a)]  # c (held next longest) would take it past 16: the tick ends
+    assert ids([(2.0, c, 128)], 8) == [id(c)]  # always at least one session, however many rows
+    assert a.credits == [256, 256] and c.credits == [128] and b.credits == []
