@@ -71,6 +71,11 @@ log = logging.getLogger("rtws.session")
 
 _FRAME_OVERHEAD = 48  # approximate encoded bytes of a delta/done frame around its text
 _RECENT_IDS = 1024
+# A plain prompt up to this many characters is tokenized on the event loop: tens of microseconds, less than the
+# hop to the tokenizer thread and back (and the GIL handoffs with it), which a burst of 1,000 short generate
+# frames turns into loop lag. Longer prompts, chat messages and conversations go to the thread, and so does any
+# prompt that arrives while an earlier one of the same session is still there (frames stay in order).
+INLINE_PROMPT_CHARS = 2048
 # Runs a blocking callable off the event loop (tokenizing, chat templates) and resolves on the loop.
 Offload = Callable[[Callable[[], Any]], "asyncio.Future[Any]"]
 
@@ -234,6 +239,7 @@ class Session:
         self._first: collections.deque[bytes] = collections.deque()  # unnumbered (ready), sent before all else
         self._replay: collections.deque[bytes] = collections.deque()
         self._offload = offload
+        self._tokenizing = 0  # prompts of this session in the tokenizer thread (a short one waits behind them)
         self.quota = quota
         self.admission = Admission(models, max_tokens=limits.max_tokens, chars_per_token=limits.chars_per_token,
                                    rate_limiter=rate_limiter, quota=quota)
@@ -449,7 +455,8 @@ class Session:
                 return ids
         else:
             work = encoder(model, admitted.request)
-        if self._offload is None:
+        if self._offload is None or (conv is None and self._tokenizing == 0 and f.messages is None
+                                     and f.prompt is not None and len(f.prompt) <= INLINE_PROMPT_CHARS):
             try:
                 ids = work()
             except ValueError as exc:
@@ -460,11 +467,13 @@ class Session:
                 raise
             self._submit(gen, ids, params, f.priority)
             return
+        self._tokenizing += 1
         fut = self._offload(work)
         fut.add_done_callback(lambda fut: self._encoded(gen, fut, params, f.priority))
 
     def _encoded(self, gen: Generation, fut: Any, params: SamplingParams, priority: str) -> None:
         """The worker thread tokenized ``gen``'s prompt (on the loop): submit it, unless it ended meanwhile."""
+        self._tokenizing -= 1
         if gen.finished or self.closed or self.live.get(gen.id) is not gen:
             return  # cancelled (its done is queued) or the socket is gone
         if fut.cancelled():

@@ -243,3 +243,49 @@ def test_lead_resumes_take_a_few_generations_per_tick_longest_held_first() -> No
     assert ids(ready, 16) == [id(a)]  # c (held next longest) would take it past 16: the tick ends
     assert ids([(2.0, c, 128)], 8) == [id(c)]  # always at least one session, however many rows
     assert a.credits == [256, 256] and c.credits == [128] and b.credits == []
+
+
+def test_short_plain_prompts_skip_the_tokenizer_thread_unless_an_earlier_one_is_there() -> None:
+    """A short plain prompt is tokenized on the loop (no thread hop); a long one, or chat messages, go to the
+    tokenizer thread, and so does a short prompt behind one still there, so the session's frames stay in order."""
+    from tests.helpers.fake_engine import FakeModel, FakeModels
+
+    from rtws.session import INLINE_PROMPT_CHARS, SessionLimits
+
+    class Manual:
+        def __init__(self) -> None:
+            self.jobs: list[tuple[Any, asyncio.Future[Any]]] = []
+
+        def __call__(self, fn: Any) -> asyncio.Future[Any]:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self.jobs.append((fn, fut))
+            return fut
+
+        def finish(self) -> None:
+            for fn, fut in self.jobs:
+                fut.set_result(fn())
+            self.jobs.clear()
+
+    async def main() -> None:
+        engine = FakeEngine()
+        wire = Wire()
+        offload = Manual()
+        s = Session(wire.send, p.MSGPACK, FakeModels(FakeModel(engine, 10 * INLINE_PROMPT_CHARS)), SessionLimits(),
+                    offload=offload)
+        s.start()
+        s.on_frame(frame(p.Generate(id="short", prompt="x" * INLINE_PROMPT_CHARS, max_tokens=5)))
+        assert len(engine.live) == 1 and not offload.jobs  # submitted at once, on the loop
+        s.on_frame(frame(p.Generate(id="chat", messages=[p.Message(role="user", content="hi")], max_tokens=5)))
+        s.on_frame(frame(p.Generate(id="long", prompt="y" * (INLINE_PROMPT_CHARS + 1), max_tokens=5)))
+        s.on_frame(frame(p.Generate(id="after", prompt="z", max_tokens=5)))
+        assert len(engine.live) == 1 and len(offload.jobs) == 3  # behind the chat and long ones: the thread too
+        offload.finish()
+        await settle()
+        prompts = [engine.prompts[r] for r in engine.live]
+        assert [len(x) for x in prompts] == [INLINE_PROMPT_CHARS + 1, len("user: hi\nassistant: "),
+                                             INLINE_PROMPT_CHARS + 2, 2]  # in frame order
+        s.on_frame(frame(p.Generate(id="again", prompt="w", max_tokens=5)))
+        assert len(engine.live) == 5 and not offload.jobs  # the thread is idle again: on the loop
+        s.close()
+
+    asyncio.run(main())
