@@ -31,6 +31,7 @@ from .registry import ModelRegistry
 from .session import Session, SessionLimits
 from .session_store import SessionStore
 from .transport import (
+    PACING_SCOPE_KEY,
     TrackedSend,
     abort_response,
     buffered,
@@ -488,6 +489,7 @@ class App:
                           send_many=send_many,
                           require_ack=bool(self.config.require_ack))  # /ws only: Realtime has no acks
         session.rate_key = rate_key
+        session.set_pacing_clock(scope.get(PACING_SCOPE_KEY))
         if self.config.auth_enabled and token is not None:
             session.key = key_id(token)
         session.draining = self.draining
@@ -641,6 +643,7 @@ class App:
             conn.writer.cancel()
         fresh.close()
         conn.session = held
+        held.set_pacing_clock(fresh.pacing_clock)
         frames, nbytes = held.attach(send_frame, received, on_policy_close=policy_close, on_resume=on_resume,
                                      send_many=send_many)
         conn.writer = asyncio.get_running_loop().create_task(self._run_writer(conn))

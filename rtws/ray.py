@@ -48,6 +48,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouter
 from . import ray_env
 from .app import App
 from .config import FIELD_NAMES, ServerConfig, field_type, parse_value
+from .transport import PACING_SCOPE_KEY
 
 log = logging.getLogger("rtws.ray")
 
@@ -335,6 +336,9 @@ class FramePacing:
         loop = asyncio.get_running_loop()
         interval = self.interval_s
         last = -interval
+        # Seconds this wrapper has held sends, read by the session (PACING_SCOPE_KEY): time spent pacing is not
+        # time blocked on the reader, which the watchdog's slow-reader rule counts.
+        slept = [0.0]
 
         async def paced(message: dict[str, Any]) -> None:
             nonlocal last
@@ -342,10 +346,11 @@ class FramePacing:
                 wait = last + interval - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                    slept[0] += wait
                 last = loop.time()
             await send(message)
 
-        await self.app(scope, receive, paced)
+        await self.app({**scope, PACING_SCOPE_KEY: lambda: slept[0]}, receive, paced)
 
 
 def replica_load(app: App) -> dict[str, Any]:

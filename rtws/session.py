@@ -249,7 +249,9 @@ class Session:
         self._error_at = time.monotonic()
         self.refusing = False  # a policy close is under way: frames are ignored, nothing more is queued
         self.bytes_sent = 0  # written to the socket (for the watchdog's throughput window)
-        self.blocked_s = 0.0  # total time spent inside completed sends
+        self.blocked_s = 0.0  # total time spent inside completed sends (less any pacing: set_pacing_clock)
+        self.pacing_clock: Callable[[], float] | None = None
+        self._paced_seen = 0.0
         self.batch = False  # hello {batch: true}: frames ready together leave as one batch message
         self.reader_behind = False  # the watchdog's lead rule holds the generations (App._watch_once)
         self.behind_since: float | None = None  # when the lead rule last held them; counts as blocked time
@@ -916,10 +918,21 @@ class Session:
         await self._send_many(frames)
         self._written(t0, frames, tokens)
 
+    def set_pacing_clock(self, clock: Callable[[], float] | None) -> None:
+        """``clock()``: seconds a pacing wrapper around this socket's ``send`` has held it (rtws.ray's frame pacing),
+        which is not time blocked on the reader."""
+        self.pacing_clock = clock
+        self._paced_seen = clock() if clock is not None else 0.0
+
     def _written(self, t0: float, frames: Sequence[bytes], tokens: int) -> None:
         """Account one transport write of ``frames`` (each its own message) that started at ``t0``."""
         self.send_started = None
-        self.blocked_s += time.monotonic() - t0
+        blocked = time.monotonic() - t0
+        if self.pacing_clock is not None:
+            paced = self.pacing_clock()
+            blocked -= paced - self._paced_seen
+            self._paced_seen = paced
+        self.blocked_s += max(0.0, blocked)
         self.writes += 1
         self.frames_sent += len(frames)
         for data in frames:

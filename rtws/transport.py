@@ -57,6 +57,10 @@ log = logging.getLogger("rtws.transport")
 _TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
                 b"content-length: 0\r\nconnection: close\r\n\r\n")
 
+# In a WebSocket scope: a callable returning the seconds a pacing wrapper (rtws.ray.FramePacing) has held this
+# socket's sends. The session does not count them as time blocked on the reader (the slow-reader rule).
+PACING_SCOPE_KEY = "rtws.pacing_s"
+
 
 @dataclass(slots=True)
 class GuardSettings:

@@ -147,6 +147,55 @@ def test_router_rules_are_pure() -> None:
     assert load_of(None) == (0, 0, 0)
 
 
+def test_frame_pacing_is_not_counted_as_a_slow_reader(tiny_llama_dir: Path) -> None:
+    """rtws.ray's frame pacing holds each socket's sends (here 50 ms per frame) inside ``send``. That is not the
+    reader being slow: before the pacing clock, a fast reader was closed 1008 "reader too slow" once a
+    ``stall_timeout_s`` window had passed (seen after 30 s in every ray_bench run with pacing). No cluster
+    needed: the app wrapped as rtws.ray wraps it, on a real uvicorn."""
+    from rtws.ray import FramePacing
+    from rtws.server import Server, build_app, stop_thread, uvicorn_config
+
+    cfg = ServerConfig(model=str(tiny_llama_dir), port=0, log_level="WARNING", compile="off",
+                       stall_timeout_s=1.0 * UNIT, stall_min_bytes_per_s=1 << 24)
+    app = build_app(cfg)
+    ucfg = uvicorn_config(app, cfg)
+    ucfg.app = FramePacing(app, 0.05)
+    server = Server(ucfg, app)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert server.ready.wait(120)
+
+    async def main() -> tuple[int, Any]:
+        tokens = 0
+        async with connect(f"ws://127.0.0.1:{server.port}/ws", subprotocols=["rtws.v1.msgpack"],  # type: ignore[list-item]
+                           ) as ws:
+            p.MSGPACK.decode_any(await ws.recv())
+            n = 0
+            await ws.send(p.MSGPACK.encode(p.Generate(id=n, prompt="a", max_tokens=4000, temperature=0.0)))
+            end = time.monotonic() + 3.5 * UNIT  # past three stall windows, reading everything at once
+            try:
+                while time.monotonic() < end:
+                    f = p.MSGPACK.decode_any(await asyncio.wait_for(ws.recv(), 10 * UNIT))
+                    if isinstance(f, p.Delta):
+                        tokens += f.tokens
+                    elif isinstance(f, p.Done):  # the tiny model's context is short: start the next one
+                        if f.reason not in ("length", "stop"):
+                            return tokens, f.reason
+                        n += 1
+                        await ws.send(p.MSGPACK.encode(p.Generate(id=n, prompt="a", max_tokens=4000,
+                                                                  temperature=0.0)))
+            except ConnectionClosed as exc:
+                return tokens, exc.rcvd.code if exc.rcvd else "closed"
+            return tokens, None
+
+    try:
+        tokens, ended = asyncio.run(main())
+    finally:
+        stop_thread(server, thread)
+    assert ended is None, f"the paced socket ended early ({ended}) after {tokens} tokens"
+    assert tokens > 0
+
+
 def test_deployment_options_follow_the_config() -> None:
     from rtws.ray import RayOptions, deployment_options, replica_config, resolve_num_gpus
 
