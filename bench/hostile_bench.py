@@ -9,7 +9,8 @@ One real server (``bench/serve_child.py``, built like ``rtws serve``, with API k
    ``--max-tokens`` back to back for ``--duration`` seconds;
 2. **attack**: the same normal load, plus ``--attackers`` hostile connections (in a separate process) that
    cycle through the attacks of issue 14 and reconnect whenever the server closes them: ping floods that never
-   read, ``cancel`` floods that never read, trickle readers, silent and slowloris TCP connections, keyless
+   read, ``cancel`` floods that never read, trickle readers (1 KiB/s taken from the kernel, 4 KiB receive buffer),
+   silent and slowloris TCP connections, keyless
    sockets holding the pre-auth budget, 512 KiB prompts, ``top_k`` 2**63 / NaN numbers, text garbage frames,
    trickled HTTP bodies;
 3. **burst**: 1,000 ``generate`` frames sent at once over 40 sockets (short generations), for the server's
