@@ -10,6 +10,7 @@ exception) and runs the engine loop on its main thread until the command pipe cl
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import pickle
@@ -64,6 +65,8 @@ def main(rfd: int, wfd: int) -> None:
             "num_blocks", "block_size", "kv_cache_bytes", "compile_choice", "compile_reason")},
     }))
     code = 0
+    gc.collect()
+    gc.freeze()  # the model, torch and transformers live as long as this process: keep them out of full collections
     try:
         engine._run()
     except BaseException:  # logged by the loop ("engine loop crashed"); the server fails the live generations

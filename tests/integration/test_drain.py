@@ -23,6 +23,16 @@ from websockets.exceptions import InvalidStatus
 from rtws.client import Client
 
 
+def _collect(stream: Any, events: list[dict[str, Any]]) -> None:
+    for line in stream:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            events.append(rec)
+
+
 def start_serve(model: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "rtws", "serve", "--model", str(model), "--port", "0", *args],
@@ -40,8 +50,10 @@ def start_serve(model: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
         if rec.get("event") == "engine_process_ready":
             proc.engine_pid = int(rec["pid"])  # type: ignore[attr-defined]
         if rec.get("event") == "listening":
-            # keep reading so a chatty server never blocks on a full pipe
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+            # keep reading so a chatty server never blocks on a full pipe; keep the events for the tests
+            events: list[dict[str, Any]] = []
+            proc.events = events  # type: ignore[attr-defined]
+            threading.Thread(target=_collect, args=(proc.stderr, events), daemon=True).start()
             return proc, int(rec["port"])
     proc.kill()
     raise AssertionError("server did not start")
@@ -106,3 +118,28 @@ def test_drain_finishes_short_cancels_long_closes_1001_exits_0(tiny_llama_long_d
         while Path(f"/proc/{engine_pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not Path(f"/proc/{engine_pid}").exists()
+
+
+def test_rtws_serve_freezes_its_startup_heap_and_a_server_in_a_thread_does_not(
+        tiny_llama_dir: Path, server_factory: Any) -> None:
+    """``rtws serve`` owns its process: once listening it moves the startup heap out of the collector's sight
+    (gc.freeze), so a full collection during serving does not walk every module and tokenizer object. A server
+    started in a thread of another process (tests, notebooks) leaves that process's heap alone."""
+    import gc
+
+    before = gc.get_freeze_count()
+    server_factory(tiny_llama_dir)
+    assert gc.get_freeze_count() == before
+    proc, _ = start_serve(tiny_llama_dir, "--engine-process", "off")
+    try:
+        deadline = time.monotonic() + 30 * UNIT
+        frozen = None
+        while frozen is None and time.monotonic() < deadline:
+            frozen = next((e for e in list(proc.events) if e.get("event") == "gc_freeze"), None)  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        assert frozen is not None and frozen["objects"] > 10_000, frozen
+    finally:
+        proc.kill()
+        proc.wait(30)
+        assert proc.stderr is not None
+        proc.stderr.close()
