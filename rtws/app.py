@@ -759,14 +759,11 @@ class App:
                 s.close()
                 force_close(conn.send, 1008, "send buffer full", abort_after=0.0)
                 continue
-            if s.send_started is not None and now - s.send_started > cfg.stall_timeout_s:
-                log.warning("closing stalled reader", extra={"event": "stalled", "session": s.id,
-                                                             "client": s.client, "buffered": s.buffered})
-                self.hooks.rejected("stalled")
-                self._close_soon(conn, 1008, "reader stalled")
-                continue
-            if s.reader_behind and now - max(conn.lead_moved_at, s.behind_since or now) > cfg.stall_timeout_s:
-                # Held by the lead rule and nothing taken since: the reader stalled without a send ever blocking.
+            # One send blocked that long, or held by the lead rule with nothing taken since (a reader that stalled
+            # without a send ever blocking).
+            if ((s.send_started is not None and now - s.send_started > cfg.stall_timeout_s)
+                    or (s.reader_behind
+                        and now - max(conn.lead_moved_at, s.behind_since or now) > cfg.stall_timeout_s)):
                 log.warning("closing stalled reader", extra={"event": "stalled", "session": s.id,
                                                              "client": s.client, "buffered": s.buffered})
                 self.hooks.rejected("stalled")

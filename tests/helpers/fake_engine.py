@@ -138,3 +138,23 @@ def frame(obj: Any) -> bytes:
 async def settle(n: int = 20) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
+
+
+class ManualOffload:
+    """An offload whose results the test delivers by hand (``finish``), on the loop, like the tokenizer thread's."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, asyncio.Future[Any]]] = []
+
+    def __call__(self, fn: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.jobs.append((fn, fut))
+        return fut
+
+    def finish(self) -> None:
+        for fn, fut in self.jobs:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # noqa: BLE001
+                fut.set_exception(exc)
+        self.jobs.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,3 +51,14 @@ class RunningServer:
 
 
 ServerFactory = Callable[..., RunningServer]
+
+
+async def session_with_live(server: RunningServer, n: int, deadline: float) -> Any:
+    """The server's session (on its own loop's objects) that has ``n`` live generations, polled until ``deadline``
+    (``time.monotonic()``); fails the test if none appears."""
+    while time.monotonic() < deadline:
+        found = [c.session for c in server.app.connections if len(c.session.live) == n]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no session with {n} live generations")

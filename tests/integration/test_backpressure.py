@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.server import UNIT, ServerFactory, run
+from tests.helpers.server import UNIT, RunningServer, ServerFactory, run, session_with_live
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -163,6 +163,24 @@ def test_generations_pause_above_the_high_watermark_and_resume_below_the_low(ser
     assert max_buffered <= 512 + 4 * 200
 
 
+async def held_reader(server: RunningServer, deadline: float) -> tuple[Any, Any]:
+    """A socket with a 4 KiB receive buffer runs 4 long generations and stops reading, so everything it is sent
+    fits in the kernel's buffers; returns it with its server-side session once the lead rule holds it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    ws = await connect(server.url, sock=sock, max_queue=1)
+    p.MSGPACK.decode_any(await ws.recv())
+    for i in range(4):
+        await ws.send(p.MSGPACK.encode(p.Generate(id=i, prompt="a", max_tokens=3000, temperature=0.0)))
+    ws.transport.pause_reading()
+    session = await session_with_live(server, 4, deadline)
+    while not session.reader_behind and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return ws, session
+
+
 def test_a_reader_that_falls_behind_pauses_before_any_buffer_fills(server_factory: ServerFactory,
                                                                    tiny_llama_long_dir: Path) -> None:
     """The lead rule: a trickle reader whose output all fits in the kernel's send buffer never makes the socket
@@ -174,24 +192,8 @@ def test_a_reader_that_falls_behind_pauses_before_any_buffer_fills(server_factor
 
     async def main() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        sock.setblocking(False)
-        ws = await connect(server.url, sock=sock, max_queue=1)
-        p.MSGPACK.decode_any(await ws.recv())
-        for i in range(4):
-            await ws.send(p.MSGPACK.encode(p.Generate(id=i, prompt="a", max_tokens=3000, temperature=0.0)))
-        ws.transport.pause_reading()
         deadline = time.monotonic() + 60 * UNIT
-        session = None
-        while session is None and time.monotonic() < deadline:
-            found = [c.session for c in server.app.connections if len(c.session.live) == 4]
-            session = found[0] if found else None
-            await asyncio.sleep(0.005)
-        assert session is not None
-        while not session.reader_behind and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        ws, session = await held_reader(server, deadline)
         out["behind"] = session.reader_behind
         out["buffered"] = session.buffered  # the send buffer never filled: the socket stayed writable
         while engine.stats().paused < 4 and time.monotonic() < deadline:
@@ -232,24 +234,8 @@ def test_a_reader_held_by_the_lead_rule_that_stops_reading_is_closed_as_stalled(
 
     async def main() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        sock.setblocking(False)
-        ws = await connect(server.url, sock=sock, max_queue=1)
-        p.MSGPACK.decode_any(await ws.recv())
-        for i in range(4):
-            await ws.send(p.MSGPACK.encode(p.Generate(id=i, prompt="a", max_tokens=3000, temperature=0.0)))
-        ws.transport.pause_reading()  # and never read again
         deadline = time.monotonic() + 60 * UNIT
-        session = None
-        while session is None and time.monotonic() < deadline:
-            found = [c.session for c in server.app.connections if len(c.session.live) == 4]
-            session = found[0] if found else None
-            await asyncio.sleep(0.005)
-        assert session is not None
-        while not session.reader_behind and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        ws, session = await held_reader(server, deadline)
         out["behind"] = session.reader_behind
         out["send_blocked"] = session.send_started is not None
         t0 = time.monotonic()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from tests.helpers.server import UNIT, ServerFactory, run
+from tests.helpers.server import UNIT, ServerFactory, run, session_with_live
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -47,12 +47,7 @@ def test_a_reader_that_never_acks_pauses_at_the_window_and_is_closed_1008(server
             await ws.send(p.MSGPACK.encode(p.Generate(id=i, prompt="a", max_tokens=4000, temperature=0.0)))
         # Never read, never ack.
         deadline = time.monotonic() + 60 * UNIT
-        session = None
-        while session is None and time.monotonic() < deadline:
-            found = [c.session for c in server.app.connections if len(c.session.live) == 4]
-            session = found[0] if found else None
-            await asyncio.sleep(0.005)
-        assert session is not None
+        session = await session_with_live(server, 4, deadline)
         while engine.stats().paused < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         out["paused"] = engine.stats().paused

@@ -11,7 +11,7 @@ import asyncio
 import json
 from typing import Any, get_args
 
-from tests.helpers.fake_engine import FakeEngine, FakeModel, FakeModels, settle
+from tests.helpers.fake_engine import FakeEngine, FakeModel, FakeModels, ManualOffload, settle
 
 from rtws import protocol as p
 from rtws.realtime import RealtimeConnection, SessionConfig
@@ -242,26 +242,6 @@ def test_random_events_never_raise_and_every_event_parses() -> None:
         asyncio.run(main())
 
     check()
-
-
-class ManualOffload:
-    """An offload whose results the test delivers by hand (``finish``), on the loop, like the tokenizer thread's."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Any, asyncio.Future[Any]]] = []
-
-    def __call__(self, fn: Any) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.jobs.append((fn, fut))
-        return fut
-
-    def finish(self) -> None:
-        for fn, fut in self.jobs:
-            try:
-                fut.set_result(fn())
-            except Exception as exc:  # noqa: BLE001
-                fut.set_exception(exc)
-        self.jobs.clear()
 
 
 def make_fitting(context_len: int) -> tuple[RealtimeConnection, Session, FakeEngine, FakeModel, Lines, ManualOffload]:

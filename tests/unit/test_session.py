@@ -11,11 +11,20 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tests.helpers.fake_engine import FakeEngine, Wire, frame, make_session, settle
+from tests.helpers.fake_engine import (
+    FakeEngine,
+    FakeModel,
+    FakeModels,
+    ManualOffload,
+    Wire,
+    frame,
+    make_session,
+    settle,
+)
 
 from rtws import protocol as p
 from rtws.generation import TokenEvent
-from rtws.session import Session
+from rtws.session import INLINE_PROMPT_CHARS, Session, SessionLimits
 
 
 def deltas(wire: Wire, gid: Any) -> list[p.Delta]:
@@ -248,28 +257,10 @@ def test_lead_resumes_take_a_few_generations_per_tick_longest_held_first() -> No
 def test_short_plain_prompts_skip_the_tokenizer_thread_unless_an_earlier_one_is_there() -> None:
     """A short plain prompt is tokenized on the loop (no thread hop); a long one, or chat messages, go to the
     tokenizer thread, and so does a short prompt behind one still there, so the session's frames stay in order."""
-    from tests.helpers.fake_engine import FakeModel, FakeModels
-
-    from rtws.session import INLINE_PROMPT_CHARS, SessionLimits
-
-    class Manual:
-        def __init__(self) -> None:
-            self.jobs: list[tuple[Any, asyncio.Future[Any]]] = []
-
-        def __call__(self, fn: Any) -> asyncio.Future[Any]:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self.jobs.append((fn, fut))
-            return fut
-
-        def finish(self) -> None:
-            for fn, fut in self.jobs:
-                fut.set_result(fn())
-            self.jobs.clear()
-
     async def main() -> None:
         engine = FakeEngine()
         wire = Wire()
-        offload = Manual()
+        offload = ManualOffload()
         s = Session(wire.send, p.MSGPACK, FakeModels(FakeModel(engine, 10 * INLINE_PROMPT_CHARS)), SessionLimits(),
                     offload=offload)
         s.start()
