@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,11 @@ class RayOptions:
     # Per-socket frame pacing (0: off): a socket's writer sends at most one frame per this many ms, so tokens
     # coalesce into fewer frames through the proxy (bench/ray_bench.py measures the trade: tok/s against ITL).
     frame_interval_ms: float = 0.0
+    # What carries client traffic to the replicas (docs/scale-out.md, "Ingress"): "proxy" (Serve's Python proxy,
+    # with rtws's router: affinity and least-loaded placement), "haproxy" (Serve's HAProxy ingress: each replica
+    # serves its own sockets), or "auto" (HAProxy for a local cluster with one fixed replica, else proxy).
+    # The cluster's environment decides (rtws.ray_env.cluster_env, set before Ray starts); "auto" follows it.
+    ingress: str = "auto"
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -91,12 +97,14 @@ class RayOptions:
             raise ValueError("num_cpus/num_gpus: must be >= 0")
         if self.frame_interval_ms < 0:
             raise ValueError("frame_interval_ms: must be >= 0")
+        if self.ingress not in ray_env.INGRESSES:
+            raise ValueError(f"ingress: one of {', '.join(ray_env.INGRESSES)} (got {self.ingress!r})")
         if self.max_queued_requests < 1 or self.routing_stats_period_s <= 0:
             raise ValueError("max_queued_requests and routing_stats_period_s must be positive")
 
     @property
     def autoscaling(self) -> bool:
-        return self.min_replicas is not None or (self.max_replicas is not None and self.max_replicas > self.replicas)
+        return ray_env.autoscaling(self.replicas, self.min_replicas, self.max_replicas)
 
 
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RayOptions))
@@ -110,7 +118,7 @@ def is_loopback(host: str) -> bool:
 
 
 def start_local_cluster(*, num_cpus: int | None = None, num_gpus: int | None = None, loopback: bool = True,
-                        env: Mapping[str, str] | None = None) -> None:
+                        env: Mapping[str, str] | None = None, ingress: str = "proxy") -> None:
     """Start a single-node Ray on this machine (listening on 127.0.0.1 only when ``loopback``).
 
     Ray's processes inherit this process's environment, and Ray reads the
@@ -118,8 +126,10 @@ def start_local_cluster(*, num_cpus: int | None = None, num_gpus: int | None = N
     the first ``import ray`` (``rtws serve-ray`` does). Raises ``RuntimeError``,
     with the cluster stopped again, if Ray did not come up on 127.0.0.1.
     ``env`` adds variables (e.g. ``PYTHONPATH``) for the replicas' workers.
+    ``ingress="haproxy"``: Serve's HAProxy ingress (its flags too must be set
+    before ``import ray``: ``rtws.ray_env.apply(loopback, ingress="haproxy")``).
     """
-    ray_env.apply(loopback)
+    ray_env.apply(loopback, ingress=ingress)
     runtime_env = {"env_vars": dict(env)} if env else None
     kwargs: dict[str, Any] = dict(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                                   log_to_driver=False, runtime_env=runtime_env)
@@ -169,12 +179,15 @@ def deployment_options(config: ServerConfig, options: RayOptions, num_gpus: floa
         max_queued_requests=options.max_queued_requests,
         graceful_shutdown_timeout_s=config.drain_timeout_s + options.graceful_shutdown_margin_s,
         graceful_shutdown_wait_loop_s=0.5,
-        request_router_config=RequestRouterConfig(
+    )
+    if not ray_env.haproxy_ingress():
+        # Behind HAProxy the connection never passes a Serve router (HAProxy balances by least connections),
+        # and Serve refuses a custom one there.
+        opts["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
             request_routing_stats_period_s=options.routing_stats_period_s,
             request_routing_stats_timeout_s=max(options.routing_stats_period_s, 5.0),
-        ),
-    )
+        )
     if options.autoscaling:
         target = options.target_live_generations or max(1.0, 0.75 * config.num_slots)
         opts["autoscaling_config"] = AutoscalingConfig(
@@ -211,10 +224,25 @@ def autoscale_on_live_generations(ctx: Any) -> tuple[float, dict[str, Any]]:
 def build_application(config: ServerConfig, options: RayOptions | None = None) -> Any:
     """The Serve application (``serve.run(build_application(cfg))``): one ``RtwsReplica`` deployment."""
     options = options or RayOptions()
+    check_ingress(options)
     num_gpus = resolve_num_gpus(config, options)
     ingress = serve.ingress()(RtwsReplica)
     deployment = serve.deployment(ingress, **deployment_options(config, options, num_gpus))
     return deployment.bind(_config_dict(replica_config(config, num_gpus)), options.frame_interval_ms)
+
+
+def check_ingress(options: RayOptions) -> str:
+    """The ingress this process's cluster environment runs; ``ValueError`` if ``options.ingress`` asks for the other.
+
+    Serve reads its ingress flags when Ray is imported and when the cluster starts, so a deployment cannot
+    choose it: ``rtws serve-ray`` sets them before importing Ray (``rtws.ray_env.apply(..., ingress=...)``); for
+    ``ray start`` / ``serve run`` they go in the nodes' environment (docs/scale-out.md).
+    """
+    running = "haproxy" if ray_env.haproxy_ingress() else "proxy"
+    if options.ingress not in ("auto", running):
+        raise ValueError(f"ingress {options.ingress!r} asked for, but this cluster's environment runs {running!r} "
+                         f"({ray_env.DIRECT_INGRESS_ENV} and {ray_env.HAPROXY_ENV} must be set before Ray starts)")
+    return running
 
 
 def app(args: dict[str, str]) -> Any:
@@ -401,7 +429,9 @@ def install_drain_hook() -> None:
     Serve has no public pre-shutdown hook. A replica's graceful shutdown
     (``Replica._perform_graceful_shutdown``) first waits in
     ``Replica._drain_ongoing_requests`` until no request is ongoing, and only
-    then runs the user's ``__del__`` and the ASGI lifespan shutdown. A WebSocket
+    then runs the user's ``__del__`` and the ASGI lifespan shutdown (behind Serve's
+    HAProxy ingress, ``Replica._drain_behind_haproxy`` first holds the listener
+    open for a deregistration window, then calls it; both are wrapped). A WebSocket
     is an ongoing request for its whole life, so without this hook the wait
     lasts until Serve kills the replica (sockets end 1006, generations get no
     ``done``). The wrapper runs the drain first; the original wait then returns
@@ -415,6 +445,7 @@ def install_drain_hook() -> None:
     cls = getattr(replica_module, "Replica", None)
     original = getattr(cls, "_drain_ongoing_requests", None)
     shutdown = getattr(cls, "_perform_graceful_shutdown", None)
+    behind_haproxy = getattr(cls, "_drain_behind_haproxy", None)
     if getattr(original, "__rtws_drain_hook__", False):
         return
     problem = None
@@ -424,12 +455,13 @@ def install_drain_hook() -> None:
         problem = "Replica._drain_ongoing_requests is no longer a coroutine function"
     elif "_drain_ongoing_requests" not in inspect.getsource(shutdown):
         problem = "Replica._perform_graceful_shutdown no longer calls _drain_ongoing_requests"
+    elif behind_haproxy is not None and not inspect.iscoroutinefunction(behind_haproxy):
+        problem = "Replica._drain_behind_haproxy is no longer a coroutine function"
     if problem is not None:
         raise RuntimeError(f"Ray Serve {ray.__version__}: {problem}; rtws cannot drain replicas on scale-down "
                            "(update rtws.ray.install_drain_hook)")
 
-    @functools.wraps(original)  # type: ignore[arg-type]
-    async def drain_then_wait(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def rtws_drain() -> None:
         try:
             servable = serve.get_replica_context().servable_object
         except Exception:  # not initialised yet: nothing of ours to drain
@@ -440,10 +472,21 @@ def install_drain_hook() -> None:
                 await hook()
             except Exception:
                 log.exception("rtws drain failed", extra={"event": "drain_error"})
-        return await original(self, *args, **kwargs)  # type: ignore[misc]
 
-    drain_then_wait.__rtws_drain_hook__ = True  # type: ignore[attr-defined]
-    setattr(cls, "_drain_ongoing_requests", drain_then_wait)
+    def drain_first(wait: Any) -> Any:
+        @functools.wraps(wait)
+        async def drain_then_wait(self: Any, *args: Any, **kwargs: Any) -> Any:
+            await rtws_drain()  # idempotent: the HAProxy drain calls the plain one after its hold
+            return await wait(self, *args, **kwargs)
+
+        drain_then_wait.__rtws_drain_hook__ = True  # type: ignore[attr-defined]
+        return drain_then_wait
+
+    setattr(cls, "_drain_ongoing_requests", drain_first(original))
+    # Behind HAProxy (Serve's HAProxy ingress) the shutdown first holds the listener open for the deregistration
+    # window (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S) and only then waits: drain before the hold too.
+    if behind_haproxy is not None:
+        setattr(cls, "_drain_behind_haproxy", drain_first(behind_haproxy))
 
 
 def bind_replica_grpc_to_loopback() -> None:
@@ -492,28 +535,33 @@ def serve_ray(config: ServerConfig, options: RayOptions, address: str | None = N
 
     setup_logging(config.log_level)
     started_ray = False
+    ingress = check_ingress(options)  # rtws.ray_cli set the ingress flags before importing Ray
     if address is None:
-        start_local_cluster(loopback=is_loopback(config.host))
+        start_local_cluster(loopback=is_loopback(config.host), ingress=ingress)
         started_ray = True
     else:
         os.environ.setdefault(ray_env.SESSION_HEADER_ENV, ray_env.SESSION_HEADER)
         ray.init(address=address, log_to_driver=False)
     stop = stop or threading.Event()
+    # The handlers only set a flag: Event.set() from a handler deadlocks when the signal lands while the main
+    # thread holds the Event's lock inside wait() (it did: SIGTERM left `rtws serve-ray` hung).
+    signalled: list[int] = []
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     if threading.current_thread() is threading.main_thread():
         for sig in previous:
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, lambda signum, _frame: signalled.append(signum))
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_application(config, options), name=options.name, route_prefix="/")
         log.info("listening", extra={"event": "listening", "host": config.host, "port": config.port,
-                                     "replicas": options.replicas})
+                                     "replicas": options.replicas, "ingress": ingress})
         print(f"rtws on Ray Serve: http://{config.host}:{config.port} ({options.replicas} replica"
-              f"{'s' if options.replicas != 1 else ''})", flush=True)
+              f"{'s' if options.replicas != 1 else ''}, {'HAProxy' if ingress == 'haproxy' else 'Serve proxy'} "
+              "ingress)", flush=True)
         if on_ready is not None:
             on_ready()
-        while not stop.wait(0.5):  # short waits: signal handlers run between them
-            pass
+        while not (signalled or stop.is_set()):  # is_set() takes no lock
+            time.sleep(0.2)
         log.info("draining", extra={"event": "drain_start"})
         serve.delete(options.name)  # graceful: every replica drains (install_drain_hook)
         serve.shutdown()

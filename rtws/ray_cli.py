@@ -22,6 +22,11 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     for name, (tp, help_text) in RAY_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), dest="ray_" + name, type=tp, default=argparse.SUPPRESS,
                        metavar=name.upper(), help=help_text)
+    g.add_argument("--ingress", dest="ray_ingress", choices=("auto", "proxy", "haproxy"), default="auto",
+                   help="what carries traffic to the replicas: Serve's proxy (rtws's router: affinity, least-loaded "
+                        "placement), Serve's HAProxy ingress (each replica serves its own sockets; about the cost of "
+                        "serving directly), or auto: HAProxy for one fixed replica on a local cluster, else proxy "
+                        "(docs/scale-out.md)")
     g.add_argument("--ray-address", dest="ray_address", default=None,
                    help="join this Ray cluster ('auto' or host:port); default: start a local one")
 
@@ -35,15 +40,26 @@ def main(args: argparse.Namespace, explicit: dict[str, Any]) -> int:
         from . import ray_env
 
         loopback = config.host.startswith("127.") or config.host in ("localhost", "::1")
-        ray_env.apply(loopback=loopback and args.ray_address is None)  # before the first `import ray`
+        shape = {k: getattr(args, "ray_" + k) for k in RAY_FLAGS if hasattr(args, "ray_" + k)}
+        replicas = shape.get("replicas", 1)
+        local = args.ray_address is None
+        ingress = ray_env.resolve_ingress(
+            args.ray_ingress, replicas=replicas, local=local,
+            autoscales=ray_env.autoscaling(replicas, shape.get("min_replicas"), shape.get("max_replicas")))
+        # Before the first `import ray`: Ray reads the loopback switch, and Serve its ingress flags, at import.
+        # On a cluster rtws did not start, the nodes' environment decides the ingress (checked at deploy).
+        ray_env.apply(loopback=loopback and local, ingress=ingress if local else "proxy")
         from .ray import RayOptions
 
-        options = RayOptions(**{k: getattr(args, "ray_" + k) for k in RAY_FLAGS if hasattr(args, "ray_" + k)})
+        options = RayOptions(**shape, ingress=ingress if local else args.ray_ingress)
     except ImportError as exc:
         print(f"rtws serve-ray: Ray Serve is not installed ({exc}); pip install 'rtws[ray]'", file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"rtws serve-ray: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # the HAProxy ingress without an HAProxy binary
+        print(f"rtws serve-ray: {exc}", file=sys.stderr)
         return 2
     from .ray import serve_ray
 

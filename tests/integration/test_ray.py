@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
 from rtws import ray_env
@@ -29,7 +28,23 @@ ray_env.apply(loopback=True)  # before the first `import ray` in this process (R
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from tests.helpers.http import parse_sse, post  # noqa: E402
+from tests.helpers.ray import (  # noqa: E402
+    LOOPBACK,
+    check_cancel,
+    check_drained,
+    check_infer_sse,
+    check_openai_client,
+    check_slow_reader_pauses_at_the_window,
+    decode,
+    drain_run,
+    listeners,
+    paused_and_quiet,
+    process_tree,
+    resume_after_a_drop,
+    scrape,
+    send,
+    session,
+)
 from tests.helpers.server import UNIT  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
@@ -97,21 +112,6 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def _session(url: str, subprotocols: list[str] | None = None) -> tuple[Any, p.Ready]:
-    """A raw WebSocket (msgpack) and its ready frame."""
-    ws = await connect(url, subprotocols=subprotocols or [p.SUBPROTOCOL_MSGPACK], compression=None,  # type: ignore[arg-type]
-                       max_size=2**24, open_timeout=30 * UNIT)
-    frame = p.codec_for(p.SUBPROTOCOL_MSGPACK).decode_any(await asyncio.wait_for(ws.recv(), 30 * UNIT))
-    assert isinstance(frame, p.Ready), frame
-    return ws, frame
-
-
-def _send(ws: Any, frame: Any) -> Any:
-    return ws.send(p.codec_for(p.SUBPROTOCOL_MSGPACK).encode(frame))
-
-
-def _decode(data: Any) -> Any:
-    return p.codec_for(p.SUBPROTOCOL_MSGPACK).decode_any(data)
 
 
 # ---------------------------------------------------------------------- no cluster needed
@@ -131,8 +131,16 @@ def test_drain_hook_matches_installed_ray() -> None:
     assert inspect.iscoroutinefunction(fn)
     params = list(inspect.signature(fn.__wrapped__).parameters)
     assert params[:2] == ["self", "min_draining_period_s"], params
+    # Behind Serve's HAProxy ingress the shutdown drains through _drain_behind_haproxy (a hold, then the plain
+    # wait): wrapped as well, so rtws drains before the hold.
+    behind = replica_module.Replica._drain_behind_haproxy
+    assert getattr(behind, "__rtws_drain_hook__", False)
+    assert list(inspect.signature(behind.__wrapped__).parameters)[:2] == ["self", "min_draining_period_s"]
+    assert "_drain_ongoing_requests" in inspect.getsource(behind.__wrapped__)
+    assert "_drain_behind_haproxy" in inspect.getsource(replica_module.Replica._perform_graceful_shutdown)
     install_drain_hook()  # idempotent: no double wrapping
     assert replica_module.Replica._drain_ongoing_requests is fn
+    assert replica_module.Replica._drain_behind_haproxy is behind
 
 
 def test_router_rules_are_pure() -> None:
@@ -260,65 +268,14 @@ def test_serve_run_builder_and_cli_flags() -> None:
 # ---------------------------------------------------------------------- on the cluster
 
 
-def _ray_pids() -> set[int]:
-    """This process and every descendant (Ray's GCS, raylet, agents, workers)."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found = {os.getpid()}
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parent.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                grew = True
-    return found
-
-
-def _listeners(pids: set[int]) -> list[tuple[int, str, int]]:
-    """(pid, address, port) of every listening TCP socket the processes hold (from /proc, no psutil)."""
-    inode_pid: dict[str, int] = {}
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("socket:["):
-                        inode_pid[target[8:-1]] = pid
-        except OSError:
-            pass
-    out = []
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                cols = line.split()
-                local, state, inode = cols[1], cols[3], cols[9]
-                if state != "0A" or inode not in inode_pid:  # 0A: LISTEN
-                    continue
-                hex_addr, hex_port = local.split(":")
-                raw = bytes.fromhex(hex_addr)
-                if v6:
-                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                    addr = socket.inet_ntop(socket.AF_INET6, words)
-                else:
-                    addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
-                out.append((inode_pid[inode], addr, int(hex_port, 16)))
-    return out
 
 
 def test_ray_listens_on_loopback_only(cluster: Cluster) -> None:
-    listeners = _listeners(_ray_pids())
-    ports = {port for _, _, port in listeners}
+    found = listeners(process_tree())
+    ports = {port for _, _, port in found}
     assert cluster.port in ports  # Serve's proxy is among them: the scan sees Ray's processes
-    assert len(listeners) >= 6, listeners  # GCS, raylet, agents, controller, replicas, this driver
-    loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
-    public = [entry for entry in listeners if entry[1] not in loopback]
+    assert len(found) >= 6, found  # GCS, raylet, agents, controller, replicas, this driver
+    public = [entry for entry in found if entry[1] not in LOOPBACK]
     assert not public, f"listening beyond loopback: {public}"
     assert ray.util.get_node_ip_address() == "127.0.0.1"
 
@@ -342,31 +299,7 @@ def test_sessions_multiplex_across_both_replicas(cluster: Cluster) -> None:
 
 
 def test_cancel_through_the_proxy(cluster: Cluster) -> None:
-    async def main() -> None:
-        ws, _ = await _session(cluster.ws)
-        try:
-            await _send(ws, p.Generate(id="c", prompt="ROMEO:", max_tokens=3000))
-            deltas = 0
-            while deltas < 3:
-                f = _decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
-                if isinstance(f, p.Delta):
-                    deltas += 1
-            await _send(ws, p.Cancel(id="c"))
-            while True:
-                f = _decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
-                if isinstance(f, p.Done):
-                    assert f.reason == "cancelled" and f.usage.completion_tokens < 3000
-                    break
-                assert isinstance(f, p.Delta) and f.id == "c"
-            # Nothing with that id after its done (the proxy must not reorder or replay).
-            with contextlib.suppress(asyncio.TimeoutError):
-                while True:
-                    f = _decode(await asyncio.wait_for(ws.recv(), 0.5 * UNIT))
-                    assert getattr(f, "id", None) != "c", f
-        finally:
-            await ws.close()
-
-    run(main())
+    check_cancel(cluster)
 
 
 def test_affinity_by_subprotocol(cluster: Cluster) -> None:
@@ -379,12 +312,12 @@ def test_affinity_by_subprotocol(cluster: Cluster) -> None:
     async def main() -> None:
         for rid in sorted(ids):
             for _ in range(6):
-                ws, ready = await _session(cluster.ws, [p.SUBPROTOCOL_MSGPACK, f"rtws.replica.{rid}"])
+                ws, ready = await session(cluster.ws, [p.SUBPROTOCOL_MSGPACK, f"rtws.replica.{rid}"])
                 assert ready.replica == rid
                 assert ws.subprotocol == p.SUBPROTOCOL_MSGPACK  # the affinity entry is never chosen
                 await ws.close()
         # A replica that no longer exists: routed as a new session, still served.
-        ws, ready = await _session(cluster.ws, [p.SUBPROTOCOL_MSGPACK, "rtws.replica.gone"])
+        ws, ready = await session(cluster.ws, [p.SUBPROTOCOL_MSGPACK, "rtws.replica.gone"])
         assert ready.replica in ids
         await ws.close()
 
@@ -393,15 +326,15 @@ def test_affinity_by_subprotocol(cluster: Cluster) -> None:
 
 def test_new_sessions_go_to_the_least_loaded_replica(cluster: Cluster) -> None:
     async def main() -> None:
-        probe, ready = await _session(cluster.ws)
+        probe, ready = await session(cluster.ws)
         busy = ready.replica
         assert busy
         for j in range(10):  # load one replica with long generations
-            await _send(probe, p.Generate(id=f"load{j}", prompt="x", max_tokens=3000))
+            await send(probe, p.Generate(id=f"load{j}", prompt="x", max_tokens=3000))
         await asyncio.sleep(2.0 * UNIT)  # > routing_stats_period_s: the router has seen the load
         landed = []
         for _ in range(6):
-            ws, r = await _session(cluster.ws)
+            ws, r = await session(cluster.ws)
             landed.append(r.replica)
             await ws.close()
         await probe.close()
@@ -416,14 +349,14 @@ def test_frame_limit_enforced_behind_the_proxy(cluster: Cluster) -> None:
     async def main() -> None:
         other = await Client.connect(cluster.ws, open_timeout=30 * UNIT)
         stream = await other.generate("steady", max_tokens=40)
-        ws, _ = await _session(cluster.ws)
+        ws, _ = await session(cluster.ws)
         big = p.codec_for(p.SUBPROTOCOL_MSGPACK).encode(
             p.Generate(id="big", prompt="a" * cluster.config.max_frame_bytes, max_tokens=1))
         assert len(big) > cluster.config.max_frame_bytes
         await ws.send(big)
         with pytest.raises(ConnectionClosed) as info:
             while True:
-                f = _decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
+                f = decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
                 assert not isinstance(f, p.Error), f  # no bad_frame: the frame is refused, not parsed
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009, info.value
         result = await asyncio.wait_for(stream.result(), 60 * UNIT)
@@ -434,31 +367,11 @@ def test_frame_limit_enforced_behind_the_proxy(cluster: Cluster) -> None:
 
 
 def test_infer_sse_through_the_proxy(cluster: Cluster) -> None:
-    r = post(cluster.http, "/infer", {"prompt": "ROMEO:", "max_tokens": 8, "seed": 3}, timeout=60 * UNIT)
-    assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = parse_sse(r.body)
-    assert events[-1][0] == "done"
-    done = msgspec.json.decode(events[-1][1])
-    assert done["reason"] == "length" and done["usage"]["completion_tokens"] == 8
-    text = "".join(msgspec.json.decode(data)["text"] for ev, data in events if ev == "message")
-    same = post(cluster.http, "/infer", {"prompt": "ROMEO:", "max_tokens": 8, "seed": 3, "stream": False},
-                timeout=60 * UNIT).json()
-    assert same["text"] == text  # both replicas hold the same weights: seeded output is replica-independent
+    check_infer_sse(cluster)
 
 
 def test_openai_client_through_the_proxy(cluster: Cluster) -> None:
-    import openai
-
-    client = openai.OpenAI(base_url=cluster.http + "/v1", api_key="unused", max_retries=0, timeout=60 * UNIT)
-    try:
-        c = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=6, seed=1)
-        assert c.choices[0].finish_reason == "length" and c.usage is not None and c.usage.completion_tokens == 6
-        chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                     max_tokens=6, stream=True))
-        assert chunks[-1].choices[0].finish_reason == "length" or chunks[-2].choices[0].finish_reason == "length"
-        assert [m.id for m in client.models.list().data] == ["tiny"]
-    finally:
-        client.close()
+    check_openai_client(cluster)
 
 
 def test_metrics_name_the_replica(cluster: Cluster) -> None:
@@ -474,73 +387,16 @@ def test_metrics_name_the_replica(cluster: Cluster) -> None:
     assert seen and all(seen)
 
 
-def _scrape(cluster: Cluster, replica: str) -> dict[str, float]:
-    """``/metrics`` of one replica: the affinity header pins plain HTTP requests too. Returns name -> sum."""
-    import urllib.request
-
-    req = urllib.request.Request(cluster.http + "/metrics", headers={"Sec-WebSocket-Protocol": f"rtws.replica.{replica}"})
-    with urllib.request.urlopen(req, timeout=30 * UNIT) as r:
-        body = r.read().decode()
-    assert f'replica="{replica}"' in body, "the router did not pin the scrape"
-    out: dict[str, float] = {}
-    for ln in body.splitlines():
-        if ln and not ln.startswith("#"):
-            name = ln.split("{", 1)[0].split(" ", 1)[0]
-            out[name] = out.get(name, 0.0) + float(ln.rsplit(" ", 1)[1])
-    return out
-
-
-async def _paused_and_quiet(cluster: Cluster, replica: str, n: int, window: int, quiet_s: float) -> float:
-    """Wait (reading and acking nothing) until ``n`` generations of ``replica`` are paused, then check that the
-    replica sends less than a quarter window more over ``quiet_s`` seconds: the window stopped it. Returns when
-    (``time.monotonic()``) the pause was seen."""
-    deadline = time.monotonic() + 90 * UNIT
-    paused = 0.0
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
-        paused = (await asyncio.to_thread(_scrape, cluster, replica)).get("rtws_requests_paused", 0.0)
-        if paused >= n:
-            break
-    assert paused >= n, f"only {paused} of {n} generations paused"
-    paused_at = time.monotonic()
-    first = (await asyncio.to_thread(_scrape, cluster, replica))["rtws_sent_bytes_total"]
-    await asyncio.sleep(quiet_s)
-    second = (await asyncio.to_thread(_scrape, cluster, replica))["rtws_sent_bytes_total"]
-    assert second - first < window // 4, (first, second, window)  # the replica stopped writing
-    return paused_at
 
 
 def test_slow_reader_pauses_at_the_window_through_the_proxy(cluster: Cluster) -> None:
-    """Serve's send never blocks, so socket backpressure cannot reach the session behind the proxy; the
-    acknowledgement window does (rtws.ray turns require_ack on). A client that reads and acks nothing has its
-    generations paused once a window of bytes is unacknowledged, and the replica stops sending."""
-    async def main() -> None:
-        ws, ready = await _session(cluster.ws)
-        window = ready.limits.window
-        assert window and ready.replica and ready.limits.ack_required  # no opt-in ack needed
-        for j in range(16):
-            await _send(ws, p.Generate(id=f"s{j}", prompt="x", max_tokens=4000))
-        await _paused_and_quiet(cluster, ready.replica, 16, window, 1.5 * UNIT)  # read nothing, ack nothing
-        # Reading and acking resumes them: the client takes what was sent and acks it.
-        received = 0
-        with contextlib.suppress(asyncio.TimeoutError):
-            while True:
-                _decode(await asyncio.wait_for(ws.recv(), 2.0 * UNIT))
-                received += 1
-                if received % 64 == 0:
-                    await _send(ws, p.Ack(received=received))
-                if received > 2000:
-                    break
-        assert received > 2000  # more than was sent before the pause: the generations went on
-        await ws.close()
-
-    run(main())
+    check_slow_reader_pauses_at_the_window(cluster)
 
 
 def _replica_rss_mib() -> dict[int, float]:
     """Resident memory (MiB) of every Serve replica process of this cluster, by pid (from /proc)."""
     out: dict[int, float] = {}
-    for pid in _ray_pids():
+    for pid in process_tree():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if b"ServeReplica" not in f.read():
@@ -561,12 +417,12 @@ def test_a_reader_that_never_acks_is_paused_and_closed_1008_through_the_proxy(cl
     async def main() -> None:
         rss0 = _replica_rss_mib()
         assert len(rss0) == 2, rss0  # both replicas found in /proc
-        ws, ready = await _session(cluster.ws)
+        ws, ready = await session(cluster.ws)
         window = ready.limits.window
         assert window and ready.replica and ready.limits.ack_required
         for j in range(8):
-            await _send(ws, p.Generate(id=f"n{j}", prompt="x", max_tokens=4000))
-        paused_at = await _paused_and_quiet(cluster, ready.replica, 8, window, 1.0 * UNIT)  # read, ack nothing
+            await send(ws, p.Generate(id=f"n{j}", prompt="x", max_tokens=4000))
+        paused_at = await paused_and_quiet(cluster, ready.replica, 8, window, 1.0 * UNIT)  # read, ack nothing
         # Everything the replica wrote is what reaches us; the close frame follows once the stall rule fires.
         got = 0
         close: tuple[int, str] | None = None
@@ -587,7 +443,7 @@ def test_a_reader_that_never_acks_is_paused_and_closed_1008_through_the_proxy(cl
         growth = max(rss_peak, max(_replica_rss_mib().values())) - max(rss0.values())
         assert growth < 64, f"replica RSS grew {growth:.1f} MiB"
         for _ in range(40):  # the closed socket's generations are cancelled: nothing paused, slots freed
-            m = await asyncio.to_thread(_scrape, cluster, ready.replica)
+            m = await asyncio.to_thread(scrape, cluster, ready.replica)
             if m.get("rtws_requests_paused", 0.0) == 0:
                 break
             await asyncio.sleep(0.25)
@@ -601,23 +457,7 @@ def test_resume_lands_on_the_same_replica(cluster: Cluster) -> None:
     replica, which replays the unacknowledged frames: the text is complete and not duplicated. Offered to the
     other replica, the resume gets the documented resume_failed error and a fresh session."""
     async def main() -> None:
-        client = await Client.connect(cluster.ws, open_timeout=30 * UNIT)
-        assert client.ready is not None and client.ready.replica and client.ready.resume_token
-        replica, token = client.ready.replica, client.ready.resume_token
-        stream = await client.generate("ROMEO:", max_tokens=120, seed=5)
-        parts = 0
-        async for _ in stream:
-            parts += 1
-            if parts == 10:
-                client.ws.transport.abort()  # an unclean drop: the server holds the session
-                break
-        result = await asyncio.wait_for(stream.result(), 60 * UNIT)
-        assert client.resumes == 1 and client.ready.replica == replica and client.ready.resumed
-        full = (await asyncio.to_thread(post, cluster.http, "/infer",
-                                        {"prompt": "ROMEO:", "max_tokens": 120, "seed": 5, "stream": False},
-                                        None, 60 * UNIT)).json()
-        assert result.text == full["text"] and result.completion_tokens == 120
-        await client.close()
+        replica, token = await resume_after_a_drop(cluster)
 
         # The same kind of resume sent to the other replica: it does not hold the session. Keep probing for up
         # to 20 s: a replica reports its live generations up to a stats period late, and until then
@@ -625,7 +465,7 @@ def test_resume_lands_on_the_same_replica(cluster: Cluster) -> None:
         foreign = None
         deadline = time.monotonic() + 20 * UNIT
         for n in itertools.count():
-            ws, ready = await _session(cluster.ws)
+            ws, ready = await session(cluster.ws)
             await ws.close()
             if ready.replica != replica:
                 foreign = ready.replica
@@ -636,8 +476,8 @@ def test_resume_lands_on_the_same_replica(cluster: Cluster) -> None:
                 await asyncio.sleep(0.25)
         ws = await connect(cluster.ws, subprotocols=[p.SUBPROTOCOL_MSGPACK, f"rtws.replica.{foreign}"],  # type: ignore[list-item]
                            compression=None, open_timeout=30 * UNIT)
-        await _send(ws, p.Hello(resume=token, received=0))
-        frames = [_decode(await asyncio.wait_for(ws.recv(), 30 * UNIT)) for _ in range(2)]
+        await send(ws, p.Hello(resume=token, received=0))
+        frames = [decode(await asyncio.wait_for(ws.recv(), 30 * UNIT)) for _ in range(2)]
         errors = [f for f in frames if isinstance(f, p.Error)]
         readies = [f for f in frames if isinstance(f, p.Ready)]
         assert errors and errors[0].code == "resume_failed", frames
@@ -650,107 +490,10 @@ def test_resume_lands_on_the_same_replica(cluster: Cluster) -> None:
 # ---------------------------------------------------------------------- drain (changes the deployment: last)
 
 
-@dataclass
-class _Outcome:
-    replica: str
-    close_code: int | None = None
-    done: dict[str, str] | None = None
-    accepted: int = 0
-    overloaded: int = 0
-    errors: list[str] | None = None
-    unanswered: list[str] | None = None
 
 
-async def _live_session(url: str, stop: asyncio.Event) -> _Outcome:
-    """Start 1 long generation, then keep offering short ones until the socket closes or ``stop``."""
-    ws, ready = await _session(url)
-    out = _Outcome(replica=ready.replica or "", done={}, errors=[])
-    assert out.done is not None and out.errors is not None
-    live: set[str] = set()
-    await _send(ws, p.Generate(id="long", prompt="x", max_tokens=4000))  # outlives the drain's timeout
-    live.add("long")
-    out.accepted += 1
-    n = 0
-
-    async def offer() -> None:
-        nonlocal n
-        while not stop.is_set():
-            await asyncio.sleep(0.25)
-            n += 1
-            with contextlib.suppress(ConnectionClosed):
-                await _send(ws, p.Generate(id=f"p{n}", prompt="y", max_tokens=2))
-                live.add(f"p{n}")
-
-    offerer = asyncio.get_running_loop().create_task(offer())
-    cancel_sent = False
-    received = 0  # frames, acked every 64 (rtws.ray requires acks: ready.limits.ack_required)
-    deadline = time.monotonic() + 180 * UNIT
-    try:
-        while time.monotonic() < deadline:
-            if stop.is_set() and not cancel_sent and "long" not in out.done:
-                cancel_sent = True
-                with contextlib.suppress(ConnectionClosed):
-                    await _send(ws, p.Cancel(id="long"))
-            try:
-                f = _decode(await asyncio.wait_for(ws.recv(), 0.5))
-                received += 1
-                if received % 64 == 0 or isinstance(f, p.Done):
-                    with contextlib.suppress(ConnectionClosed):
-                        await _send(ws, p.Ack(received=received))
-            except ConnectionClosed as exc:
-                out.close_code = exc.rcvd.code if exc.rcvd is not None else None
-                break
-            except asyncio.TimeoutError:
-                f = None
-            if isinstance(f, p.Done):
-                out.done[str(f.id)] = f.reason
-            elif isinstance(f, p.Error) and f.id is not None:
-                live.discard(str(f.id))
-                if f.code == "overloaded":
-                    out.overloaded += 1
-                else:
-                    out.errors.append(f.code)
-            if stop.is_set() and not (live - set(out.done)):
-                break
-    finally:
-        offerer.cancel()
-        with contextlib.suppress(BaseException):
-            await offerer
-        await ws.close()
-    # Every generation the server accepted ended with its done. A probe can go unanswered only when it
-    # crossed the server's close on the wire (during a drain every probe is refused with overloaded).
-    out.accepted = len(live)
-    out.unanswered = sorted(live - set(out.done))
-    return out
 
 
-def _drain_run(cluster: Cluster, change: Any) -> list[_Outcome]:
-    async def main() -> list[_Outcome]:
-        stop = asyncio.Event()
-        tasks = [asyncio.get_running_loop().create_task(_live_session(cluster.ws, stop)) for _ in range(16)]
-        await asyncio.sleep(2.0 * UNIT)  # all 16 streaming
-        deployer = threading.Thread(target=change, daemon=True)
-        deployer.start()
-        while deployer.is_alive():
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0 * UNIT)
-        stop.set()  # sessions still open cancel their long generation and collect its done
-        return list(await asyncio.wait_for(asyncio.gather(*tasks), 120 * UNIT))
-
-    return list(run(main()))
-
-
-def _check_drained(outcomes: list[_Outcome], removed: set[str]) -> None:
-    drained = [o for o in outcomes if o.replica in removed]
-    assert drained, ("no session on a removed replica", removed, [o.replica for o in outcomes])
-    for o in drained:
-        assert o.close_code == 1001, o  # "going away", not 1006
-        assert o.done is not None and o.done.get("long") in ("length", "cancelled"), o
-        assert o.overloaded >= 1, o  # new work during the drain was refused with overloaded
-        assert not o.errors, o
-        assert o.unanswered is not None and len(o.unanswered) <= 1 and "long" not in o.unanswered, o
-    for o in outcomes:
-        assert o.done is not None and "long" in o.done, o
 
 
 def _replica_ids(cluster: Cluster, tries: int = 12, want: int | None = None) -> set[str]:
@@ -765,7 +508,7 @@ def _replica_ids(cluster: Cluster, tries: int = 12, want: int | None = None) -> 
         deadline = time.monotonic() + 20 * UNIT
         n = 0
         while n < tries or (want is not None and len(ids) < want and time.monotonic() < deadline):
-            ws, ready = await _session(cluster.ws)
+            ws, ready = await session(cluster.ws)
             ids.add(ready.replica or "")
             await ws.close()
             n += 1
@@ -794,18 +537,18 @@ def test_scale_down_drains_live_streams(cluster: Cluster) -> None:
     autoscaler scale-down uses (Replica._perform_graceful_shutdown, where install_drain_hook runs App.drain)."""
     before = _replica_ids(cluster, want=2)
     assert len(before) == 2, (before, _running_replicas())
-    outcomes = _drain_run(cluster, lambda: cluster.deploy(1))
+    outcomes = drain_run(cluster, lambda: cluster.deploy(1))
     _wait_for_replicas(1, 60 * UNIT)
     after = _replica_ids(cluster, 4)
     assert len(after) == 1 and not (after & before)
-    _check_drained(outcomes, before)
+    check_drained(outcomes, before)
 
 
 def test_redeploy_drains_every_old_replica(cluster: Cluster) -> None:
     """serve.run of a new version replaces every replica (rolling update) while 16 streams run."""
     before = _replica_ids(cluster, 4)
     assert len(before) == 1
-    outcomes = _drain_run(cluster, lambda: cluster.deploy(2))
+    outcomes = drain_run(cluster, lambda: cluster.deploy(2))
     after = _replica_ids(cluster, want=2)
     assert not (before & after) and len(after) == 2
-    _check_drained(outcomes, before)
+    check_drained(outcomes, before)
