@@ -8,15 +8,18 @@ Every setup gets the same closed-loop WebSocket load from ``bench/loadgen.py``
 ``max_tokens``):
 
 * **direct**: ``bench/serve_child.py``, the app exactly as ``rtws serve`` runs it;
-* **ray N**: a local Ray cluster on 127.0.0.1 (``rtws.ray.start_local_cluster``), Serve's proxy
-  on a free port, ``rtws.ray.build_application`` with N replicas (one engine each).
+* **ray N**: a local Ray cluster on 127.0.0.1 (``rtws.ray.start_local_cluster``), Serve's ingress
+  on a free port, ``rtws.ray.build_application`` with N replicas (one engine each). ``--ingress``:
+  ``haproxy`` (default; Serve's HAProxy ingress, each replica serving its own sockets: what
+  ``rtws serve-ray --replicas 1`` runs) or ``proxy`` (Serve's Python proxy with rtws's router).
 
 Reported per setup: delivered tokens/s, inter-token latency p50/p99 (frame gap
 divided by the tokens the frame carries), tokens per frame, one frame round
 trip (``cancel`` of an unknown id answered by ``error unknown_id``: protocol
 only, no engine step; sequential, idle server), and CPU ms per delivered token
-for the server side: the rtws process (direct), or Serve's proxy actor and the
-replica actors (Ray), read from /proc. Both servers stay up for the whole run
+for the server side: the rtws process (direct), or the ingress (Serve's proxy
+actor; behind HAProxy also HAProxy and its manager actor) and the replica actors
+(Ray), read from /proc. Both servers stay up for the whole run
 and each Ray setup is measured in ABBA order against direct; "of direct" is the
 median of the per-pair ratios. ``--frame-interval-ms`` adds runs with
 rtws.ray's per-socket frame pacing (``RayOptions.frame_interval_ms``), which
@@ -39,10 +42,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rtws import ray_env  # noqa: E402
-
-ray_env.apply(loopback=True)  # before Ray is imported (it reads the loopback switch at import)
-
 from common import (  # noqa: E402
     REPO,
     ServerProcess,
@@ -61,6 +60,8 @@ from common import (  # noqa: E402
 )
 from loadgen import Fleet, merge, split  # noqa: E402
 
+from rtws import ray_env  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of client modes: 0 = one frame per message (v1), 1 = hello {batch: true} "
                         "(every frame ready at once in one message); each Ray setup runs in each mode, paired "
                         "with direct in the same mode")
+    p.add_argument("--ingress", default="haproxy", choices=("proxy", "haproxy"),
+                   help="what carries traffic to the replicas (RayOptions.ingress): Serve's HAProxy ingress (what "
+                        "`rtws serve-ray --replicas 1` runs) or Serve's Python proxy (rtws's router; what several "
+                        "replicas run by default). One per run: Serve reads the choice when Ray is imported")
     p.add_argument("--round-trips", type=int, default=100, help="sequential frame round trips per setup")
     p.add_argument("--warmup-requests", type=int, default=16)
     p.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
@@ -195,6 +200,7 @@ def _row(label: str, r: dict[str, Any], ratio: float | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    ray_env.apply(loopback=True, ingress=args.ingress)  # before Ray is imported (it reads both at import)
     print_header("ray_bench", args)
     from transformers import AutoTokenizer
 
@@ -235,16 +241,20 @@ def main(argv: list[str] | None = None) -> int:
         intervals = [float(x) for x in args.frame_interval_ms.split(",") if x.strip()]
         for replicas in [int(x) for x in args.replicas.split(",") if x.strip()]:
             for interval in intervals:
-                serve.run(build_application(cfg, RayOptions(replicas=replicas, frame_interval_ms=interval)),
+                serve.run(build_application(cfg, RayOptions(replicas=replicas, frame_interval_ms=interval,
+                                                            ingress=args.ingress)),
                           name="rtws", route_prefix="/")
                 time.sleep(1.0)
                 procs = _descendants()
-                pids = {"proxy": [p for p, c in procs.items() if c.startswith("ray::ProxyActor")],
+                # The ingress: Serve's proxy actor; behind HAProxy also HAProxy's processes and Serve's manager
+                # actor for it (the proxy actor stays up there, idle).
+                pids = {"proxy": [p for p, c in procs.items() if c.startswith(("ray::ProxyActor", "ray::HAProxy"))
+                                  or os.path.basename(c.split(" ", 1)[0]) == "haproxy"],
                         "replicas": [p for p, c in procs.items() if c.startswith("ray::ServeReplica")]}
-                if len(pids["replicas"]) != replicas or len(pids["proxy"]) != 1:
+                if len(pids["replicas"]) != replicas or not pids["proxy"]:
                     raise RuntimeError(f"expected 1 proxy and {replicas} replicas, found {pids}")
                 for batch in batches:
-                    label = f"ray, {replicas} replica{'s' if replicas > 1 else ''}" + (
+                    label = f"ray {args.ingress}, {replicas} replica{'s' if replicas > 1 else ''}" + (
                         f", pacing {interval:g} ms" if interval else "") + (", batch" if batch else "")
                     setup = Setup(label, f"ws://127.0.0.1:{port}/ws", pids, batch)
                     direct = directs[batch]
