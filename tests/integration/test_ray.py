@@ -254,10 +254,17 @@ def test_serve_run_builder_and_cli_flags() -> None:
     assert off.init_args[0]["require_ack"] is False
     with pytest.raises(ValueError, match="unknown rtws.ray argument"):
         app({"replica": "2"})
+    # The ingress is the cluster's environment's (read by Serve at import and cluster start): asking for the
+    # other one is an error at deploy time, not a silent fallback. This process runs Serve's proxy.
+    with pytest.raises(ValueError, match="ingress 'haproxy' asked for"):
+        app({"ingress": "haproxy", "model": "/some/model"})
+    with pytest.raises(ValueError, match="ingress"):
+        app({"ingress": "nginx", "model": "/some/model"})
+    assert app({"ingress": "proxy", "model": "/some/model"})._bound_deployment.num_replicas == 1
     out = subprocess.run([sys.executable, "-m", "rtws", "serve-ray", "--help"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
-    for flag in ("--replicas", "--max-replicas", "--num-gpus", "--ray-address", "--num-slots", "--max-frame-bytes",
+    for flag in ("--replicas", "--max-replicas", "--num-gpus", "--ray-address", "--ingress", "--num-slots", "--max-frame-bytes",
                  "--require-ack", "--no-require-ack"):
         assert flag in out.stdout
     bad = subprocess.run([sys.executable, "-m", "rtws", "serve-ray", "--replicas", "0"], capture_output=True,

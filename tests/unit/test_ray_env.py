@@ -51,12 +51,8 @@ def test_loopback_wrapper_rewrites_every_bind_and_runs_the_real_binary(tmp_path:
     cfg.write_text("frontend prometheus\n    bind :9101\nfrontend http_frontend\n    bind 127.0.0.1:8000\n"
                    "listen stats\n  bind *:8404\n  bind 0.0.0.0:1\n  bind [::]:2\n")
     wrapper = ray_env.loopback_haproxy(str(real))
-    env: dict[str, str] = {}
-    try:
-        out = subprocess.run([wrapper, "-db", "-f", str(cfg), "-sf", "123"], capture_output=True, text=True,
-                             timeout=60, check=True).stdout
-    finally:
-        env.clear()
+    out = subprocess.run([wrapper, "-db", "-f", str(cfg), "-sf", "123"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
     assert f"'-f', '{cfg}.loopback', '-sf', '123'" in out
     binds = [ln.split()[1] for ln in out.splitlines() if ln.strip().startswith("bind ")]
     assert binds == ["127.0.0.1:9101", "127.0.0.1:8000", "127.0.0.1:8404", "127.0.0.1:1", "127.0.0.1:2"], out
