@@ -45,7 +45,8 @@ def main(args: argparse.Namespace, explicit: dict[str, Any]) -> int:
         local = args.ray_address is None
         ingress = ray_env.resolve_ingress(
             args.ray_ingress, replicas=replicas, local=local,
-            autoscales=ray_env.autoscaling(replicas, shape.get("min_replicas"), shape.get("max_replicas")))
+            autoscales=ray_env.autoscaling(replicas, shape.get("min_replicas"), shape.get("max_replicas")),
+            haproxy_available=args.ray_ingress != "auto" or ray_env.haproxy_available())
         # Before the first `import ray`: Ray reads the loopback switch, and Serve its ingress flags, at import.
         # On a cluster rtws did not start, the nodes' environment decides the ingress (checked at deploy).
         ray_env.apply(loopback=loopback and local, ingress=ingress if local else "proxy")

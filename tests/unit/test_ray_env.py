@@ -16,6 +16,8 @@ def test_auto_ingress_is_haproxy_only_for_one_fixed_replica_on_a_local_cluster()
     assert ray_env.resolve_ingress("auto", replicas=2, autoscales=False, local=True) == "proxy"
     assert ray_env.resolve_ingress("auto", replicas=1, autoscales=True, local=True) == "proxy"
     assert ray_env.resolve_ingress("auto", replicas=1, autoscales=False, local=False) == "proxy"
+    assert ray_env.resolve_ingress("auto", replicas=1, autoscales=False, local=True,
+                                   haproxy_available=False) == "proxy"  # no binary (not Linux): Serve's proxy
     assert ray_env.resolve_ingress("proxy", replicas=1, autoscales=False, local=True) == "proxy"
     assert ray_env.resolve_ingress("haproxy", replicas=4, autoscales=True, local=False) == "haproxy"
     with pytest.raises(ValueError, match="ingress"):
