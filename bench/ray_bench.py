@@ -98,22 +98,7 @@ def _free_port() -> int:
 
 def _descendants() -> dict[int, str]:
     """pid -> command line of every descendant of this process (Ray's processes)."""
-    parent: dict[int, int] = {}
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                with open(f"/proc/{e}/stat") as f:
-                    parent[int(e)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found = {os.getpid()}
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parent.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                grew = True
+    found = set(process_tree(os.getpid()))
     out = {}
     for pid in found - {os.getpid()}:
         try:

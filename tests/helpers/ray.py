@@ -14,15 +14,18 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from tests.helpers.http import parse_sse, post
 from tests.helpers.server import UNIT
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from rtws import protocol as p
+from rtws.client import Client
 
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
@@ -44,24 +47,23 @@ def decode(data: Any) -> Any:
     return p.codec_for(p.SUBPROTOCOL_MSGPACK).decode_any(data)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def process_tree(root: int | None = None) -> set[int]:
-    """``root`` (default: this process) and every descendant (Ray's GCS, raylet, agents, workers)."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found = {os.getpid() if root is None else root}
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parent.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                grew = True
+    """``root`` (default: this process) and every live descendant (Ray's GCS, raylet, agents, workers),
+    from /proc/<pid>/task/*/children (as bench/common.process_tree)."""
+    found: set[int] = set()
+    todo = [os.getpid() if root is None else root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
     return found
 
 
@@ -156,6 +158,30 @@ def check_cancel(target: Any) -> None:
                     assert getattr(f, "id", None) != "c", f
         finally:
             await ws.close()
+
+    asyncio.run(main())
+
+
+def check_frame_limit(target: Any) -> None:
+    """Serve's proxy allows 16 MiB frames; rtws itself closes 1009 above max_frame_bytes (from ready.limits),
+    and another session is unaffected."""
+    async def main() -> None:
+        other = await Client.connect(target.ws, open_timeout=30 * UNIT)
+        stream = await other.generate("steady", max_tokens=40)
+        ws, ready = await session(target.ws)
+        limit = ready.limits.max_frame_bytes
+        assert limit
+        big = p.codec_for(p.SUBPROTOCOL_MSGPACK).encode(p.Generate(id="big", prompt="a" * limit, max_tokens=1))
+        assert len(big) > limit
+        await ws.send(big)
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                f = decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
+                assert not isinstance(f, p.Error), f  # no bad_frame: the frame is refused, not parsed
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1009, info.value
+        result = await asyncio.wait_for(stream.result(), 60 * UNIT)
+        assert result.reason == "length" and result.completion_tokens == 40
+        await other.close()
 
     asyncio.run(main())
 
@@ -307,8 +333,6 @@ async def resume_after_a_drop(target: Any) -> tuple[str, str]:
     """A dropped socket mid-stream: the Python client reconnects with its resume token (offering
     rtws.replica.<id>), lands on the replica that holds the session, which replays the unacknowledged
     frames: the text is complete and not duplicated. Returns (replica, resume token)."""
-    from rtws.client import Client
-
     client = await Client.connect(target.ws, open_timeout=30 * UNIT)
     assert client.ready is not None and client.ready.replica and client.ready.resume_token
     replica, token = client.ready.replica, client.ready.resume_token

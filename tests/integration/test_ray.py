@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import socket
 import threading
 import time
 from collections import Counter
@@ -32,11 +31,13 @@ from tests.helpers.ray import (  # noqa: E402
     LOOPBACK,
     check_cancel,
     check_drained,
+    check_frame_limit,
     check_infer_sse,
     check_openai_client,
     check_slow_reader_pauses_at_the_window,
     decode,
     drain_run,
+    free_port,
     listeners,
     paused_and_quiet,
     process_tree,
@@ -59,11 +60,6 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = "rtws"
 STALL_S = 10.0 * UNIT  # the acknowledgement-stall rule closes a reader that stopped acking this long ago
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -94,7 +90,7 @@ def cluster(tiny_llama_long_dir: Path) -> Iterator[Cluster]:
     start_local_cluster(num_cpus=8, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
                                          "TOKENIZERS_PARALLELISM": "false"})
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = ServerConfig(model=str(tiny_llama_long_dir), model_name="tiny", num_slots=32, torch_threads=1,
                            log_level="WARNING", max_connections=64, drain_timeout_s=8.0,
@@ -352,25 +348,7 @@ def test_new_sessions_go_to_the_least_loaded_replica(cluster: Cluster) -> None:
 
 
 def test_frame_limit_enforced_behind_the_proxy(cluster: Cluster) -> None:
-    """The proxy allows 16 MiB frames; rtws itself closes 1009 above max_frame_bytes, others unaffected."""
-    async def main() -> None:
-        other = await Client.connect(cluster.ws, open_timeout=30 * UNIT)
-        stream = await other.generate("steady", max_tokens=40)
-        ws, _ = await session(cluster.ws)
-        big = p.codec_for(p.SUBPROTOCOL_MSGPACK).encode(
-            p.Generate(id="big", prompt="a" * cluster.config.max_frame_bytes, max_tokens=1))
-        assert len(big) > cluster.config.max_frame_bytes
-        await ws.send(big)
-        with pytest.raises(ConnectionClosed) as info:
-            while True:
-                f = decode(await asyncio.wait_for(ws.recv(), 30 * UNIT))
-                assert not isinstance(f, p.Error), f  # no bad_frame: the frame is refused, not parsed
-        assert info.value.rcvd is not None and info.value.rcvd.code == 1009, info.value
-        result = await asyncio.wait_for(stream.result(), 60 * UNIT)
-        assert result.reason == "length" and result.completion_tokens == 40
-        await other.close()
-
-    run(main())
+    check_frame_limit(cluster)
 
 
 def test_infer_sse_through_the_proxy(cluster: Cluster) -> None:

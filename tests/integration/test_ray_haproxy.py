@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,10 +31,12 @@ from tests.helpers.ray import (  # noqa: E402
     LOOPBACK,
     check_cancel,
     check_drained,
+    check_frame_limit,
     check_infer_sse,
     check_openai_client,
     check_slow_reader_pauses_at_the_window,
     drain_run,
+    free_port,
     listeners,
     process_tree,
     resume_after_a_drop,
@@ -49,11 +50,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -81,10 +77,10 @@ def _comm(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_long_dir: Path) -> Iterator[Served]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            # HAProxy's own Prometheus and stats frontends: free ports, not Serve's fixed 9101 and 8404.
-           "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port())}
+           "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
     cmd = [sys.executable, "-m", "rtws", "serve-ray", "--ingress", "haproxy", "--replicas", "1",
            "--host", "127.0.0.1", "--port", str(port), "--model", str(tiny_llama_long_dir), "--model-name", "tiny",
            "--num-slots", "32", "--torch-threads", "1", "--log-level", "WARNING", "--max-connections", "64",
@@ -161,6 +157,10 @@ def test_sessions_multiplex_behind_haproxy(served: Served) -> None:
 
 def test_cancel_behind_haproxy(served: Served) -> None:
     check_cancel(served)
+
+
+def test_frame_limit_enforced_behind_haproxy(served: Served) -> None:
+    check_frame_limit(served)
 
 
 def test_infer_sse_behind_haproxy(served: Served) -> None:
