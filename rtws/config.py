@@ -45,9 +45,12 @@ class ServerConfig:
     priority_aging_s: float = field(default=2.0, metadata={
         "help": "a waiting request gains one priority level per this many seconds"})
     torch_threads: int | None = field(default=None, metadata={
-        "help": "torch intra-op threads (default on CPU for rtws serve: cores - 1 from 4 cores, else cores)"})
+        "help": "torch intra-op threads (default on CPU for rtws serve: cores - 1 from 2 cores, else cores)"})
     torch_interop_threads: int | None = field(default=None, metadata={
         "help": "torch inter-op threads (default on CPU for rtws serve: 1)"})
+    elastic_threads: bool = field(default=True, metadata={
+        "help": "with the default torch threads and the engine in its own process, an uncompiled step may use "
+                "the event loop's core too while the machine leaves a core idle (--no-elastic-threads: never)"})
     cuda_graphs: bool = field(default=True, metadata={
         "help": "on CUDA, decode with static shapes replayed from CUDA graphs (one per batch-size bucket)"})
     warmup: bool = field(default=True, metadata={"help": "run a real generation before serving"})

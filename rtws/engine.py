@@ -89,6 +89,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     prefill_tokens: int = 0
+    elastic_steps: int = 0  # steps run at the elastic top thread count (rtws.threads.ElasticThreads)
 
     @property
     def kv_usage(self) -> float:
@@ -292,6 +293,7 @@ class Engine:
             prefix_cache_queries=pool.stats.queries,
             prefix_cache_hits=pool.stats.hits,
             prefill_tokens=s.prefill_tokens,
+            elastic_steps=getattr(getattr(self.runner, "elastic", None), "steps_at_top", 0),
         )
         if s.num_running or s.num_waiting:
             self._idle.clear()

@@ -21,7 +21,7 @@ from typing import Any
 from .engine_process import PipedEngine, _frame, _FrameReader, _write_all
 from .logs import setup_logging
 from .model import load
-from .threads import ThreadChoice, apply_threads
+from .threads import ElasticThreads, SpareCore, ThreadChoice, apply_threads, usable_cores
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -56,6 +56,9 @@ def main(rfd: int, wfd: int) -> None:
     assert isinstance(engine, PipedEngine)
     engine.attach(rfd, wfd, steps)
     runner: Any = engine.runner
+    top = threads[2] if len(threads) > 2 else None
+    if top is not None and threads[0] is not None and top > threads[0] and hasattr(runner, "elastic"):
+        runner.elastic = ElasticThreads(threads[0], top, SpareCore(usable_cores()))
     model: Any = served.model
     engine.send(("ready", {
         "pid": os.getpid(), "context_len": served.context_len, "device": served.device,

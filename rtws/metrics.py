@@ -266,6 +266,8 @@ def kv_cache_families(app: App) -> Iterator[Metric]:
                                                     "prefix cache", labels=labels),
         "prefix_cache_hits": CounterMetricFamily("rtws_prefix_cache_hits", "Prompt tokens served from the prefix "
                                                  "cache", labels=labels),
+        "elastic_steps": CounterMetricFamily("rtws_engine_elastic_steps", "Engine steps that also used the event "
+                                             "loop's idle core (elastic threads)", labels=labels),
     }
     for st in app.registry.served_versions():
         if st.served is None:

@@ -495,6 +495,8 @@ class ModelRunner:
         # Compiled greedy decode for small batches (built and timed at warm-up; see _CompiledDecoder).
         self._compiled: _CompiledDecoder | None = _CompiledDecoder(self) if self.compile_choice else None
         self.compile_report: list[dict[str, Any]] = []
+        # rtws.threads.ElasticThreads, set by an engine process whose threads rtws chose (None: fixed threads)
+        self.elastic: Any = None
 
     # ------------------------------------------------------------------ setup
 
@@ -609,6 +611,10 @@ class ModelRunner:
         """Run one engine step. Raises whatever the model raises; the engine retries without the row at fault."""
         rows: list[Sequence] = []
         logits_parts: list[torch.Tensor] = []
+        compiled = self._compiled
+        if self.elastic is not None:
+            self.elastic.for_step(len(plan.decode) + sum(c.end - c.start for c in plan.prefill),
+                                  bool(plan.decode) and compiled is not None and compiled.covers(plan.decode))
         if plan.decode and self._static is not None:
             groups = self._length_groups(plan.decode)
             rows = [s for g in groups for s in g]
@@ -620,7 +626,6 @@ class ModelRunner:
                     decoded = torch.cat([decoded, self._sample(last_logits, last_rows)])
                     rows += last_rows
             return StepOutput(tokens=list(zip(rows, decoded.tolist())))  # one host synchronisation
-        compiled = self._compiled
         if plan.decode and compiled is not None and compiled.covers(plan.decode):
             rows = list(plan.decode)
             decoded = compiled.sd.run(rows)

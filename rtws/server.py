@@ -213,10 +213,12 @@ def set_threads(config: ServerConfig, device: str) -> None:
     from .threads import apply_threads, choose_threads, usable_cores
 
     cores = usable_cores()
-    choice = choose_threads(cores, device, config.torch_threads, config.torch_interop_threads)
+    choice = choose_threads(cores, device, config.torch_threads, config.torch_interop_threads,
+                            config.elastic_threads)
     intra, interop = apply_threads(choice)
     log.info("torch threads", extra={"event": "threads", "cores": cores, "device": device, "threads": intra,
-                                     "interop_threads": interop, "reason": choice.reason})
+                                     "interop_threads": interop, "elastic_top": choice.elastic_top,
+                                     "reason": choice.reason})
 
 
 def run_in_thread(config: ServerConfig, specs: list[ModelSpec] | None = None, app: App | None = None,

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from tests.helpers.metrics import scrape, total
 from tests.helpers.server import UNIT, RunningServer, ServerFactory, run
+from tests.integration.test_drain import start_serve
 
 from rtws.client import Client
 from rtws.engine_process import ENGINE_PROCESS_MIN_BYTES, RemoteEngine, engine_process_choice, weight_bytes
+from rtws.threads import usable_cores
 
 PROMPTS = ["a", "bb bb", "ccc ccc ccc", "dddd " * 6, "e", "ff ff ff ff ff ff ff ff ff ff ff ff"]
 
@@ -145,8 +147,6 @@ def test_stopping_the_server_reaps_the_engine_process(server_factory: ServerFact
 
 
 def test_a_killed_server_takes_its_engine_process_with_it(tiny_llama_long_dir: Path) -> None:
-    from tests.integration.test_drain import start_serve
-
     proc, _ = start_serve(tiny_llama_long_dir, "--engine-process", "on")
     child: int | None = getattr(proc, "engine_pid", None)
     try:
@@ -183,3 +183,45 @@ def test_a_hot_swap_starts_a_new_engine_process_and_reaps_the_old(server_factory
     assert _wait_gone(v1.pid, 15 * UNIT) and _alive(v2.pid)
     after = run(_texts(srv.url, max_tokens=8))
     assert all(after) and after != before  # other weights, other greedy text
+
+
+def _metric(port: int, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30 * UNIT) as r:
+        text = r.read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
+async def _burst(port: int, n: int = 24, max_tokens: int = 48) -> int:
+    async with await Client.connect(f"ws://127.0.0.1:{port}/ws") as c:
+        streams = [await c.generate(PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, temperature=0.0)
+                   for i in range(n)]
+        return sum(r.completion_tokens for r in await asyncio.gather(*(s.result() for s in streams)))
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="elastic threads borrow a second core")
+@pytest.mark.parametrize("elastic", [True, False])
+def test_elastic_threads_borrow_the_idle_loop_core_only_when_allowed(tiny_llama_long_dir: Path,
+                                                                      elastic: bool) -> None:
+    """`rtws serve` with its own thread choice (1 for the forward on 2 cores, the event loop keeps one) and the
+    engine in its own process: a burst on one socket, with the rest of the machine idle, runs steps at 2
+    threads (``rtws_engine_elastic_steps``); ``--no-elastic-threads`` never does. Bounded: up to 10 bursts,
+    since a window in which this machine is busy elsewhere rightly keeps the engine at 1 thread."""
+    proc, port = start_serve(tiny_llama_long_dir, "--engine-process", "on",
+                             *(() if elastic else ("--no-elastic-threads",)))
+    try:
+        for _ in range(10 if elastic else 2):
+            assert run(_burst(port)) > 0
+            time.sleep(0.3)  # an idle window: the spare-core estimate sees the machine quiet
+            if elastic and _metric(port, "rtws_engine_elastic_steps_total") > 0:
+                break
+        steps = _metric(port, "rtws_engine_steps_total")
+        borrowed = _metric(port, "rtws_engine_elastic_steps_total")
+        assert steps > 0
+        assert (0 < borrowed <= steps) if elastic else borrowed == 0
+    finally:
+        proc.terminate()
+        proc.wait(30 * UNIT)
+        if proc.stderr is not None:
+            proc.stderr.close()
