@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .kv_blocks import NULL_BLOCK
 from .scheduler import PrefillChunk, Sequence, StepPlan
@@ -214,6 +215,78 @@ def attention_layout(model: Any) -> AttentionLayout:
     if window is not None and "create_sliding_window_causal_mask" in src:
         return AttentionLayout(windows={"full_attention": window}, as_dict=False)
     return AttentionLayout(windows={"full_attention": None}, as_dict=False)
+
+
+LEAN_ARCHS = ("LlamaForCausalLM",)  # the decoder layer lean_decode mirrors, op for op
+
+
+def lean_decode_reason(model: Any, layout: AttentionLayout) -> str | None:
+    """None when :class:`_LeanDecoder` can run ``model``'s decode step; else why not (the HF forward runs).
+
+    The lean step calls the model's own modules and functions in the order its forward does (embedding,
+    rotary embedding, norms, projections, ``apply_rotary_pos_emb``, SDPA, MLP, LM head), without the
+    transformers forward's per-call machinery (mask building, kwargs, output classes, module hooks), so its
+    logits are bitwise the same. Attention is transformers' own ``sdpa_attention_forward`` (grouped-query
+    attention included). It covers Llama-architecture models with full attention and SDPA; any other shape
+    keeps the HF forward.
+    """
+    name = type(model).__name__
+    if name not in LEAN_ARCHS:
+        return f"{name}: not a lean architecture"
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return f"attention implementation {getattr(config, '_attn_implementation', None)!r}, not sdpa"
+    if layout.as_dict or any(w is not None for w in layout.windows.values()):
+        return "sliding-window layers"
+    inner = getattr(model, "model", None)
+    layers = list(getattr(inner, "layers", []) or [])
+    if not layers or len(layers) != getattr(config, "num_hidden_layers", -1):
+        return "layer list differs from num_hidden_layers"
+    for mod in ("embed_tokens", "rotary_emb", "norm"):
+        if not hasattr(inner, mod):
+            return f"no {mod}"
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "scaling"):
+            return "no self_attn with a scaling"
+        if layer._forward_hooks or layer._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks:
+            return "forward hooks on a layer"
+    if getattr(sys.modules.get(type(model).__module__), "apply_rotary_pos_emb", None) is None:
+        return "no apply_rotary_pos_emb in the model's module"
+    return None
+
+
+class _LeanDecoder:
+    """A one-token decode step for the architectures of :data:`LEAN_ARCHS`, straight through the model's
+    modules (see :func:`lean_decode_reason`). The KV read and write go through the runner's cache layers, as
+    the HF forward's ``cache.update`` does."""
+
+    def __init__(self, model: Any, cache: PagedKVCache) -> None:
+        self.model = model
+        self.inner = model.model
+        self.cache = cache
+        self.rope = sys.modules[type(model).__module__].apply_rotary_pos_emb
+        self.layers = [(layer, layer.self_attn, layer.mlp) for layer in self.inner.layers]
+
+    def logits(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``ids``/``pos`` ``[B, 1]``, ``mask`` ``[B, 1, 1, kv_len]`` additive; returns logits ``[B, vocab]``."""
+        x = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(x, position_ids=pos)
+        shape = (*x.shape[:-1], -1)
+        for i, (layer, attn, mlp) in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            hs = (*shape[:-1], -1, attn.head_dim)
+            q = attn.q_proj(h).view(hs).transpose(1, 2)
+            k = attn.k_proj(h).view(hs).transpose(1, 2)
+            v = attn.v_proj(h).view(hs).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)
+            k, v = self.cache.layers[i].update(k, v, i)
+            o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+            x = x + attn.o_proj(o.reshape(shape).contiguous())
+            x = x + mlp(layer.post_attention_layernorm(x))
+        x = self.inner.norm(x)
+        out: torch.Tensor = self.model.lm_head(x[:, -1, :])
+        return out
 
 
 # --------------------------------------------------------------------------- paged KV cache
@@ -444,7 +517,7 @@ class ModelRunner:
     def __init__(self, model: Any, num_slots: int, max_len: int, device: torch.device,
                  static_decode: bool | None = None, cuda_graphs: bool = True, *,
                  kv_cache_gb: float | None = None, block_size: int = 16, decode_lanes: bool = True,
-                 compile: str = "off") -> None:
+                 compile: str = "off", lean_decode: bool = True) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.model = model
@@ -497,6 +570,9 @@ class ModelRunner:
         self.compile_report: list[dict[str, Any]] = []
         # rtws.threads.ElasticThreads, set by an engine process whose threads rtws chose (None: fixed threads)
         self.elastic: Any = None
+        # The decode lanes' step without the HF forward's per-call machinery, where the model allows it.
+        self.lean_decode_reason = lean_decode_reason(model, self.layout) if lean_decode else "lean_decode=False"
+        self._lean = _LeanDecoder(model, self.cache) if self.lean_decode_reason is None else None
 
     # ------------------------------------------------------------------ setup
 
@@ -601,6 +677,8 @@ class ModelRunner:
         pos_d = pos.to(dev, non_blocking=True)
         kv_len = max(s.num_cached for s in seqs) + 1
         self.cache.bind_lanes(write.to(dev, non_blocking=True), pos_d[:, 0], kv_len)
+        if self._lean is not None:
+            return self._lean.logits(ids.to(dev, non_blocking=True), pos_d, self._masks(pos_d, kv_len))
         out = self.model(input_ids=ids.to(dev, non_blocking=True), attention_mask=self._masks(pos_d, kv_len),
                          position_ids=pos_d, use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
         logits: torch.Tensor = out.logits[:, -1, :]

@@ -375,3 +375,58 @@ def test_shared_one_token_decodes_give_the_same_deltas(tiny_llama_dir: Path, def
             b = [shared.push(i)[0] for i in ids] + [shared.flush()]
             assert a == b and "".join(b) == tok.decode(ids, skip_special_tokens=True)
         assert pieces  # the cache was used
+
+
+@pytest.mark.parametrize("which", ["tiny_llama_gqa", "default_model"])
+def test_lean_decode_gives_the_hf_forwards_tokens(which: str, tiny_llama_dir: Path, default_model_dir: Path,
+                                                  tiny_gpt2_dir: Path) -> None:
+    """The lean decode step (rtws.runner._LeanDecoder: the model's own modules without the transformers
+    forward's per-call machinery) gives the HF forward's greedy tokens, step for step, as rows join at
+    different lengths; other architectures keep the HF forward and say why."""
+    from rtws.kv_blocks import KVCacheManager
+    from rtws.scheduler import PrefillChunk, Sequence
+
+    path = tiny_llama_dir if which == "tiny_llama_gqa" else default_model_dir
+    model, _ = load_model(str(path), torch.device("cpu"), torch.float32)
+    runners = {lean: ModelRunner(model, 8, 256, torch.device("cpu"), kv_cache_gb=0.01, lean_decode=lean)
+               for lean in (True, False)}
+    assert runners[True].lean_decode_reason is None and runners[True]._lean is not None
+    assert runners[False]._lean is None
+    gpt2, _ = load_model(str(tiny_gpt2_dir), torch.device("cpu"), torch.float32)
+    assert "not a lean architecture" in (ModelRunner(gpt2, 2, 64, torch.device("cpu"), kv_cache_gb=0.01)
+                                         .lean_decode_reason or "")
+    g = torch.Generator().manual_seed(11)
+    vocab = int(model.config.vocab_size)
+    prompts = [torch.randint(1, vocab, (3 + 7 * i,), generator=g).tolist() for i in range(6)]
+    out: dict[bool, list[list[int]]] = {}
+    logits: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    for lean, runner in runners.items():
+        forward = runner._forward_lanes
+
+        def recorded(seqs: list[Sequence], forward: Any = forward, into: list[torch.Tensor] = logits[lean]) -> Any:
+            out = forward(seqs)
+            into.append(out.clone())
+            return out
+
+        runner._forward_lanes = recorded  # type: ignore[method-assign]
+        kv = KVCacheManager(runner.num_blocks, runner.block_size, prefix_cache=False)
+        seqs = [Sequence(rid=i, prompt_ids=p, params=SamplingParams(temperature=0.0)) for i, p in enumerate(prompts)]
+        live: list[Sequence] = []
+        for step in range(36):
+            if step % 3 == 0 and step // 3 < len(seqs):
+                s = seqs[step // 3]
+                kv.ensure(s, len(s.prompt_ids))
+                res = runner.step(StepPlan(prefill=[PrefillChunk(s, 0, len(s.prompt_ids))], decode=[]))
+                s.num_cached = len(s.prompt_ids)
+                s.output_ids.append(res.tokens[0][1])
+                live.append(s)
+            for s in live:
+                kv.ensure(s, s.num_cached + 1)
+            for s, tok in runner.step(StepPlan(prefill=[], decode=live)).tokens:
+                s.num_cached += 1
+                s.output_ids.append(tok)
+        out[lean] = [s.output_ids for s in seqs]
+    assert sum(len(x) for x in out[True]) > 100
+    assert out[True] == out[False]
+    assert len(logits[True]) == len(logits[False]) == 36
+    assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))  # bitwise, not merely argmax
