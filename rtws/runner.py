@@ -267,6 +267,7 @@ class _LeanDecoder:
         self.cache = cache
         self.rope = sys.modules[type(model).__module__].apply_rotary_pos_emb
         self.layers = [(layer, layer.self_attn, layer.mlp) for layer in self.inner.layers]
+        self.kv: list[Any] = list(cache.layers)  # the runner's _PagedLayer per decoder layer
 
     def logits(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``ids``/``pos`` ``[B, 1]``, ``mask`` ``[B, 1, 1, kv_len]`` additive; returns logits ``[B, vocab]``."""
@@ -280,7 +281,7 @@ class _LeanDecoder:
             k = attn.k_proj(h).view(hs).transpose(1, 2)
             v = attn.v_proj(h).view(hs).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
-            k, v = self.cache.layers[i].update(k, v, i)
+            k, v = self.kv[i].update(k, v, i)
             o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
             x = x + attn.o_proj(o.reshape(shape).contiguous())
             x = x + mlp(layer.post_attention_layernorm(x))
