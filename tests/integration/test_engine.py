@@ -313,11 +313,22 @@ def test_context_end_stops_with_length(tiny_llama_dir: Path) -> None:
     assert reason == "length" and len(prompt) + n <= 256
 
 
+def join_whole(runner: ModelRunner, kv: Any, s: Any) -> Any:
+    """Prefill ``s`` (a scheduler Sequence) whole in one step and take its first token; returns ``s``."""
+    from rtws.scheduler import PrefillChunk
+
+    kv.ensure(s, len(s.prompt_ids))
+    res = runner.step(StepPlan(prefill=[PrefillChunk(s, 0, len(s.prompt_ids))], decode=[]))
+    s.num_cached = len(s.prompt_ids)
+    s.output_ids.append(res.tokens[0][1])
+    return s
+
+
 def test_decode_lanes_equal_the_block_gather_as_rows_join_leave_and_sit_out(tiny_llama_dir: Path) -> None:
     """The lanes (contiguous per-row KV, read as a view) give the same logits as the block gather while rows
     join, finish, sit a step out (paused) and come back: lanes compact, refill from the pool, stay exact."""
     from rtws.kv_blocks import KVCacheManager
-    from rtws.scheduler import PrefillChunk, Sequence
+    from rtws.scheduler import Sequence
 
     model, _ = load_model(str(tiny_llama_dir), torch.device("cpu"), torch.float32)
     runners = {lanes: ModelRunner(model, 8, 256, torch.device("cpu"), kv_cache_gb=0.01, decode_lanes=lanes)
@@ -332,12 +343,7 @@ def test_decode_lanes_equal_the_block_gather_as_rows_join_leave_and_sit_out(tiny
         live: list[Sequence] = []
         for step in range(40):
             if step % 4 == 0 and step // 4 < len(seqs):  # a new row joins every 4 steps
-                s = seqs[step // 4]
-                kv.ensure(s, len(s.prompt_ids))
-                res = runner.step(StepPlan(prefill=[PrefillChunk(s, 0, len(s.prompt_ids))], decode=[]))
-                s.num_cached = len(s.prompt_ids)
-                s.output_ids.append(res.tokens[0][1])
-                live.append(s)
+                live.append(join_whole(runner, kv, seqs[step // 4]))
             rows = [s for s in live if not (s.rid == 1 and 10 <= step < 14)]  # row 1 sits four steps out
             for s in rows:
                 kv.ensure(s, s.num_cached + 1)
@@ -384,7 +390,7 @@ def test_lean_decode_gives_the_hf_forwards_tokens(which: str, tiny_llama_dir: Pa
     forward's per-call machinery) gives the HF forward's greedy tokens, step for step, as rows join at
     different lengths; other architectures keep the HF forward and say why."""
     from rtws.kv_blocks import KVCacheManager
-    from rtws.scheduler import PrefillChunk, Sequence
+    from rtws.scheduler import Sequence
 
     path = tiny_llama_dir if which == "tiny_llama_gqa" else default_model_dir
     model, _ = load_model(str(path), torch.device("cpu"), torch.float32)
@@ -414,12 +420,7 @@ def test_lean_decode_gives_the_hf_forwards_tokens(which: str, tiny_llama_dir: Pa
         live: list[Sequence] = []
         for step in range(36):
             if step % 3 == 0 and step // 3 < len(seqs):
-                s = seqs[step // 3]
-                kv.ensure(s, len(s.prompt_ids))
-                res = runner.step(StepPlan(prefill=[PrefillChunk(s, 0, len(s.prompt_ids))], decode=[]))
-                s.num_cached = len(s.prompt_ids)
-                s.output_ids.append(res.tokens[0][1])
-                live.append(s)
+                live.append(join_whole(runner, kv, seqs[step // 3]))
             for s in live:
                 kv.ensure(s, s.num_cached + 1)
             for s, tok in runner.step(StepPlan(prefill=[], decode=live)).tokens:
