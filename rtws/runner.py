@@ -691,9 +691,9 @@ class ModelRunner:
         rows: list[Sequence] = []
         logits_parts: list[torch.Tensor] = []
         compiled = self._compiled
+        use_compiled = bool(plan.decode) and compiled is not None and compiled.covers(plan.decode)
         if self.elastic is not None:
-            self.elastic.for_step(len(plan.decode) + sum(c.end - c.start for c in plan.prefill),
-                                  bool(plan.decode) and compiled is not None and compiled.covers(plan.decode))
+            self.elastic.for_step(len(plan.decode) + sum(c.end - c.start for c in plan.prefill), use_compiled)
         if plan.decode and self._static is not None:
             groups = self._length_groups(plan.decode)
             rows = [s for g in groups for s in g]
@@ -705,7 +705,7 @@ class ModelRunner:
                     decoded = torch.cat([decoded, self._sample(last_logits, last_rows)])
                     rows += last_rows
             return StepOutput(tokens=list(zip(rows, decoded.tolist())))  # one host synchronisation
-        if plan.decode and compiled is not None and compiled.covers(plan.decode):
+        if use_compiled and compiled is not None:
             rows = list(plan.decode)
             decoded = compiled.sd.run(rows)
             if plan.prefill:
