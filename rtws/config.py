@@ -63,6 +63,9 @@ class ServerConfig:
     compile: str = field(default="auto", metadata={
         "help": "torch.compile the greedy decode step of small batches on CPU at warm-up: auto (models of 1M+ "
                 "parameters, kept per shape only where timing shows a gain), on or off"})
+    cpu_gemm: str = field(default="auto", metadata={
+        "help": "the decode step's linear layers on CPU: auto (oneDNN with weights packed at load, for float32 "
+                "models of 1M+ parameters where warm-up timing shows a gain), onednn, or default (torch's GEMM)"})
     engine_process: str = field(default="auto", metadata={
         "help": "run each model's engine in a process of its own, so that it shares no GIL with the event loop: "
                 "auto (CPU, 2+ cores, models with 4 MB+ of weights), on or off"})
@@ -289,6 +292,7 @@ def _validate(c: ServerConfig) -> None:
     need(c.kv_cache_gb is None or c.kv_cache_gb > 0, "kv_cache_gb", "must be > 0")
     need(1 <= c.block_size <= 4096, "block_size", "must be in 1..4096")
     need(c.compile in ("auto", "on", "off"), "compile", "must be auto, on or off")
+    need(c.cpu_gemm in ("auto", "onednn", "default"), "cpu_gemm", "must be auto, onednn or default")
     need(c.engine_process in ("auto", "on", "off"), "engine_process", "must be auto, on or off")
     need(c.resume_window_s >= 0, "resume_window_s", "must be >= 0")
     need(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",

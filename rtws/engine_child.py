@@ -65,7 +65,8 @@ def main(rfd: int, wfd: int) -> None:
         "dtype": str(getattr(model, "dtype", spec.dtype)), "config": getattr(model, "config", None),
         "kv_capacity_tokens": engine.kv_capacity_tokens, "stats": engine.stats(),
         "runner": {k: getattr(runner, k, None) for k in (
-            "num_blocks", "block_size", "kv_cache_bytes", "compile_choice", "compile_reason")},
+            "num_blocks", "block_size", "kv_cache_bytes", "compile_choice", "compile_reason", "cpu_gemm",
+            "cpu_gemm_reason")},
     }))
     code = 0
     gc.collect()

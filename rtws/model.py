@@ -43,6 +43,7 @@ class ModelSpec:
     prefix_cache: bool = True
     block_size: int = 16
     compile: str = "off"  # auto | on | off (ModelRunner; ServerConfig's default is auto)
+    cpu_gemm: str = "auto"  # auto | onednn | default (ModelRunner)
     engine_process: str = "off"  # auto | on | off (rtws.engine_process; ServerConfig's default is auto)
 
     @classmethod
@@ -56,7 +57,7 @@ class ModelSpec:
             aging_s=config.priority_aging_s, max_prompt_tokens=config.max_prompt_tokens,
             cuda_graphs=config.cuda_graphs, kv_cache_gb=config.kv_cache_gb, prefix_cache=config.prefix_cache,
             block_size=config.block_size, quantization=config.quantization, compile=config.compile,
-            engine_process=config.engine_process,
+            cpu_gemm=config.cpu_gemm, engine_process=config.engine_process,
         )
 
 
@@ -183,7 +184,11 @@ def load(spec: ModelSpec, observer: StepObserver | None = None, *, engine_cls: t
     max_len = min(spec.max_seq_len or ctx, ctx)
     runner = rn.ModelRunner(model, spec.num_slots, max_len, device,
                             static_decode=spec.cuda_graphs and device.type == "cuda", cuda_graphs=spec.cuda_graphs,
-                            kv_cache_gb=spec.kv_cache_gb, block_size=spec.block_size, compile=spec.compile)
+                            kv_cache_gb=spec.kv_cache_gb, block_size=spec.block_size, compile=spec.compile,
+                            cpu_gemm=spec.cpu_gemm)
+    log.info("decode gemm: %s", runner.cpu_gemm_reason,
+             extra={"event": "cpu_gemm_choice", "model": spec.name, "cpu_gemm": runner.cpu_gemm,
+                    "reason": runner.cpu_gemm_reason, **runner.cpu_gemm_timing})
     log.info("decode compile: %s", runner.compile_reason,
              extra={"event": "compile_choice", "model": spec.name, "compile": runner.compile_choice,
                     "reason": runner.compile_reason})

@@ -19,10 +19,12 @@ standard Cache interface. Sliding windows live in the masks.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +251,11 @@ def lean_decode_reason(model: Any, layout: AttentionLayout) -> str | None:
         attn = getattr(layer, "self_attn", None)
         if attn is None or not hasattr(attn, "scaling"):
             return "no self_attn with a scaling"
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return "no gated MLP (gate_proj, up_proj, down_proj, act_fn)"
+        if mlp._forward_hooks or mlp._forward_pre_hooks:
+            return "forward hooks on an MLP"
         if layer._forward_hooks or layer._forward_pre_hooks or attn._forward_hooks or attn._forward_pre_hooks:
             return "forward hooks on a layer"
     if getattr(sys.modules.get(type(model).__module__), "apply_rotary_pos_emb", None) is None:
@@ -256,17 +263,84 @@ def lean_decode_reason(model: Any, layout: AttentionLayout) -> str | None:
     return None
 
 
+CPU_GEMM_MODES = ("auto", "onednn", "default")
+CPU_GEMM_MAX_BYTES = 1 << 30  # auto packs at most this many bytes of linear weights (the packed copy doubles them)
+CPU_GEMM_MIN_GAIN = 0.9  # auto packs only when the packed GEMMs take at most this fraction of the default's time
+
+
+def cpu_gemm_choice(mode: str, device_type: str, dtype: torch.dtype, num_params: int, weight_bytes: int,
+                    plain_weights: bool, onednn: bool) -> tuple[bool, str]:
+    """Whether the lean decode step runs its linear layers on oneDNN with weights packed once at load, and why
+    (for the startup log). A pure function; ``auto``'s answer is then confirmed by timing (see ModelRunner).
+
+    The default GEMM (``F.linear``, MKL's sgemm on x86 wheels) re-packs each weight matrix on every call,
+    which costs as much as the product itself at the few rows a decode step has; oneDNN's inner-product with a
+    pre-packed weight skips that. The results are float32 with a different summation order (about 1e-6
+    relative), not bitwise the default's.
+    """
+    if mode == "default":
+        return False, "cpu_gemm=default"
+    if device_type != "cpu":
+        return False, f"cpu_gemm={mode}: not on {device_type}"
+    if not onednn:
+        return False, f"cpu_gemm={mode}: this torch has no oneDNN"
+    if dtype != torch.float32:
+        return False, f"cpu_gemm={mode}: {str(dtype).removeprefix('torch.')} weights (packing is float32 only)"
+    if not plain_weights:
+        return False, f"cpu_gemm={mode}: quantized or non-plain linear weights"
+    if mode == "onednn":
+        return True, "cpu_gemm=onednn"
+    if num_params < COMPILE_AUTO_MIN_PARAMS:
+        return False, f"cpu_gemm=auto: {num_params} parameters < {COMPILE_AUTO_MIN_PARAMS} (a test-sized model)"
+    if weight_bytes > CPU_GEMM_MAX_BYTES:
+        return False, (f"cpu_gemm=auto: {weight_bytes >> 20} MiB of linear weights > {CPU_GEMM_MAX_BYTES >> 20} MiB "
+                       "(a packed copy would double them)")
+    return True, "cpu_gemm=auto: oneDNN with packed weights, kept where warm-up timing shows a gain"
+
+
+def _lean_linears(model: Any) -> list[Any]:
+    """The linear layers of the lean decode step: q, k, v, o, gate, up, down per layer, then the LM head."""
+    out = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        out += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    return out + [model.lm_head]
+
+
+class _PackedLinear:
+    """``F.linear(x, weight, bias)`` on oneDNN with the weight packed once (``mkldnn._reorder_linear_weight``)
+    for ``rows`` rows, a layout it then uses for any row count."""
+
+    __slots__ = ("weight", "bias", "op")
+
+    def __init__(self, linear: Any, rows: int) -> None:
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.op = torch.ops.mkldnn._linear_pointwise
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.op(x, self.weight, self.bias, "none", [], "")
+        return out
+
+
 class _LeanDecoder:
     """A one-token decode step for the architectures of :data:`LEAN_ARCHS`, straight through the model's
     modules (see :func:`lean_decode_reason`). The KV read and write go through the runner's cache layers, as
-    the HF forward's ``cache.update`` does."""
+    the HF forward's ``cache.update`` does. With ``pack_rows``, the linear layers run as :class:`_PackedLinear`
+    (see :func:`cpu_gemm_choice`); without, they are the model's own modules and the logits are bitwise the
+    HF forward's."""
 
-    def __init__(self, model: Any, cache: PagedKVCache) -> None:
+    def __init__(self, model: Any, cache: PagedKVCache, pack_rows: int | None = None) -> None:
         self.model = model
         self.inner = model.model
         self.cache = cache
         self.rope = sys.modules[type(model).__module__].apply_rotary_pos_emb
-        self.layers = [(layer, layer.self_attn, layer.mlp) for layer in self.inner.layers]
+        mods = _lean_linears(model)
+        self.packed = pack_rows is not None
+        lin: list[Any] = [_PackedLinear(m, pack_rows) for m in mods] if pack_rows is not None else mods
+        self.head = lin[-1]
+        self.layers = [(layer, layer.self_attn, layer.mlp.act_fn, lin[7 * i: 7 * i + 7])
+                       for i, layer in enumerate(self.inner.layers)]
         self.kv: list[Any] = list(cache.layers)  # the runner's _PagedLayer per decoder layer
 
     def logits(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -274,20 +348,36 @@ class _LeanDecoder:
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, position_ids=pos)
         shape = (*x.shape[:-1], -1)
-        for i, (layer, attn, mlp) in enumerate(self.layers):
+        for i, (layer, attn, act, (q_proj, k_proj, v_proj, o_proj, gate, up, down)) in enumerate(self.layers):
             h = layer.input_layernorm(x)
             hs = (*shape[:-1], -1, attn.head_dim)
-            q = attn.q_proj(h).view(hs).transpose(1, 2)
-            k = attn.k_proj(h).view(hs).transpose(1, 2)
-            v = attn.v_proj(h).view(hs).transpose(1, 2)
+            q = q_proj(h).view(hs).transpose(1, 2)
+            k = k_proj(h).view(hs).transpose(1, 2)
+            v = v_proj(h).view(hs).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
             k, v = self.kv[i].update(k, v, i)
             o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-            x = x + attn.o_proj(o.reshape(shape).contiguous())
-            x = x + mlp(layer.post_attention_layernorm(x))
+            x = x + o_proj(o.reshape(shape).contiguous())
+            h = layer.post_attention_layernorm(x)
+            x = x + down(act(gate(h)) * up(h))  # LlamaMLP.forward, op for op
         x = self.inner.norm(x)
-        out: torch.Tensor = self.model.lm_head(x[:, -1, :])
+        out: torch.Tensor = self.head(x[:, -1, :])
         return out
+
+    def warm(self, rows: int) -> None:
+        """Build oneDNN's kernels for every row count up to ``rows`` (about 0.5 ms per new count and weight
+        shape, paid in the first step of that size otherwise). A no-op unpacked."""
+        if not self.packed:
+            return
+        shapes: dict[tuple[int, int], Any] = {}
+        for layer in self.layers:
+            for p in layer[3]:
+                shapes.setdefault(tuple(p.weight.shape), p)
+        shapes.setdefault(tuple(self.head.weight.shape), self.head)
+        for (_, k), p in shapes.items():
+            x = torch.zeros(rows, k, dtype=torch.float32, device=p.weight.device)
+            for b in range(1, rows + 1):
+                p(x[:b])
 
 
 # --------------------------------------------------------------------------- paged KV cache
@@ -518,7 +608,7 @@ class ModelRunner:
     def __init__(self, model: Any, num_slots: int, max_len: int, device: torch.device,
                  static_decode: bool | None = None, cuda_graphs: bool = True, *,
                  kv_cache_gb: float | None = None, block_size: int = 16, decode_lanes: bool = True,
-                 compile: str = "off", lean_decode: bool = True) -> None:
+                 compile: str = "off", lean_decode: bool = True, cpu_gemm: str = "auto") -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.model = model
@@ -574,8 +664,63 @@ class ModelRunner:
         # The decode lanes' step without the HF forward's per-call machinery, where the model allows it.
         self.lean_decode_reason = lean_decode_reason(model, self.layout) if lean_decode else "lean_decode=False"
         self._lean = _LeanDecoder(model, self.cache) if self.lean_decode_reason is None else None
+        # Its linear layers on oneDNN with packed weights, where that pays (cpu_gemm_choice, then timing for auto).
+        if cpu_gemm not in CPU_GEMM_MODES:
+            raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMM_MODES)}")
+        self.cpu_gemm = False
+        self.cpu_gemm_reason = f"cpu_gemm={cpu_gemm}: no lean decode step ({self.lean_decode_reason})"
+        self.cpu_gemm_timing: dict[str, float] = {}
+        if self._lean is not None:
+            self._choose_gemm(cpu_gemm)
 
     # ------------------------------------------------------------------ setup
+
+    def _choose_gemm(self, mode: str) -> None:
+        """Set up the lean step's GEMMs per :func:`cpu_gemm_choice`; for ``auto``, time the first layer's linears
+        and the LM head both ways at 4 and at 32 rows (the fastest of 5 interleaved rounds) and keep the packed
+        ones only at most :data:`CPU_GEMM_MIN_GAIN` of the default's time. Logged by the loader."""
+        import time
+
+        mods = _lean_linears(self.model)
+        weights = [m.weight for m in mods]
+        plain = all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype == self.dtype for w in weights)
+        use, reason = cpu_gemm_choice(
+            mode, self.device.type, self.dtype, sum(p.numel() for p in self.model.parameters()),
+            sum(w.numel() * w.element_size() for w in weights), plain, bool(torch.backends.mkldnn.is_available()))
+        if not use:
+            self.cpu_gemm_reason = reason
+            return
+        rows = min(self.num_slots, 64)
+        try:
+            lean = _LeanDecoder(self.model, self.cache, pack_rows=rows)
+        except RuntimeError as exc:  # a oneDNN build that cannot pack this weight: keep the default
+            self.cpu_gemm_reason = f"{reason}; packing failed ({exc}): default GEMM"
+            return
+        if mode == "auto":
+            sample = list(range(7)) + [len(mods) - 1]  # layer 0's seven linears and the head
+            packed = [lean.layers[0][3][i] if i < 7 else lean.head for i in sample]
+            plain_mods = [mods[i] for i in sample]
+            best = {"default": float("inf"), "onednn": float("inf")}
+            with torch.inference_mode():
+                xs = {b: {m.in_features: torch.randn(b, m.in_features, dtype=self.dtype) for m in plain_mods}
+                      for b in (min(4, rows), min(32, rows))}
+                for _ in range(5):
+                    for name, fns in (("default", plain_mods), ("onednn", packed)):
+                        t = time.perf_counter()
+                        for x in xs.values():
+                            for f, m in zip(fns, plain_mods):
+                                f(x[m.in_features])
+                        best[name] = min(best[name], time.perf_counter() - t)
+            self.cpu_gemm_timing = {k: round(v * 1e3, 3) for k, v in best.items()}
+            if best["onednn"] > CPU_GEMM_MIN_GAIN * best["default"]:
+                self.cpu_gemm_reason = (f"cpu_gemm=auto: packed {best['onednn'] * 1e3:.2f} ms vs default "
+                                        f"{best['default'] * 1e3:.2f} ms in the timing: default GEMM")
+                return
+            reason = (f"cpu_gemm=auto: oneDNN with packed weights ({best['onednn'] * 1e3:.2f} ms vs "
+                      f"{best['default'] * 1e3:.2f} ms for the default in the timing)")
+        self._lean = lean
+        self.cpu_gemm = True
+        self.cpu_gemm_reason = reason
 
     def _kv_budget(self, kv_cache_gb: float | None) -> int:
         if kv_cache_gb is not None:
@@ -845,6 +990,36 @@ class ModelRunner:
                       self._vocab_hash, need_filter)
 
     @torch.inference_mode()
+    @contextlib.contextmanager
+    def lean_probe(self, b: int, n: int) -> Iterator[Callable[[], torch.Tensor] | None]:
+        """For timing: a callable running the lean decode step (greedy) for ``b`` rows attending over ``n``
+        positions, on scratch lanes (the real lanes are put back after), writing its new K/V into the null
+        block; None where decode does not take the lean step over the lanes."""
+        lean = self._lean
+        if lean is None or self._lanes is None:
+            yield None
+            return
+        layers = [layer for layer in self.cache.layers if isinstance(layer, _PagedLayer)]
+        saved = [(layer.k_lanes, layer.v_lanes) for layer in layers]
+        dev = self.device
+        try:
+            for layer, shape in zip(layers, self.layer_shapes):
+                layer.k_lanes = torch.zeros(b, shape.heads, n, shape.key_dim, dtype=self.dtype, device=dev)
+                layer.v_lanes = torch.zeros(b, shape.heads, n, shape.value_dim, dtype=self.dtype, device=dev)
+            ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
+            pos = torch.full((b, 1), n - 1, dtype=torch.long, device=dev)
+            mask = self._masks(pos, n)
+            write = torch.zeros(b, dtype=torch.long, device=dev)  # the null block's first slot
+
+            def run() -> torch.Tensor:
+                self.cache.bind_lanes(write, pos[:, 0], n)
+                return lean.logits(ids, pos, mask).argmax(dim=-1)
+
+            yield run
+        finally:
+            for layer, (k, v) in zip(layers, saved):
+                layer.k_lanes, layer.v_lanes = k, v
+
     def prefault_kv(self) -> int:
         """Write every KV pool position once (zeros), so the pool's pages are resident before traffic: first
         use of a block then costs no page faults in a step, and RSS stops growing with use. Call before any
@@ -866,6 +1041,9 @@ class ModelRunner:
         seq = Sequence(rid=-1, prompt_ids=[0, 0], params=SamplingParams(max_tokens=1, temperature=0.0))
         seq.block_table = [NULL_BLOCK]
         self.step(StepPlan(prefill=[PrefillChunk(seq, 0, 2)], decode=[]))
+        if self._lean is not None:
+            with torch.inference_mode():
+                self._lean.warm(min(self.num_slots, 128))
         if self._static is not None:
             self._static.capture_all()
         if self._compiled is not None:
@@ -1101,14 +1279,18 @@ class _CompiledDecoder:
         report: list[dict[str, Any]] = []
 
         def timed(b: int, n: int, pairs: int = 7) -> tuple[float, float]:
-            """Fastest of ``pairs`` interleaved eager/compiled steps, in ms (the minimum: a busy box only adds)."""
+            """Fastest of ``pairs`` interleaved eager/compiled steps, in ms (the minimum: a busy box only adds).
+            Eager is the step such rows take uncompiled: the lean step over the lanes where the runner has
+            one, else the static body."""
             e: list[float] = []
             c: list[float] = []
-            for _ in range(pairs):
-                for f, acc in ((sd._body, e), (fn, c)):
-                    t = time.perf_counter()
-                    f(b, n, False)
-                    acc.append(time.perf_counter() - t)
+            with sd.r.lean_probe(b, n) as lean:
+                eager = (lambda: lean()) if lean is not None else (lambda: sd._body(b, n, False))
+                for _ in range(pairs):
+                    for f, acc in ((eager, e), (lambda: fn(b, n, False), c)):
+                        t = time.perf_counter()
+                        f()
+                        acc.append(time.perf_counter() - t)
             return min(e) * 1e3, min(c) * 1e3
 
         built: list[tuple[int, int, float, bool]] = []

@@ -387,29 +387,33 @@ def test_shared_one_token_decodes_give_the_same_deltas(tiny_llama_dir: Path, def
 def test_lean_decode_gives_the_hf_forwards_tokens(which: str, tiny_llama_dir: Path, default_model_dir: Path,
                                                   tiny_gpt2_dir: Path) -> None:
     """The lean decode step (rtws.runner._LeanDecoder: the model's own modules without the transformers
-    forward's per-call machinery) gives the HF forward's greedy tokens, step for step, as rows join at
-    different lengths; other architectures keep the HF forward and say why."""
+    forward's per-call machinery) gives the HF forward's logits bitwise, step for step, as rows join at
+    different lengths; with its linears on oneDNN (packed weights, cpu_gemm) the same greedy tokens and logits
+    within float32 rounding; other architectures keep the HF forward and say why."""
     from rtws.kv_blocks import KVCacheManager
     from rtws.scheduler import Sequence
 
     path = tiny_llama_dir if which == "tiny_llama_gqa" else default_model_dir
     model, _ = load_model(str(path), torch.device("cpu"), torch.float32)
-    runners = {lean: ModelRunner(model, 8, 256, torch.device("cpu"), kv_cache_gb=0.01, lean_decode=lean)
-               for lean in (True, False)}
-    assert runners[True].lean_decode_reason is None and runners[True]._lean is not None
-    assert runners[False]._lean is None
+    kinds: dict[str, dict[str, Any]] = {"hf": {"lean_decode": False}, "lean": {"cpu_gemm": "default"},
+                                       "packed": {"cpu_gemm": "onednn"}}
+    runners = {k: ModelRunner(model, 8, 256, torch.device("cpu"), kv_cache_gb=0.01, **kw) for k, kw in kinds.items()}
+    assert runners["lean"].lean_decode_reason is None and runners["lean"]._lean is not None
+    assert not runners["lean"].cpu_gemm and runners["lean"]._lean is not None and not runners["lean"]._lean.packed
+    assert runners["packed"].cpu_gemm and runners["packed"]._lean is not None and runners["packed"]._lean.packed
+    assert runners["hf"]._lean is None and "no lean decode step" in runners["hf"].cpu_gemm_reason
     gpt2, _ = load_model(str(tiny_gpt2_dir), torch.device("cpu"), torch.float32)
     assert "not a lean architecture" in (ModelRunner(gpt2, 2, 64, torch.device("cpu"), kv_cache_gb=0.01)
                                          .lean_decode_reason or "")
     g = torch.Generator().manual_seed(11)
     vocab = int(model.config.vocab_size)
     prompts = [torch.randint(1, vocab, (3 + 7 * i,), generator=g).tolist() for i in range(6)]
-    out: dict[bool, list[list[int]]] = {}
-    logits: dict[bool, list[torch.Tensor]] = {True: [], False: []}
-    for lean, runner in runners.items():
+    out: dict[str, list[list[int]]] = {}
+    logits: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+    for kind, runner in runners.items():
         forward = runner._forward_lanes
 
-        def recorded(seqs: list[Sequence], forward: Any = forward, into: list[torch.Tensor] = logits[lean]) -> Any:
+        def recorded(seqs: list[Sequence], forward: Any = forward, into: list[torch.Tensor] = logits[kind]) -> Any:
             out = forward(seqs)
             into.append(out.clone())
             return out
@@ -426,8 +430,34 @@ def test_lean_decode_gives_the_hf_forwards_tokens(which: str, tiny_llama_dir: Pa
             for s, tok in runner.step(StepPlan(prefill=[], decode=live)).tokens:
                 s.num_cached += 1
                 s.output_ids.append(tok)
-        out[lean] = [s.output_ids for s in seqs]
-    assert sum(len(x) for x in out[True]) > 100
-    assert out[True] == out[False]
-    assert len(logits[True]) == len(logits[False]) == 36
-    assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))  # bitwise, not merely argmax
+        out[kind] = [s.output_ids for s in seqs]
+    assert sum(len(x) for x in out["hf"]) > 100
+    assert out["lean"] == out["hf"] and out["packed"] == out["hf"]
+    assert all(len(v) == 36 for v in logits.values())
+    assert all(torch.equal(a, b) for a, b in zip(logits["lean"], logits["hf"]))  # bitwise, not merely argmax
+    for a, b in zip(logits["packed"], logits["hf"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # another summation order, same precision
+    assert any(not torch.equal(a, b) for a, b in zip(logits["packed"], logits["hf"]))  # it did run oneDNN
+
+
+def test_cpu_gemm_auto_packs_served_float32_models_only(tiny_llama_dir: Path, default_model_dir: Path) -> None:
+    """cpu_gemm=auto leaves test-sized models on the default GEMM and decides the bundled model by timing
+    (the reason says which and why); the choice itself is a pure function of the model and the machine."""
+    from rtws.runner import CPU_GEMM_MAX_BYTES, cpu_gemm_choice
+
+    tiny, _ = load_model(str(tiny_llama_dir), torch.device("cpu"), torch.float32)
+    r = ModelRunner(tiny, 4, 128, torch.device("cpu"), kv_cache_gb=0.01)
+    assert not r.cpu_gemm and "test-sized" in r.cpu_gemm_reason
+    served, _ = load_model(str(default_model_dir), torch.device("cpu"), torch.float32)
+    r = ModelRunner(served, 4, 128, torch.device("cpu"), kv_cache_gb=0.01)
+    assert set(r.cpu_gemm_timing) == {"default", "onednn"}
+    assert ("oneDNN with packed weights" in r.cpu_gemm_reason) == r.cpu_gemm
+    f32, big = torch.float32, 10_000_000
+    assert cpu_gemm_choice("auto", "cpu", f32, big, 1 << 20, True, True)[0]
+    assert not cpu_gemm_choice("default", "cpu", f32, big, 1 << 20, True, True)[0]
+    assert "not on cuda" in cpu_gemm_choice("onednn", "cuda", f32, big, 1 << 20, True, True)[1]
+    assert "no oneDNN" in cpu_gemm_choice("auto", "cpu", f32, big, 1 << 20, True, False)[1]
+    assert "bfloat16" in cpu_gemm_choice("onednn", "cpu", torch.bfloat16, big, 1 << 20, True, True)[1]
+    assert "quantized" in cpu_gemm_choice("onednn", "cpu", f32, big, 1 << 20, False, True)[1]
+    assert cpu_gemm_choice("onednn", "cpu", f32, 10, 1 << 20, True, True)[0]  # forced: whatever the size
+    assert "double them" in cpu_gemm_choice("auto", "cpu", f32, big, CPU_GEMM_MAX_BYTES + 1, True, True)[1]
