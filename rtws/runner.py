@@ -338,6 +338,7 @@ class _LeanDecoder:
         mods = _lean_linears(model)
         self.packed = pack_rows is not None
         lin: list[Any] = [_PackedLinear(m, pack_rows) for m in mods] if pack_rows is not None else mods
+        self.linears = lin
         self.head = lin[-1]
         self.layers = [(layer, layer.self_attn, layer.mlp.act_fn, lin[7 * i: 7 * i + 7])
                        for i, layer in enumerate(self.inner.layers)]
@@ -670,6 +671,7 @@ class ModelRunner:
         self.cpu_gemm = False
         self.cpu_gemm_reason = f"cpu_gemm={cpu_gemm}: no lean decode step ({self.lean_decode_reason})"
         self.cpu_gemm_timing: dict[str, float] = {}
+        self._packed_mods: list[tuple[Any, _PackedLinear]] = []
         if self._lean is not None:
             self._choose_gemm(cpu_gemm)
 
@@ -683,7 +685,8 @@ class ModelRunner:
 
         mods = _lean_linears(self.model)
         weights = [m.weight for m in mods]
-        plain = all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype == self.dtype for w in weights)
+        plain = all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype == self.dtype for w in weights) and not any(
+            "forward" in vars(m) for m in mods)  # no forward already replaced on the instance (accelerate's hooks)
         use, reason = cpu_gemm_choice(
             mode, self.device.type, self.dtype, sum(p.numel() for p in self.model.parameters()),
             sum(w.numel() * w.element_size() for w in weights), plain, bool(torch.backends.mkldnn.is_available()))
@@ -719,6 +722,7 @@ class ModelRunner:
             reason = (f"cpu_gemm=auto: oneDNN with packed weights ({best['onednn'] * 1e3:.2f} ms vs "
                       f"{best['default'] * 1e3:.2f} ms for the default in the timing)")
         self._lean = lean
+        self._packed_mods = list(zip(mods, lean.linears))
         self.cpu_gemm = True
         self.cpu_gemm_reason = reason
 
@@ -806,10 +810,28 @@ class ModelRunner:
         dev = self.device
         qpos_d = qpos.to(dev, non_blocking=True)
         self.cache.bind(write.reshape(-1).to(dev, non_blocking=True), read.to(dev, non_blocking=True), kv_len)
-        out = self.model(input_ids=ids.to(dev, non_blocking=True), attention_mask=self._masks(qpos_d, kv_len),
-                         position_ids=qpos_d, use_cache=True, logits_to_keep=logits_to_keep,
-                         **{self._cache_kw: self.cache})
+        with self._packed_linears():
+            out = self.model(input_ids=ids.to(dev, non_blocking=True), attention_mask=self._masks(qpos_d, kv_len),
+                             position_ids=qpos_d, use_cache=True, logits_to_keep=logits_to_keep,
+                             **{self._cache_kw: self.cache})
         return out.logits
+
+    @contextlib.contextmanager
+    def _packed_linears(self) -> Iterator[None]:
+        """With packed GEMMs on (cpu_gemm), the HF forward's linear layers run them too for the duration (prefill,
+        the block gather): each module's ``forward`` is the packed one, as an instance attribute removed after,
+        so the compiled and static paths, which trace the modules, never see the packed weights."""
+        swaps = self._packed_mods
+        if not swaps:
+            yield
+            return
+        for mod, packed in swaps:
+            mod.forward = packed
+        try:
+            yield
+        finally:
+            for mod, _ in swaps:
+                del mod.forward
 
     def _forward_lanes(self, seqs: list[Sequence]) -> torch.Tensor:
         """One decode forward over the lanes; ``seqs[b]`` holds lane ``b``. Returns logits ``[B, vocab]``."""
