@@ -323,6 +323,37 @@ class _PackedLinear:
         return out
 
 
+ROPE_TABLE_MAX_BYTES = 16 << 20  # a longer context computes cos/sin per step instead
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3")  # inv_freq fixed at load (no dynamic_rope_update)
+
+
+def _rope_table(rotary: Any, model: Any, max_len: int) -> torch.Tensor | None:
+    """``[max_len, 2, head_dim]``: the cos and sin ``rotary`` gives each position, computed once by ``rotary``
+    itself (elementwise per position, so a row looked up is bitwise the one it computes per step); None for a
+    RoPE type that rescales with the sequence (dynamic, longrope), or a table over ROPE_TABLE_MAX_BYTES."""
+    if max_len <= 0 or getattr(rotary, "rope_type", None) not in _STATIC_ROPE_TYPES:
+        return None
+    p = next(model.parameters())
+    head_dim = int(getattr(rotary, "inv_freq").shape[0]) * 2
+    if max_len * head_dim * 2 * p.element_size() > ROPE_TABLE_MAX_BYTES:
+        return None
+    with torch.inference_mode():
+        x = torch.zeros(1, 1, dtype=p.dtype, device=p.device)
+        cos, sin = rotary(x, position_ids=torch.arange(max_len, device=p.device)[None])
+    return torch.stack([cos[0], sin[0]], dim=1).contiguous()
+
+
+def _norm(module: Any, fused: bool) -> Any:
+    """The module itself, or, for the packed (already not bitwise) step, one fused ``F.rms_norm`` of its weight
+    and epsilon in place of LlamaRMSNorm's six ops."""
+    eps = getattr(module, "variance_epsilon", None)
+    if not fused or eps is None or getattr(module, "weight", None) is None or module._forward_hooks:
+        return module
+    w = module.weight
+    shape = (int(w.shape[0]),)
+    return lambda x: torch.nn.functional.rms_norm(x, shape, w, eps)
+
+
 class _LeanDecoder:
     """A one-token decode step for the architectures of :data:`LEAN_ARCHS`, straight through the model's
     modules (see :func:`lean_decode_reason`). The KV read and write go through the runner's cache layers, as
@@ -330,7 +361,7 @@ class _LeanDecoder:
     (see :func:`cpu_gemm_choice`); without, they are the model's own modules and the logits are bitwise the
     HF forward's."""
 
-    def __init__(self, model: Any, cache: PagedKVCache, pack_rows: int | None = None) -> None:
+    def __init__(self, model: Any, cache: PagedKVCache, pack_rows: int | None = None, max_len: int = 0) -> None:
         self.model = model
         self.inner = model.model
         self.cache = cache
@@ -340,17 +371,25 @@ class _LeanDecoder:
         lin: list[Any] = [_PackedLinear(m, pack_rows) for m in mods] if pack_rows is not None else mods
         self.linears = lin
         self.head = lin[-1]
-        self.layers = [(layer, layer.self_attn, layer.mlp.act_fn, lin[7 * i: 7 * i + 7])
+        self.layers = [(layer, layer.self_attn, layer.mlp.act_fn, lin[7 * i: 7 * i + 7],
+                        (_norm(layer.input_layernorm, self.packed), _norm(layer.post_attention_layernorm, self.packed)))
                        for i, layer in enumerate(self.inner.layers)]
+        self.norm = _norm(self.inner.norm, self.packed)
         self.kv: list[Any] = list(cache.layers)  # the runner's _PagedLayer per decoder layer
+        self.rope_table = _rope_table(self.inner.rotary_emb, model, max_len)
 
     def logits(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``ids``/``pos`` ``[B, 1]``, ``mask`` ``[B, 1, 1, kv_len]`` additive; returns logits ``[B, vocab]``."""
         x = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(x, position_ids=pos)
+        if self.rope_table is not None:
+            cs = self.rope_table[pos]  # [B, 1, 2, head_dim]: the rows rotary_emb computes, looked up
+            cos, sin = cs[:, :, 0], cs[:, :, 1]
+        else:
+            cos, sin = self.inner.rotary_emb(x, position_ids=pos)
         shape = (*x.shape[:-1], -1)
-        for i, (layer, attn, act, (q_proj, k_proj, v_proj, o_proj, gate, up, down)) in enumerate(self.layers):
-            h = layer.input_layernorm(x)
+        for i, (layer, attn, act, (q_proj, k_proj, v_proj, o_proj, gate, up, down), (norm1, norm2)) in enumerate(
+                self.layers):
+            h = norm1(x)
             hs = (*shape[:-1], -1, attn.head_dim)
             q = q_proj(h).view(hs).transpose(1, 2)
             k = k_proj(h).view(hs).transpose(1, 2)
@@ -359,9 +398,9 @@ class _LeanDecoder:
             k, v = self.kv[i].update(k, v, i)
             o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
             x = x + o_proj(o.reshape(shape).contiguous())
-            h = layer.post_attention_layernorm(x)
+            h = norm2(x)
             x = x + down(act(gate(h)) * up(h))  # LlamaMLP.forward, op for op
-        x = self.inner.norm(x)
+        x = self.norm(x)
         out: torch.Tensor = self.head(x[:, -1, :])
         return out
 
@@ -664,7 +703,8 @@ class ModelRunner:
         self.elastic: Any = None
         # The decode lanes' step without the HF forward's per-call machinery, where the model allows it.
         self.lean_decode_reason = lean_decode_reason(model, self.layout) if lean_decode else "lean_decode=False"
-        self._lean = _LeanDecoder(model, self.cache) if self.lean_decode_reason is None else None
+        self._lean = (_LeanDecoder(model, self.cache, max_len=max_len) if self.lean_decode_reason is None
+                      else None)
         # Its linear layers on oneDNN with packed weights, where that pays (cpu_gemm_choice, then timing for auto).
         if cpu_gemm not in CPU_GEMM_MODES:
             raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMM_MODES)}")
@@ -695,7 +735,7 @@ class ModelRunner:
             return
         rows = min(self.num_slots, 64)
         try:
-            lean = _LeanDecoder(self.model, self.cache, pack_rows=rows)
+            lean = _LeanDecoder(self.model, self.cache, pack_rows=rows, max_len=self.max_len)
         except RuntimeError as exc:  # a oneDNN build that cannot pack this weight: keep the default
             self.cpu_gemm_reason = f"{reason}; packing failed ({exc}): default GEMM"
             return
