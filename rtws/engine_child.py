@@ -58,7 +58,9 @@ def main(rfd: int, wfd: int) -> None:
     runner: Any = engine.runner
     top = threads[2] if len(threads) > 2 else None
     if top is not None and threads[0] is not None and top > threads[0] and hasattr(runner, "elastic"):
-        runner.elastic = ElasticThreads(threads[0], top, SpareCore(usable_cores()))
+        min_rows = runner.elastic_min_rows(threads[0], top)
+        if min_rows is not None:
+            runner.elastic = ElasticThreads(threads[0], top, SpareCore(usable_cores()), min_rows=min_rows)
     model: Any = served.model
     engine.send(("ready", {
         "pid": os.getpid(), "context_len": served.context_len, "device": served.device,

@@ -1082,6 +1082,51 @@ class ModelRunner:
             for layer, (k, v) in zip(layers, saved):
                 layer.k_lanes, layer.v_lanes = k, v
 
+    ELASTIC_PROBE_ROWS = (1, 2, 4, 8, 16, 32)
+    # Steps of fewer rows always stay at base. Their ops are too short to share a core with the event loop,
+    # which works on each token while the next step runs. On the AMD VM, the lean step at 1 row was 10% faster
+    # at 2 threads alone (1.59 vs 1.75 ms). But one stream served at 2 threads came out at 2.61 ms between
+    # tokens, against 1.68 ms at 1 thread. From 4 rows up, 8 streams gained (2.63 vs 2.85 ms; round 8).
+    ELASTIC_MIN_ROWS = 4
+
+    def elastic_min_rows(self, base: int, top: int) -> int | None:
+        """The fewest rows (at least :data:`ELASTIC_MIN_ROWS`) from which an uncompiled decode step is faster at
+        ``top`` intra-op threads than at ``base`` (rtws.threads.ElasticThreads), from timing the lean step (the
+        fastest of 5 interleaved rounds at each of :data:`ELASTIC_PROBE_ROWS` rows from there, 128 positions):
+        a count from which every larger one measured at most 0.95x base's time. None: top never paid. Logged.
+        Test-sized models, and models without the lean step, are not timed: :data:`ELASTIC_MIN_ROWS`."""
+        import time
+
+        rows = [b for b in self.ELASTIC_PROBE_ROWS if self.ELASTIC_MIN_ROWS <= b <= self.num_slots]
+        if (sum(p.numel() for p in self.model.parameters()) < COMPILE_AUTO_MIN_PARAMS or self._lean is None
+                or self._lanes is None or not rows):
+            return self.ELASTIC_MIN_ROWS
+        n = min(128, self.max_blocks_per_seq * self.block_size)
+        best: dict[tuple[int, int], float] = {}
+        try:
+            for b in rows:
+                with self.lean_probe(b, n) as run:
+                    assert run is not None
+                    for t in (base, top):
+                        torch.set_num_threads(t)
+                        run()
+                    for _ in range(5):
+                        for t in (base, top):
+                            torch.set_num_threads(t)
+                            t0 = time.perf_counter()
+                            run()
+                            best[(b, t)] = min(best.get((b, t), float("inf")), time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(base)
+        wins = [best[(b, top)] <= 0.95 * best[(b, base)] for b in rows]
+        first = next((i for i in range(len(rows)) if all(wins[i:])), None)
+        out = rows[first] if first is not None else None
+        timing = {f"{b}": [round(best[(b, base)] * 1e3, 3), round(best[(b, top)] * 1e3, 3)] for b in rows}
+        log.info("elastic threads: %s", f"{top} threads from {out} rows" if out else f"{top} threads never faster",
+                 extra={"event": "elastic_threads", "base": base, "top": top, "min_rows": out,
+                        "ms_by_rows": timing})
+        return out
+
     def prefault_kv(self) -> int:
         """Write every KV pool position once (zeros), so the pool's pages are resident before traffic: first
         use of a block then costs no page faults in a step, and RSS stops growing with use. Call before any

@@ -175,12 +175,13 @@ class ElasticThreads:
     ran 0.5 to 0.8x as fast at 2 threads (the bundled model, 1 to 8 rows), while eager steps ran 1.1 to 1.5x
     as fast at 2 threads as at 1 from 1 row to 32."""
 
-    def __init__(self, base: int, top: int, spare: SpareCore, set_threads: Any = None) -> None:
+    def __init__(self, base: int, top: int, spare: SpareCore, set_threads: Any = None, min_rows: int = 1) -> None:
         if set_threads is None:
             import torch
 
             set_threads = torch.set_num_threads
         self.base, self.top = base, top
+        self.min_rows = max(1, min_rows)  # smaller steps stay at base (measured slower at top: ModelRunner)
         self.spare = spare
         self._set = set_threads
         self.current = base
@@ -188,7 +189,7 @@ class ElasticThreads:
 
     def for_step(self, rows: int, compiled: bool = False) -> int:
         """Set (if it changes) and return the thread count for a step of ``rows`` rows."""
-        want = self.top if rows and not compiled and self.spare.poll() else self.base
+        want = self.top if rows >= self.min_rows and not compiled and self.spare.poll() else self.base
         if want != self.current:
             self._set(want)
             self.current = want

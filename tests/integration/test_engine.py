@@ -461,3 +461,18 @@ def test_cpu_gemm_auto_packs_served_float32_models_only(tiny_llama_dir: Path, de
     assert "quantized" in cpu_gemm_choice("onednn", "cpu", f32, big, 1 << 20, False, True)[1]
     assert cpu_gemm_choice("onednn", "cpu", f32, 10, 1 << 20, True, True)[0]  # forced: whatever the size
     assert "double them" in cpu_gemm_choice("auto", "cpu", f32, big, CPU_GEMM_MAX_BYTES + 1, True, True)[1]
+
+
+def test_elastic_min_rows_is_timed_for_served_models_only(tiny_llama_dir: Path, default_model_dir: Path) -> None:
+    """ModelRunner.elastic_min_rows: test-sized models are not timed (the floor); the bundled model's answer is
+    a probed row count at or above the floor, or None (2 threads never paid), and the threads are put back."""
+    tiny, _ = load_model(str(tiny_llama_dir), torch.device("cpu"), torch.float32)
+    r = ModelRunner(tiny, 8, 128, torch.device("cpu"), kv_cache_gb=0.01)
+    assert r.elastic_min_rows(1, 2) == ModelRunner.ELASTIC_MIN_ROWS
+    served, _ = load_model(str(default_model_dir), torch.device("cpu"), torch.float32)
+    r = ModelRunner(served, 8, 128, torch.device("cpu"), kv_cache_gb=0.01)
+    before = torch.get_num_threads()
+    got = r.elastic_min_rows(1, 2)
+    assert got is None or (got in ModelRunner.ELASTIC_PROBE_ROWS and got >= ModelRunner.ELASTIC_MIN_ROWS)
+    assert torch.get_num_threads() == 1 and r._lanes is not None and r._lanes.length == 0  # scratch lanes only
+    torch.set_num_threads(before)

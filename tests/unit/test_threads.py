@@ -76,6 +76,16 @@ def test_elastic_threads_follow_the_spare_core() -> None:
     assert el.steps_at_top == 3
 
 
+def test_elastic_threads_keep_small_steps_at_base() -> None:
+    """Below ``min_rows`` (measured by the runner; at least 4) a step stays at base even with a core spare."""
+    m = Machine()
+    calls: list[int] = []
+    el = ElasticThreads(1, 2, m.spare_core(), set_threads=calls.append, min_rows=4)
+    m.run(0.3, others=0.1, own=1.0)
+    assert el.for_step(1) == 1 and el.for_step(3) == 1 and calls == []
+    assert el.for_step(4) == 2 and el.for_step(1) == 1 and calls == [2, 1]
+
+
 def test_read_proc_stat(tmp_path: Path) -> None:
     f = tmp_path / "stat"
     f.write_text("cpu  100 5 50 1000 20 3 2 1 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
