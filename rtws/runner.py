@@ -1051,7 +1051,6 @@ class ModelRunner:
         return sample(logits[:, : self.vocab_size], fp[:, 0], ip[:, 0], fp[:, 1], ip[:, 1], ip[:, 2],
                       self._vocab_hash, need_filter)
 
-    @torch.inference_mode()
     @contextlib.contextmanager
     def lean_probe(self, b: int, n: int) -> Iterator[Callable[[], torch.Tensor] | None]:
         """For timing: a callable running the lean decode step (greedy) for ``b`` rows attending over ``n``
@@ -1089,6 +1088,7 @@ class ModelRunner:
     # tokens, against 1.68 ms at 1 thread. From 4 rows up, 8 streams gained (2.63 vs 2.85 ms; round 8).
     ELASTIC_MIN_ROWS = 4
 
+    @torch.inference_mode()
     def elastic_min_rows(self, base: int, top: int) -> int | None:
         """The fewest rows (at least :data:`ELASTIC_MIN_ROWS`) from which an uncompiled decode step is faster at
         ``top`` intra-op threads than at ``base`` (rtws.threads.ElasticThreads), from timing the lean step (the
@@ -1127,6 +1127,7 @@ class ModelRunner:
                         "ms_by_rows": timing})
         return out
 
+    @torch.inference_mode()
     def prefault_kv(self) -> int:
         """Write every KV pool position once (zeros), so the pool's pages are resident before traffic: first
         use of a block then costs no page faults in a step, and RSS stops growing with use. Call before any
