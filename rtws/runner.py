@@ -298,6 +298,20 @@ def cpu_gemm_choice(mode: str, device_type: str, dtype: torch.dtype, num_params:
     return True, "cpu_gemm=auto: oneDNN with packed weights, kept where warm-up timing shows a gain"
 
 
+def fastest_of(fns: list[Callable[[], object]], rounds: int) -> list[float]:
+    """Seconds of the fastest call of each of ``fns`` over ``rounds`` interleaved rounds (the minimum: a busy
+    machine only adds). The warm-up timings (cpu_gemm, compile, elastic threads) share it."""
+    import time
+
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            t = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
 def _lean_linears(model: Any) -> list[Any]:
     """The linear layers of the lean decode step: q, k, v, o, gate, up, down per layer, then the LM head."""
     out = []
@@ -410,10 +424,8 @@ class _LeanDecoder:
         if not self.packed:
             return
         shapes: dict[tuple[int, int], Any] = {}
-        for layer in self.layers:
-            for p in layer[3]:
-                shapes.setdefault(tuple(p.weight.shape), p)
-        shapes.setdefault(tuple(self.head.weight.shape), self.head)
+        for p in self.linears:
+            shapes.setdefault(tuple(p.weight.shape), p)
         for (_, k), p in shapes.items():
             x = torch.zeros(rows, k, dtype=torch.float32, device=p.weight.device)
             for b in range(1, rows + 1):
@@ -694,8 +706,9 @@ class ModelRunner:
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}")
         self.compile_mode = compile
+        self.num_params = sum(p.numel() for p in model.parameters())
         self.compile_choice, self.compile_reason = compile_choice(
-            compile, device.type, self._static is not None, sum(p.numel() for p in model.parameters()))
+            compile, device.type, self._static is not None, self.num_params)
         # Compiled greedy decode for small batches (built and timed at warm-up; see _CompiledDecoder).
         self._compiled: _CompiledDecoder | None = _CompiledDecoder(self) if self.compile_choice else None
         self.compile_report: list[dict[str, Any]] = []
@@ -721,14 +734,13 @@ class ModelRunner:
         """Set up the lean step's GEMMs per :func:`cpu_gemm_choice`; for ``auto``, time the first layer's linears
         and the LM head both ways at 4 and at 32 rows (the fastest of 5 interleaved rounds) and keep the packed
         ones only at most :data:`CPU_GEMM_MIN_GAIN` of the default's time. Logged by the loader."""
-        import time
 
         mods = _lean_linears(self.model)
         weights = [m.weight for m in mods]
         plain = all(type(w) in (torch.Tensor, torch.nn.Parameter) and w.dtype == self.dtype for w in weights) and not any(
             "forward" in vars(m) for m in mods)  # no forward already replaced on the instance (accelerate's hooks)
         use, reason = cpu_gemm_choice(
-            mode, self.device.type, self.dtype, sum(p.numel() for p in self.model.parameters()),
+            mode, self.device.type, self.dtype, self.num_params,
             sum(w.numel() * w.element_size() for w in weights), plain, bool(torch.backends.mkldnn.is_available()))
         if not use:
             self.cpu_gemm_reason = reason
@@ -741,19 +753,20 @@ class ModelRunner:
             return
         if mode == "auto":
             sample = list(range(7)) + [len(mods) - 1]  # layer 0's seven linears and the head
-            packed = [lean.layers[0][3][i] if i < 7 else lean.head for i in sample]
             plain_mods = [mods[i] for i in sample]
-            best = {"default": float("inf"), "onednn": float("inf")}
             with torch.inference_mode():
-                xs = {b: {m.in_features: torch.randn(b, m.in_features, dtype=self.dtype) for m in plain_mods}
-                      for b in (min(4, rows), min(32, rows))}
-                for _ in range(5):
-                    for name, fns in (("default", plain_mods), ("onednn", packed)):
-                        t = time.perf_counter()
-                        for x in xs.values():
+                xs = [{m.in_features: torch.randn(b, m.in_features, dtype=self.dtype) for m in plain_mods}
+                      for b in (min(4, rows), min(32, rows))]
+
+                def all_of(fns: list[Any]) -> Callable[[], None]:
+                    def go() -> None:
+                        for x in xs:
                             for f, m in zip(fns, plain_mods):
                                 f(x[m.in_features])
-                        best[name] = min(best[name], time.perf_counter() - t)
+                    return go
+
+                t_default, t_packed = fastest_of([all_of(plain_mods), all_of([lean.linears[i] for i in sample])], 5)
+            best = {"default": t_default, "onednn": t_packed}
             self.cpu_gemm_timing = {k: round(v * 1e3, 3) for k, v in best.items()}
             if best["onednn"] > CPU_GEMM_MIN_GAIN * best["default"]:
                 self.cpu_gemm_reason = (f"cpu_gemm=auto: packed {best['onednn'] * 1e3:.2f} ms vs default "
@@ -1095,10 +1108,9 @@ class ModelRunner:
         fastest of 5 interleaved rounds at each of :data:`ELASTIC_PROBE_ROWS` rows from there, 128 positions):
         a count from which every larger one measured at most 0.95x base's time. None: top never paid. Logged.
         Test-sized models, and models without the lean step, are not timed: :data:`ELASTIC_MIN_ROWS`."""
-        import time
 
         rows = [b for b in self.ELASTIC_PROBE_ROWS if self.ELASTIC_MIN_ROWS <= b <= self.num_slots]
-        if (sum(p.numel() for p in self.model.parameters()) < COMPILE_AUTO_MIN_PARAMS or self._lean is None
+        if (self.num_params < COMPILE_AUTO_MIN_PARAMS or self._lean is None
                 or self._lanes is None or not rows):
             return self.ELASTIC_MIN_ROWS
         n = min(128, self.max_blocks_per_seq * self.block_size)
@@ -1107,15 +1119,15 @@ class ModelRunner:
             for b in rows:
                 with self.lean_probe(b, n) as run:
                     assert run is not None
-                    for t in (base, top):
-                        torch.set_num_threads(t)
-                        run()
-                    for _ in range(5):
-                        for t in (base, top):
+
+                    def at(t: int, run: Callable[[], torch.Tensor] = run) -> Callable[[], object]:
+                        def go() -> object:
                             torch.set_num_threads(t)
-                            t0 = time.perf_counter()
-                            run()
-                            best[(b, t)] = min(best.get((b, t), float("inf")), time.perf_counter() - t0)
+                            return run()
+                        return go
+
+                    fastest_of([at(base), at(top)], 1)  # warm both thread counts
+                    best[(b, base)], best[(b, top)] = fastest_of([at(base), at(top)], 5)
         finally:
             torch.set_num_threads(base)
         wins = [best[(b, top)] <= 0.95 * best[(b, base)] for b in rows]
@@ -1390,16 +1402,10 @@ class _CompiledDecoder:
             """Fastest of ``pairs`` interleaved eager/compiled steps, in ms (the minimum: a busy box only adds).
             Eager is the step such rows take uncompiled: the lean step over the lanes where the runner has
             one, else the static body."""
-            e: list[float] = []
-            c: list[float] = []
             with sd.r.lean_probe(b, n) as lean:
-                eager = (lambda: lean()) if lean is not None else (lambda: sd._body(b, n, False))
-                for _ in range(pairs):
-                    for f, acc in ((eager, e), (lambda: fn(b, n, False), c)):
-                        t = time.perf_counter()
-                        f()
-                        acc.append(time.perf_counter() - t)
-            return min(e) * 1e3, min(c) * 1e3
+                eager = lean if lean is not None else (lambda: sd._body(b, n, False))
+                e, c = fastest_of([eager, lambda: fn(b, n, False)], pairs)
+            return e * 1e3, c * 1e3
 
         built: list[tuple[int, int, float, bool]] = []
         for i, (b, n) in enumerate(shapes):  # compile everything first: inductor's worker pool starts meanwhile
